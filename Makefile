@@ -1,0 +1,51 @@
+# fedgate: `make demo` runs the main job end to end; `make test` runs the suite.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup system-deps demo test test-unit test-integration bench model clean
+
+setup: $(STAMP)
+
+# Services the integration tests start themselves (mosquitto, openssl); installed only
+# when missing, so this is a no-op on a prepared box.
+system-deps:
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
+	  || echo "warning: could not install$$missing; tests that need them will be skipped"; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@# torch first, the CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: setup system-deps
+	$(BIN)/python -m gateway.demo
+
+test: setup system-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+test-integration: setup system-deps
+	$(BIN)/python -m pytest -q tests/integration
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
+model: setup
+	$(BIN)/fedgate model build-default --data data/iot23 --out models/default
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""fedgate cloud aggregator: pools gateway updates, aggregates, broadcasts global models."""

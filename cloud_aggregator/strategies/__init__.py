@@ -1,0 +1,1 @@
+"""fedgate: cloud_aggregator/strategies."""

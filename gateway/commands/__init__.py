@@ -1,0 +1,1 @@
+"""Click commands of ``fedgate``, one module per area (see ``gateway/cli.py``)."""

@@ -1,0 +1,1 @@
+"""fedgate: gateway/store."""
