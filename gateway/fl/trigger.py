@@ -1,0 +1,197 @@
+"""The GSFS upload trigger (DESIGN.md, "The strategies"). PURE: numbers in, decisions out.
+
+A gateway in GSFS mode uploads only when its local model changed significantly. Two
+independent triggers decide that:
+
+* performance trigger: every ``eval_every`` local steps the caller evaluates the metric
+  P (F1 on the local validation split by default) and hands it to
+  :meth:`GSFSTrigger.observe_metric`; if ``|P_now - P_ref| > tau`` the trigger fires.
+* gradient trigger: per layer l, an exponential moving mean and variance of the
+  layer's gradient norm g_l::
+
+      mu_l  <- a * mu_l  + (1 - a) * g_l
+      s_l^2 <- a * s_l^2 + (1 - a) * (g_l - mu_l)^2
+
+  After ``warmup`` observations, the trigger fires if any ``g_l > mu_l + k * s_l``.
+  The test uses the statistics *before* g_l is folded in (a new value is compared with
+  what was expected of it), and ``(g_l - mu_l)`` in the variance update uses that same
+  previous mean, so an outlier raises the variance by its full surprise.
+
+:meth:`GSFSTrigger.reset` is called after an upload or when a global model arrives: the
+reference metric becomes the given value, the step counter and the warm-up restart (so
+two uploads are at least ``warmup`` steps apart), the layer statistics are kept (they
+describe the gradient scale, which a new reference does not change).
+
+The whole state is a frozen :class:`TriggerState` value (``trigger.state`` out,
+``GSFSTrigger(config=..., state=...)`` in), so a client can persist or inspect it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+class TriggerConfigError(ValueError):
+    """A trigger setting that is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TriggerConfig:
+    """GSFS trigger settings (all keyword-only; defaults documented here).
+
+    tau         performance threshold: fire when |P_now - P_ref| > tau (default 0.01)
+    ema         EMA factor a of the gradient statistics, 0 <= a < 1 (default 0.9)
+    k           z-score multiplier of the gradient trigger, > 0 (default 3.0)
+    warmup      gradient observations before the gradient trigger may fire, >= 1
+                (default 20); also the minimum distance in steps between two uploads
+                through the gradient trigger
+    eval_every  E: evaluate P every E local steps, >= 1 (default 25)
+    """
+
+    tau: float = 0.01
+    ema: float = 0.9
+    k: float = 3.0
+    warmup: int = 20
+    eval_every: int = 25
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want = int if f.type in ("int", int) else float
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TriggerConfigError(f"{f.name} must be a number, got {value!r}")
+            if want is int and not float(value).is_integer():
+                raise TriggerConfigError(f"{f.name} must be an integer, got {value!r}")
+            if not math.isfinite(value):
+                raise TriggerConfigError(f"{f.name} must be finite, got {value!r}")
+            object.__setattr__(self, f.name, want(value))
+        if self.tau < 0:
+            raise TriggerConfigError(f"tau must be >= 0, got {self.tau}")
+        if not 0.0 <= self.ema < 1.0:
+            raise TriggerConfigError(f"ema must be in [0, 1), got {self.ema}")
+        if self.k <= 0:
+            raise TriggerConfigError(f"k must be > 0, got {self.k}")
+        if self.warmup < 1:
+            raise TriggerConfigError(f"warmup must be >= 1, got {self.warmup}")
+        if self.eval_every < 1:
+            raise TriggerConfigError(f"eval_every must be >= 1, got {self.eval_every}")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "TriggerConfig":
+        """A copy with the given settings replaced (e.g. from the retained control topic).
+
+        Unknown keys and invalid values raise :class:`TriggerConfigError`; the original
+        is unchanged either way.
+        """
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TriggerConfigError(f"unknown trigger setting(s): {', '.join(unknown)}")
+        return replace(self, **dict(overrides))
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """EMA mean and variance of one layer's gradient norm."""
+
+    mean: float
+    var: float
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+
+@dataclass(frozen=True)
+class TriggerState:
+    """Everything the trigger remembers, as a value."""
+
+    steps: int = 0  # local steps since the last reset
+    observed: int = 0  # gradient observations since the last reset (warm-up counter)
+    reference: float | None = None  # P_ref
+    layers: Mapping[str, LayerStats] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the caller should do after a step or a metric.
+
+    fire      upload now
+    reason    "performance" or "gradient" when fired, else None
+    evaluate  (after a step) P is due: evaluate and call observe_metric
+    layers    names of the layers whose gradient was above mu + k*s
+    """
+
+    fire: bool = False
+    reason: str | None = None
+    evaluate: bool = False
+    layers: tuple[str, ...] = ()
+    metric: float | None = None
+
+
+class GSFSTrigger:
+    """The pure GSFS trigger; feed it gradient norms each step and metrics when asked."""
+
+    def __init__(self, *, config: TriggerConfig | None = None, state: TriggerState | None = None):
+        if config is not None and not isinstance(config, TriggerConfig):
+            raise TriggerConfigError(f"config must be a TriggerConfig, got {type(config).__name__}")
+        if state is not None and not isinstance(state, TriggerState):
+            raise TriggerConfigError(f"state must be a TriggerState, got {type(state).__name__}")
+        self.config = config or TriggerConfig()
+        self.state = state or TriggerState()
+
+    def reconfigure(self, overrides: Mapping[str, Any]) -> TriggerConfig:
+        """Apply control-topic overrides; keeps the state. Raises TriggerConfigError."""
+        self.config = self.config.with_overrides(overrides)
+        return self.config
+
+    def step(self, grad_norms: Mapping[str, float]) -> Decision:
+        """One local training step with its per-layer gradient norms.
+
+        Non-finite norms are ignored for the statistics (a NaN would poison the EMA
+        forever) but a non-finite norm after warm-up is itself a reason to fire: the
+        model changed in a way the caller must not hide.
+        """
+        cfg, st = self.config, self.state
+        a = cfg.ema
+        after_warmup = st.observed >= cfg.warmup
+        fired: list[str] = []
+        layers = dict(st.layers)
+        for name, g in grad_norms.items():
+            g = float(g)
+            prev = layers.get(name)
+            if not math.isfinite(g):
+                if after_warmup:
+                    fired.append(name)
+                continue
+            if prev is None:
+                layers[name] = LayerStats(mean=g, var=0.0)
+                continue
+            if after_warmup and g > prev.mean + cfg.k * prev.std:
+                fired.append(name)
+            diff = g - prev.mean
+            layers[name] = LayerStats(mean=a * prev.mean + (1 - a) * g, var=a * prev.var + (1 - a) * diff * diff)
+        steps = st.steps + 1
+        self.state = replace(st, steps=steps, observed=st.observed + 1, layers=layers)
+        evaluate = steps % cfg.eval_every == 0
+        if fired:
+            return Decision(fire=True, reason="gradient", evaluate=evaluate, layers=tuple(sorted(fired)))
+        return Decision(evaluate=evaluate)
+
+    def observe_metric(self, metric: float) -> Decision:
+        """P_now, evaluated when a step said ``evaluate``. With no reference yet, it
+        becomes the reference (nothing to compare with)."""
+        metric = float(metric)
+        ref = self.state.reference
+        if ref is None or not math.isfinite(ref):
+            self.state = replace(self.state, reference=metric)
+            return Decision(metric=metric)
+        if not math.isfinite(metric) or abs(metric - ref) > self.config.tau:
+            return Decision(fire=True, reason="performance", metric=metric)
+        return Decision(metric=metric)
+
+    def reset(self, reference: float | None) -> None:
+        """After an upload or a received global model: new P_ref, restart counters."""
+        self.state = replace(self.state, steps=0, observed=0, reference=reference)
