@@ -30,8 +30,8 @@ from dataclasses import dataclass
 class AckResult:
     """Outcome of a broker acknowledgement for one message id."""
 
-    outbox_id: int | None  # the row it cleared, or None (unknown mid / already cleared)
-    error: str | None = None  # set on a negative acknowledgement
+    outbox_id: int | None  # the row it cleared (or that was refused), None if unknown
+    error: str | None = None  # set on a negative acknowledgement: the row stays pending
 
 
 class OutboxDrain:
@@ -87,7 +87,7 @@ class OutboxDrain:
             return AckResult(None)
         if reason_code >= 0x80:
             self._failed_this_connection.add(row)
-            return AckResult(None, error=f"broker refused (reason {reason_code:#x} {reason})".strip())
+            return AckResult(row, error=f"broker refused (reason {reason_code:#x} {reason})".strip())
         self._done.add(row)
         # forget other in-flight copies of the same row
         for other in [m for m, r in self._mid_to_row.items() if r == row]:

@@ -60,7 +60,7 @@ def test_negative_ack_keeps_row_pending_until_next_connection():
     d.on_connected()
     d.sent(7, mid=1)
     res = d.acked(1, reason_code=0x97, reason="QuotaExceeded")
-    assert res.outbox_id is None and "0x97" in res.error
+    assert res.outbox_id == 7 and "0x97" in res.error
     assert d.to_send([7]) == []  # not retried in a tight loop
     assert d.inflight == 0
     d.on_disconnected()
