@@ -71,3 +71,19 @@ def parse_gateway_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, 
     if len(parts) != 2 or parts[1] not in ("update", "status", "alerts"):
         raise TopicError(f"not a gateway topic: {topic!r}")
     return check_gateway_id(parts[0]), parts[1]
+
+
+def global_model_part(index: int, prefix: str = DEFAULT_PREFIX) -> str:
+    """Retained topic of chunk ``index`` >= 1 of a chunked global model.
+
+    Chunk 0 (or the whole, unchunked envelope) is on :func:`global_model`; retained
+    messages keep only the last message per topic, so each chunk needs its own topic.
+    """
+    if index < 1:
+        raise TopicError("chunk 0 of the global model lives on the global model topic")
+    return f"{check_prefix(prefix)}/global/model/{int(index)}"
+
+
+def global_model_all(prefix: str = DEFAULT_PREFIX) -> str:
+    """Subscription filter for the global model and its chunk topics (``#`` includes the parent)."""
+    return f"{check_prefix(prefix)}/global/model/#"

@@ -1,0 +1,414 @@
+"""Update and global-model envelopes (DESIGN.md, "Wire protocol").
+
+Wire format, one MQTT payload (or the reassembled chunks of one)::
+
+    b"FGE1" | u32 big-endian header length | header (UTF-8 JSON) | body
+    body = zstd(safetensors bytes)
+
+The header is small and versioned (``schema``); ``digest`` is the sha256 of ``body``,
+so the Ed25519 ``signature`` of a global model, taken over the canonical header without
+the signature field, covers the weights too.  Tensors travel as safetensors (never
+pickle); update deltas may be int8- or top-k-compressed (see ``compression``).
+
+Pure: bytes and arrays in, bytes and records out.  Decoders raise
+:class:`EnvelopeError` with a typed reason; :func:`gateway.protocol.validation.validate_envelope`
+turns that into a returned :class:`Rejection`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import struct
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+
+import numpy as np
+import safetensors.numpy as st_numpy
+import zstandard
+
+from gateway.protocol import signing
+from gateway.protocol.compression import Compression, Tensors, compress_delta, decompress_tensors
+from gateway.protocol.errors import EnvelopeError, RejectReason
+from gateway.protocol.topics import TopicError, check_gateway_id
+
+MAGIC = b"FGE1"
+SCHEMA_VERSION = 1
+_HEADER_LEN = struct.Struct(">I")
+MAX_HEADER_BYTES = 16 * 1024
+MAX_METRICS = 64
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # a wire envelope larger than this is refused
+DEFAULT_MAX_DECODED_BYTES = 256 * 1024 * 1024  # bound on decompressed safetensors
+_MAX_INT = 2**53  # JSON-safe integer bound
+
+# safetensors dtype tag -> numpy dtype (what safetensors.numpy can produce)
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class Kind(str, Enum):
+    UPDATE = "update"
+    GLOBAL = "global"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Header:
+    """Envelope header.
+
+    ``base_version``: for an update, the global version its delta is relative to; for a
+    global model, the version it was built from.  ``version``: the global model's own
+    version (``None`` for updates).  ``message_id``: unique per update (replay key).
+    """
+
+    kind: Kind
+    sender: str
+    message_id: str
+    base_version: int
+    version: int | None = None
+    round: int = 0
+    num_samples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    compression: Compression = Compression.NONE
+    payload_bytes: int = 0
+    digest: str = ""
+    created: float = 0.0
+    signature: str | None = None
+    schema: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["kind"] = self.kind.value
+        d["compression"] = self.compression.value
+        return d
+
+    def signing_bytes(self) -> bytes:
+        """Canonical bytes the signature covers: the header without ``signature``."""
+        d = self.to_json()
+        d.pop("signature")
+        return json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclass(frozen=True)
+class Envelope:
+    header: Header
+    tensors: Tensors  # decoded: float32 deltas for updates, weights for global models
+    wire_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    data: bytes
+    message_id: str
+    residual: Tensors  # error-feedback state for the next upload (zeros when lossless)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _compress(raw: bytes, level: int) -> bytes:
+    return zstandard.ZstdCompressor(level=level).compress(raw)
+
+
+def _frame(header: Header, body: bytes) -> bytes:
+    hb = json.dumps(header.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    if len(hb) > MAX_HEADER_BYTES:
+        raise ValueError(f"header too large ({len(hb)} bytes); too many metrics?")
+    return MAGIC + _HEADER_LEN.pack(len(hb)) + hb + body
+
+
+def _clean_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    out = {}
+    for k, v in (metrics or {}).items():
+        v = float(v)
+        if not math.isfinite(v):
+            raise ValueError(f"metric {k!r} is not finite: {v}")
+        out[str(k)] = v
+    if len(out) > MAX_METRICS:
+        raise ValueError(f"at most {MAX_METRICS} metrics")
+    return out
+
+
+def encode_update(
+    delta: Mapping[str, np.ndarray],
+    *,
+    sender: str,
+    base_version: int,
+    num_samples: int,
+    round: int = 0,
+    metrics: Mapping[str, float] | None = None,
+    compression: Compression | str = Compression.NONE,
+    residual: Mapping[str, np.ndarray] | None = None,
+    topk_fraction: float = 0.01,
+    message_id: str | None = None,
+    created: float | None = None,
+    zstd_level: int = 3,
+) -> EncodedUpdate:
+    """Encode a gateway's delta; returns the bytes, its message id and the new residual."""
+    check_gateway_id(sender)
+    compression = Compression(compression)
+    packed, new_residual = compress_delta(
+        delta, method=compression, residual=residual, topk_fraction=topk_fraction
+    )
+    raw = st_numpy.save(packed)
+    body = _compress(raw, zstd_level)
+    message_id = message_id or uuid.uuid4().hex
+    header = Header(
+        kind=Kind.UPDATE,
+        sender=sender,
+        message_id=message_id,
+        base_version=int(base_version),
+        round=int(round),
+        num_samples=int(num_samples),
+        metrics=_clean_metrics(metrics),
+        compression=compression,
+        payload_bytes=len(raw),
+        digest=hashlib.sha256(body).hexdigest(),
+        created=float(time.time() if created is None else created),
+    )
+    _check_header(header)
+    return EncodedUpdate(_frame(header, body), message_id, new_residual)
+
+
+def encode_global(
+    weights: Mapping[str, np.ndarray],
+    *,
+    sender: str,
+    version: int,
+    base_version: int,
+    round: int = 0,
+    num_samples: int = 0,
+    metrics: Mapping[str, float] | None = None,
+    signing_key: signing.Ed25519PrivateKey | None = None,
+    message_id: str | None = None,
+    created: float | None = None,
+    zstd_level: int = 3,
+) -> bytes:
+    """Encode (and sign, when a key is given) a global model."""
+    check_gateway_id(sender)
+    raw = st_numpy.save({k: np.ascontiguousarray(v) for k, v in weights.items()})
+    body = _compress(raw, zstd_level)
+    header = Header(
+        kind=Kind.GLOBAL,
+        sender=sender,
+        message_id=message_id or uuid.uuid4().hex,
+        base_version=int(base_version),
+        version=int(version),
+        round=int(round),
+        num_samples=int(num_samples),
+        metrics=_clean_metrics(metrics),
+        payload_bytes=len(raw),
+        digest=hashlib.sha256(body).hexdigest(),
+        created=float(time.time() if created is None else created),
+    )
+    _check_header(header)
+    if signing_key is not None:
+        header = replace(header, signature=signing.sign(signing_key, header.signing_bytes()))
+    return _frame(header, body)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _schema(detail: str) -> EnvelopeError:
+    return EnvelopeError(RejectReason.SCHEMA, detail)
+
+
+def _int_field(d: dict, name: str, *, optional: bool = False) -> int | None:
+    v = d.get(name)
+    if v is None and optional:
+        return None
+    if type(v) is not int or not 0 <= v < _MAX_INT:
+        raise _schema(f"header field {name!r} must be a non-negative integer")
+    return v
+
+
+_HEADER_FIELDS = {
+    "schema", "kind", "sender", "message_id", "base_version", "version", "round",
+    "num_samples", "metrics", "compression", "payload_bytes", "digest", "created", "signature",
+}
+
+
+def _parse_header(d: object) -> Header:
+    if not isinstance(d, dict):
+        raise _schema("header is not a JSON object")
+    if d.get("schema") != SCHEMA_VERSION:
+        raise _schema(f"unsupported schema {d.get('schema')!r} (this side speaks {SCHEMA_VERSION})")
+    if set(d) != _HEADER_FIELDS:
+        raise _schema(f"header fields differ: missing {sorted(_HEADER_FIELDS - set(d))}, "
+                      f"unexpected {sorted(set(d) - _HEADER_FIELDS)[:5]}")
+    try:
+        kind = Kind(d["kind"])
+        compression = Compression(d["compression"])
+    except (ValueError, TypeError):
+        raise _schema("unknown kind or compression") from None
+    sender, message_id, digest = d["sender"], d["message_id"], d["digest"]
+    if not isinstance(sender, str):
+        raise _schema("sender must be a string")
+    try:
+        check_gateway_id(sender)
+    except TopicError as exc:
+        raise _schema(str(exc)) from None
+    if not isinstance(message_id, str) or not 1 <= len(message_id) <= 64 or not message_id.isascii():
+        raise _schema("message_id must be 1-64 ASCII characters")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise _schema("digest must be 64 lowercase hex characters")
+    created = d["created"]
+    if type(created) not in (int, float) or not math.isfinite(created):
+        raise _schema("created must be a finite number")
+    metrics = d["metrics"]
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        raise _schema("metrics must be an object of at most 64 numbers")
+    for k, v in metrics.items():
+        if type(v) not in (int, float) or not math.isfinite(v):
+            raise _schema(f"metric {k!r} must be a finite number")
+    signature = d["signature"]
+    if signature is not None and (not isinstance(signature, str) or len(signature) > 200):
+        raise _schema("signature must be a short base64 string or null")
+    header = Header(
+        schema=SCHEMA_VERSION,
+        kind=kind,
+        sender=sender,
+        message_id=message_id,
+        base_version=_int_field(d, "base_version"),
+        version=_int_field(d, "version", optional=True),
+        round=_int_field(d, "round"),
+        num_samples=_int_field(d, "num_samples"),
+        metrics={k: float(v) for k, v in metrics.items()},
+        compression=compression,
+        payload_bytes=_int_field(d, "payload_bytes"),
+        digest=digest,
+        created=float(created),
+        signature=signature,
+    )
+    _check_header(header)
+    return header
+
+
+def _check_header(h: Header) -> None:
+    if h.kind is Kind.GLOBAL and (h.version is None or h.compression is not Compression.NONE):
+        raise _schema("a global model needs a version and no lossy compression")
+    if h.kind is Kind.UPDATE and h.version is not None:
+        raise _schema("an update carries base_version, not version")
+
+
+def decode_header(data: bytes) -> tuple[Header, bytes]:
+    """Split a wire envelope into its parsed header and its (still compressed) body."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise _schema("envelope must be bytes")
+    data = bytes(data)
+    if len(data) < len(MAGIC) + _HEADER_LEN.size or not data.startswith(MAGIC):
+        raise _schema("not a fedgate envelope (bad magic)")
+    (hlen,) = _HEADER_LEN.unpack_from(data, len(MAGIC))
+    start = len(MAGIC) + _HEADER_LEN.size
+    if hlen > MAX_HEADER_BYTES or start + hlen > len(data):
+        raise _schema(f"header length {hlen} out of range")
+    try:
+        obj = json.loads(data[start:start + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _schema("header is not valid UTF-8 JSON") from None
+    return _parse_header(obj), data[start + hlen:]
+
+
+def _check_safetensors(raw: bytes) -> None:
+    """Validate safetensors framing before the Rust loader sees it (bounds, dtypes, sizes)."""
+    if len(raw) < 8:
+        raise _schema("payload too short for safetensors")
+    (n,) = struct.unpack_from("<Q", raw, 0)
+    if n > min(len(raw) - 8, 8 * 1024 * 1024):
+        raise _schema("safetensors header length out of range")
+    try:
+        meta = json.loads(raw[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _schema("safetensors header is not JSON") from None
+    if not isinstance(meta, dict):
+        raise _schema("safetensors header is not an object")
+    data_len = len(raw) - 8 - n
+    spans = []
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise _schema(f"safetensors entry {name[:40]!r} malformed")
+        dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _ST_DTYPES:
+            raise EnvelopeError(RejectReason.DTYPES, f"tensor {name[:40]!r} has dtype {str(dtype)[:10]!r}")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or any(type(s) is not int or s < 0 for s in shape)):
+            raise EnvelopeError(RejectReason.SHAPES, f"tensor {name[:40]!r} has a bad shape")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or any(type(o) is not int for o in offs) or not 0 <= offs[0] <= offs[1] <= data_len):
+            raise _schema(f"tensor {name[:40]!r} has bad data offsets")
+        count = 1
+        for s in shape:
+            count *= s
+        if count * np.dtype(_ST_DTYPES[dtype]).itemsize != offs[1] - offs[0]:
+            raise _schema(f"tensor {name[:40]!r}: size does not match shape")
+        spans.append(tuple(offs))
+    spans.sort()
+    pos = 0
+    for b, e in spans:
+        if b != pos:
+            raise _schema("safetensors data has gaps or overlaps")
+        pos = e
+    if pos != data_len:
+        raise _schema("safetensors data length mismatch")
+
+
+def _load_safetensors(raw: bytes) -> Tensors:
+    _check_safetensors(raw)
+    try:
+        return dict(st_numpy.load(raw))
+    except Exception as exc:  # the loader's own checks; framing was checked above
+        raise _schema(f"safetensors payload unreadable: {type(exc).__name__}") from None
+    except BaseException as exc:  # pyo3 PanicException derives from BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        raise _schema("safetensors payload unreadable (loader panic)") from None
+
+
+def decompress_body(body: bytes, *, max_decoded_bytes: int) -> bytes:
+    """zstd-decompress with a hard output bound (no decompression bombs)."""
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
+        raw = reader.read(max_decoded_bytes + 1)
+    except zstandard.ZstdError as exc:
+        raise _schema(f"payload is not valid zstd: {exc}") from None
+    if len(raw) > max_decoded_bytes:
+        raise EnvelopeError(RejectReason.OVERSIZE, f"payload decompresses beyond {max_decoded_bytes} bytes")
+    return raw
+
+
+def decode_payload(header: Header, body: bytes, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> Tensors:
+    """Check the digest, decompress, parse safetensors, undo delta compression."""
+    if hashlib.sha256(body).hexdigest() != header.digest:
+        raise EnvelopeError(RejectReason.DIGEST, "payload sha256 does not match the header")
+    if header.payload_bytes > max_decoded_bytes:
+        raise EnvelopeError(RejectReason.OVERSIZE, f"payload of {header.payload_bytes} bytes announced")
+    raw = decompress_body(body, max_decoded_bytes=max_decoded_bytes)
+    if len(raw) != header.payload_bytes:
+        raise _schema("decompressed size differs from the header's payload_bytes")
+    packed = _load_safetensors(raw)
+    return decompress_tensors(packed, header.compression, max_elements=max_decoded_bytes // 4)
+
+
+def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> Envelope:
+    """Decode without policy checks (no sender, signature or shape expectations)."""
+    if len(data) > max_bytes:
+        raise EnvelopeError(RejectReason.OVERSIZE, f"envelope of {len(data)} bytes exceeds {max_bytes}")
+    header, body = decode_header(data)
+    return Envelope(header, decode_payload(header, body, max_decoded_bytes=max_decoded_bytes), len(data))
+
+
+def raw_float32_bytes(tensors: Mapping[str, np.ndarray]) -> int:
+    """Size of the same tensors as raw float32 (the baseline compression is compared with)."""
+    return sum(int(np.asarray(v).size) * 4 for v in tensors.values())
