@@ -1,0 +1,542 @@
+"""Replay and live ingest: flow logs (and pcaps) in, rows (and detections) in the store.
+
+``replay`` reads files from start to end; ``follow`` loops a live ``conn.log`` tail.
+Both commit each batch of flows, its detections and the source's ingest offset in ONE
+transaction, so a crash (even ``kill -9``) at any point followed by a rerun resumes
+where the last commit ended: no flow is lost and none is stored twice (flows are also
+keyed by ``(source, uid)``, so a re-read batch inserts nothing).
+
+Bad lines are counted by reason and logged with file and line number; the good records
+around them are kept.  With ``strict=True`` the first bad line stops the run with a
+``ReplayError`` naming it (batches before it stay committed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.flows.record import ConnRecord
+from gateway.store import repository
+from gateway.store.db import StoreError, describe_db_error
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 20_000
+READ_CHUNK = 1 << 20
+# Bytes hashed to recognise a file again (its first bytes do not change while Zeek appends).
+IDENTITY_PREFIX = 64 * 1024
+PCAP_MAGICS = (
+    b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4",  # pcap, microsecond timestamps (LE, BE)
+    b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d",  # pcap, nanosecond timestamps
+    b"\x0a\x0d\x0d\x0a",  # pcapng section header block
+)
+GZIP_MAGIC = b"\x1f\x8b"
+# Score at or above which a flow counts as "malicious" when scoring against labels.
+MALICIOUS_THRESHOLD = 0.5
+
+
+@runtime_checkable
+class FlowClassifier(Protocol):
+    """What replay/follow need from a model: a version and batched classification."""
+
+    model_version: str
+
+    def classify(self, records: Sequence[ConnRecord]) -> list[tuple[str, float]]:
+        """One ``(detailed label, malicious score in [0, 1])`` per record, in order."""
+        ...
+
+
+class ReplayError(RuntimeError):
+    """A replay stopped: a bad line under ``strict``, or an unreadable file."""
+
+
+ProgressFn = Callable[[str, int, int], None]  # (path, bytes done, bytes total)
+
+
+@dataclass
+class FileSummary:
+    path: str
+    source: str
+    records: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    resumed_from: int = 0
+    kind: str = "zeek"
+    error: str | None = None
+
+
+@dataclass
+class ReplaySummary:
+    """What a replay did; ``records_per_s`` counts records parsed (and stored) per second."""
+
+    files: list[FileSummary] = field(default_factory=list)
+    records: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    detections: int = 0
+    model_version: str | None = None
+    labelled: int = 0
+    correct: int = 0
+    label_correct: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def records_per_s(self) -> float:
+        return self.records / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def accuracy(self) -> float | None:
+        """Malicious-vs-benign accuracy of the classifier on labelled records."""
+        return self.correct / self.labelled if self.labelled else None
+
+    @property
+    def label_accuracy(self) -> float | None:
+        """Share of labelled records whose predicted label equals their detailed label."""
+        return self.label_correct / self.labelled if self.labelled else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "files": [vars(f) for f in self.files],
+            "records": self.records,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "rejected": self.rejected_total,
+            "rejected_by_reason": dict(self.rejected),
+            "detections": self.detections,
+            "model_version": self.model_version,
+            "labelled": self.labelled,
+            "accuracy": self.accuracy,
+            "label_accuracy": self.label_accuracy,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "records_per_s": round(self.records_per_s, 1),
+        }
+
+
+# ---------------------------------------------------------------- helpers (pure)
+
+
+def file_identity(head: bytes) -> str:
+    """Identity of a file from its first bytes: a rerun resumes only the same file."""
+    return "sha256-prefix:" + hashlib.sha256(head[:IDENTITY_PREFIX]).hexdigest()
+
+
+def sniff_kind(head: bytes) -> str:
+    """'pcap' for pcap/pcapng magic, 'gzip' for gzip, else 'zeek' (text log)."""
+    if head[:4] in PCAP_MAGICS:
+        return "pcap"
+    if head[:2] == GZIP_MAGIC:
+        return "gzip"
+    return "zeek"
+
+
+def default_source(path: str | os.PathLike) -> str:
+    """The key flows of a replayed file are stored under: its absolute path."""
+    return str(Path(path).expanduser().resolve())
+
+
+def _display_label(record: ConnRecord) -> str | None:
+    if record.label is None:
+        return None
+    if record.detailed_label and record.detailed_label not in ("-", "(empty)"):
+        return record.detailed_label
+    return record.label
+
+
+def score_against_labels(
+    records: Sequence[ConnRecord], verdicts: Sequence[tuple[str, float]], *, threshold: float = MALICIOUS_THRESHOLD
+) -> tuple[int, int, int]:
+    """(labelled, binary-correct, label-correct) of ``verdicts`` against record labels."""
+    labelled = correct = label_correct = 0
+    for rec, (label, score) in zip(records, verdicts, strict=True):
+        truth = rec.is_malicious
+        if truth is None:
+            continue
+        labelled += 1
+        correct += (score >= threshold) == truth
+        want = _display_label(rec)
+        label_correct += want is not None and label.lower() == want.lower()
+    return labelled, correct, label_correct
+
+
+# ---------------------------------------------------------------- one transaction per batch
+
+
+def commit_batch(
+    session_factory: sessionmaker[Session],
+    records: Sequence[ConnRecord],
+    *,
+    source: str,
+    classifier: FlowClassifier | None = None,
+    verdicts: Sequence[tuple[str, float]] | None = None,
+    offset: tuple[str, int, str | None] | None = None,
+) -> tuple[int, int]:
+    """Store ``records`` (+ their verdicts, + the ingest offset) in one transaction.
+
+    ``offset`` is ``(file_identity, offset, header)``.  Returns (flows stored, detections stored).
+    """
+    try:
+        with session_factory.begin() as session:
+            stored = repository.insert_flows(session, records, source=source)
+            dets = 0
+            if classifier is not None and verdicts is not None:
+                dets = repository.insert_detections(
+                    session,
+                    ((source, r.uid, lab, score) for r, (lab, score) in zip(records, verdicts)),
+                    model_version=classifier.model_version,
+                )
+            if offset is not None:
+                ident, off, header = offset
+                repository.save_offset(session, source, file_identity=ident, offset=off, header=header)
+    except SQLAlchemyError as exc:
+        raise StoreError(describe_db_error(session_factory.kw["bind"], exc)) from exc
+    return stored, dets
+
+
+def _classify(classifier: FlowClassifier | None, records: Sequence[ConnRecord]):
+    if classifier is None or not records:
+        return None
+    verdicts = classifier.classify(records)
+    if len(verdicts) != len(records):
+        raise ValueError(
+            f"classifier {classifier.model_version!r} returned {len(verdicts)} verdicts for {len(records)} records"
+        )
+    return verdicts
+
+
+# ---------------------------------------------------------------- record sources
+
+
+class _Counting:
+    """A binary reader that remembers how many raw bytes were read (for progress)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.count += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+def _zeek_batches(
+    path: Path,
+    raw,
+    kind: str,
+    *,
+    strict: bool,
+    batch_size: int,
+    skip_to: int,
+    summary: ReplaySummary,
+    fsum: FileSummary,
+) -> Iterator[tuple[list[ConnRecord], int, str | None]]:
+    """Batches of records of a Zeek log with the decompressed offset after each batch.
+
+    Records whose line ends at or before ``skip_to`` (a saved offset) are dropped.
+    """
+    from gateway.flows.zeek import ZeekLogParser, ZeekParseError
+
+    parser = ZeekLogParser(source=str(path), strict=strict)
+    stream = gzip.GzipFile(fileobj=raw, mode="rb") if kind == "gzip" else raw
+    pending: list[ConnRecord] = []
+    seen_rejections = 0
+
+    def drain_rejections() -> None:
+        nonlocal seen_rejections
+        new = parser.rejections[seen_rejections:]
+        seen_rejections = len(parser.rejections)
+        for rej in new:
+            summary.rejected[rej.reason] = summary.rejected.get(rej.reason, 0) + 1
+            fsum.rejected += 1
+            log.warning("%s:%s: rejected line (%s): %.120r", path, rej.line_no, rej.reason, rej.text)
+
+    def header_json() -> str | None:
+        header = getattr(parser, "header", None)
+        to_json = getattr(header, "to_json", None)
+        return to_json() if callable(to_json) else None
+
+    try:
+        while True:
+            try:
+                chunk = stream.read(READ_CHUNK)
+            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+                reason = "truncated or corrupt gzip"
+                summary.rejected[reason] = summary.rejected.get(reason, 0) + 1
+                fsum.rejected += 1
+                log.warning("%s: %s after %d bytes: %s", path, reason, parser.consumed, exc)
+                if strict:
+                    raise ReplayError(f"{path}: {reason}: {exc}") from exc
+                chunk = b""
+                recs = parser.finish()
+                drain_rejections()
+                pending.extend(r for r in recs)
+                if pending:
+                    yield pending, parser.consumed, header_json()
+                return
+            if not chunk:
+                recs = parser.finish()
+                drain_rejections()
+                if parser.consumed > skip_to:
+                    pending.extend(recs)
+                yield pending, parser.consumed, header_json()
+                return
+            recs = parser.feed(chunk)
+            drain_rejections()
+            if parser.consumed <= skip_to:
+                continue  # all of it was committed by an earlier run
+            pending.extend(recs)
+            if len(pending) >= batch_size:
+                yield pending, parser.consumed, header_json()
+                pending = []
+    except ZeekParseError as exc:
+        raise ReplayError(f"{path}: {exc}") from exc
+
+
+def _pcap_batches(path: Path, raw, *, batch_size: int) -> Iterator[list[ConnRecord]]:
+    try:
+        from gateway.flows.pcap import pcap_records
+    except ImportError as exc:
+        raise ReplayError(f"{path}: is a pcap, and pcap support is not installed ({exc})") from exc
+    batch: list[ConnRecord] = []
+    for rec in pcap_records(raw):
+        batch.append(rec)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------- replay
+
+
+def replay(
+    paths: Iterable[str | os.PathLike],
+    *,
+    session_factory: sessionmaker[Session],
+    classifier: FlowClassifier | None = None,
+    strict: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: ProgressFn | None = None,
+    source: str | None = None,
+    from_start: bool = False,
+) -> ReplaySummary:
+    """Ingest each file (Zeek TSV/JSON/IoT-23 log, gzipped or not, or a pcap).
+
+    source: key the flows are stored under (default: each file's absolute path).
+    from_start: ignore a saved offset and re-read the whole file (flows already stored
+    are skipped; new detections are added if the model version is new).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    summary = ReplaySummary(model_version=classifier.model_version if classifier else None)
+    started = time.perf_counter()
+    try:
+        for p in paths:
+            path = Path(p)
+            src = source or default_source(path)
+            fsum = FileSummary(path=str(path), source=src)
+            summary.files.append(fsum)
+            try:
+                _replay_file(
+                    path, fsum, summary,
+                    session_factory=session_factory, classifier=classifier, strict=strict,
+                    batch_size=batch_size, progress=progress, from_start=from_start,
+                )
+            except OSError as exc:
+                fsum.error = f"cannot read: {exc.strerror or exc}"
+                reason = "unreadable file"
+                summary.rejected[reason] = summary.rejected.get(reason, 0) + 1
+                log.error("%s: %s", path, fsum.error)
+                if strict:
+                    raise ReplayError(f"{path}: {fsum.error}") from exc
+    finally:
+        summary.elapsed_s = time.perf_counter() - started
+    return summary
+
+
+def _replay_file(
+    path: Path,
+    fsum: FileSummary,
+    summary: ReplaySummary,
+    *,
+    session_factory,
+    classifier,
+    strict,
+    batch_size,
+    progress,
+    from_start,
+) -> None:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(IDENTITY_PREFIX)
+        fh.seek(0)
+        ident = file_identity(head)
+        kind = sniff_kind(head)
+        fsum.kind = kind
+        raw = _Counting(fh)
+        skip_to = 0
+        if not from_start:
+            with session_factory() as session:
+                try:
+                    saved = repository.load_offset(session, fsum.source)
+                except SQLAlchemyError as exc:
+                    raise StoreError(describe_db_error(session_factory.kw["bind"], exc)) from exc
+            if saved is not None and saved.file_identity == ident:
+                skip_to = saved.offset
+                fsum.resumed_from = skip_to
+                log.info("%s: resuming after offset %d", path, skip_to)
+        if not head:
+            reason = "empty file"
+            summary.rejected[reason] = summary.rejected.get(reason, 0) + 1
+            fsum.rejected += 1
+            log.warning("%s: %s", path, reason)
+            if strict:
+                raise ReplayError(f"{path}: {reason}")
+            return
+
+        def account(records: list[ConnRecord], offset: tuple | None) -> None:
+            verdicts = _classify(classifier, records)
+            stored, dets = commit_batch(
+                session_factory, records, source=fsum.source,
+                classifier=classifier, verdicts=verdicts, offset=offset,
+            )
+            n = len(records)
+            fsum.records += n
+            fsum.stored += stored
+            fsum.duplicates += n - stored
+            summary.records += n
+            summary.stored += stored
+            summary.duplicates += n - stored
+            summary.detections += dets
+            if verdicts is not None:
+                lab, cor, lcor = score_against_labels(records, verdicts)
+                summary.labelled += lab
+                summary.correct += cor
+                summary.label_correct += lcor
+            if progress is not None:
+                progress(str(path), raw.count, size)
+
+        if kind == "pcap":
+            if skip_to >= size:
+                return  # this exact pcap was ingested completely before
+            for batch in _pcap_batches(path, raw, batch_size=batch_size):
+                account(batch, None)
+            # Mark the pcap done only at its end: pcaps have no resumable record offsets.
+            account([], (ident, size, None))
+            return
+        for batch, offset, header in _zeek_batches(
+            path, raw, kind, strict=strict, batch_size=batch_size, skip_to=skip_to,
+            summary=summary, fsum=fsum,
+        ):
+            account(batch, (ident, offset, header))
+
+
+# ---------------------------------------------------------------- live follow
+
+
+@dataclass
+class FollowCounters:
+    polls: int = 0
+    records: int = 0
+    stored: int = 0
+    detections: int = 0
+    errors: int = 0
+
+
+def follow(
+    path: str | os.PathLike,
+    *,
+    session_factory: sessionmaker[Session],
+    classifier: FlowClassifier | None = None,
+    source: str | None = None,
+    interval: float = 1.0,
+    stop: threading.Event | None = None,
+    on_batch: Callable[[list[ConnRecord], list[tuple[str, float]] | None], None] | None = None,
+    max_polls: int | None = None,
+) -> FollowCounters:
+    """Follow a live Zeek ``conn.log`` until ``stop`` is set (or ``max_polls`` polls).
+
+    Each poll's records, their detections and the tail position are committed in one
+    transaction; the position is loaded from the store at start, so a restarted gateway
+    resumes with no flow lost or duplicated.  ``on_batch`` (e.g. the alert publisher)
+    runs after the commit.
+    """
+    from gateway.flows.tail import ConnLogTail, TailPosition
+
+    if interval <= 0:
+        raise ValueError(f"interval must be > 0, got {interval}")
+    src = source or default_source(path)
+    stop = stop or threading.Event()
+    with session_factory() as session:
+        saved = repository.load_offset(session, src)
+    position = TailPosition.from_json(saved.header) if saved is not None and saved.header else None
+    tail = ConnLogTail(path, position=position)
+    counters = FollowCounters()
+    while not stop.is_set():
+        try:
+            records, pos = tail.poll()
+            verdicts = _classify(classifier, records)
+            stored, dets = commit_batch(
+                session_factory, records, source=src, classifier=classifier, verdicts=verdicts,
+                offset=(_position_identity(pos), _position_offset(pos), pos.to_json()),
+            )
+            counters.records += len(records)
+            counters.stored += stored
+            counters.detections += dets
+            if records and on_batch is not None:
+                on_batch(records, verdicts)
+        except StoreError as exc:
+            # The database may come back (disk full, server restart): keep the tail's
+            # position uncommitted and retry the same records next poll.
+            counters.errors += 1
+            log.error("follow %s: %s", path, exc)
+            tail = ConnLogTail(path, position=_reload_position(session_factory, src, TailPosition))
+        counters.polls += 1
+        if max_polls is not None and counters.polls >= max_polls:
+            break
+        stop.wait(interval)
+    return counters
+
+
+def _position_identity(pos) -> str:
+    for attr in ("identity", "file_id", "inode"):
+        if hasattr(pos, attr):
+            return str(getattr(pos, attr))
+    return "tail"
+
+
+def _position_offset(pos) -> int:
+    return int(getattr(pos, "offset", 0) or 0)
+
+
+def _reload_position(session_factory, src: str, position_type):
+    try:
+        with session_factory() as session:
+            saved = repository.load_offset(session, src)
+    except SQLAlchemyError:
+        return None
+    return position_type.from_json(saved.header) if saved is not None and saved.header else None
