@@ -137,6 +137,8 @@ class Reassembler:
         self.max_messages = max_messages
         self.max_message_bytes = max_message_bytes
         self._pending: dict[tuple[str, str], _Pending] = {}
+        # recently completed messages: a late duplicate chunk must not open a new one
+        self._done: dict[tuple[str, str], None] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -154,6 +156,8 @@ class Reassembler:
             raise EnvelopeError(RejectReason.OVERSIZE, f"chunked message of {chunk.size} bytes announced")
         key = (source, chunk.message_id)
         evicted: list[Expired] = []
+        if key in self._done:
+            return None, evicted
         pend = self._pending.get(key)
         if pend is None:
             while len(self._pending) >= self.max_messages:
@@ -174,6 +178,9 @@ class Reassembler:
         if len(pend.parts) < pend.count:
             return None, evicted
         del self._pending[key]
+        self._done[key] = None
+        if len(self._done) > 1024:
+            self._done.pop(next(iter(self._done)))
         whole = b"".join(pend.parts[i] for i in range(pend.count))
         if len(whole) != pend.size or hashlib.sha256(whole).hexdigest() != pend.digest:
             raise EnvelopeError(RejectReason.DIGEST, f"reassembled {chunk.message_id} fails its digest")
