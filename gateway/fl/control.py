@@ -1,0 +1,160 @@
+"""The retained control message the aggregator publishes on ``{prefix}/global/control``.
+
+PURE: bytes in, a validated :class:`Control` out (or :class:`ControlError`). JSON::
+
+    {"schema": 1,
+     "strategy": "gsfs" | "fedavg" | "fedopt",
+     "version": 3,              # the current global model version
+     "round": 4,                # FedAvg/FedOpt: the open round (0: none open)
+     "selected": ["gw-a", ...], # FedAvg/FedOpt: who should answer (null: everyone)
+     "local": {"epochs": 1, "max_steps": 50, "lr": 0.003, "batch_size": 64,
+               "compression": "none", "topk_fraction": 0.01},
+     "trigger": {"tau": 0.01, "ema": 0.9, "k": 3, "warmup": 20, "eval_every": 25}}
+
+Everything but ``strategy`` is optional; a gateway keeps its own settings for what the
+message leaves out. Unknown top-level keys are ignored (newer aggregators may add
+some); wrong types and out-of-range values are refused as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.fl.trigger import TriggerConfig, TriggerConfigError
+from gateway.protocol.compression import Compression
+from gateway.protocol.topics import TopicError, check_gateway_id
+
+STRATEGIES = ("gsfs", "fedavg", "fedopt")
+MAX_CONTROL_BYTES = 64 * 1024
+
+
+class ControlError(ValueError):
+    """A control message that is not valid JSON of the expected shape."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalSettings:
+    """Local-training settings a control message may set (None: keep the gateway's)."""
+
+    epochs: int | None = None
+    max_steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    compression: Compression | None = None
+    topk_fraction: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Control:
+    strategy: str
+    version: int | None = None
+    round: int = 0
+    selected: frozenset[str] | None = None
+    local: LocalSettings = field(default_factory=LocalSettings)
+    trigger: dict[str, Any] = field(default_factory=dict)
+
+    def selects(self, gateway_id: str) -> bool:
+        return self.selected is None or gateway_id in self.selected
+
+    @property
+    def synchronous(self) -> bool:
+        return self.strategy in ("fedavg", "fedopt")
+
+
+def _int(d: dict, key: str, *, minimum: int = 0) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if type(v) is not int or v < minimum or v >= 2**53:
+        raise ControlError(f"{key!r} must be an integer >= {minimum}")
+    return v
+
+
+def _float(d: dict, key: str, *, lo: float, hi: float) -> float | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if type(v) not in (int, float) or not math.isfinite(v) or not lo < v <= hi:
+        raise ControlError(f"{key!r} must be a number in ({lo}, {hi}]")
+    return float(v)
+
+
+def parse_control(data: bytes) -> Control:
+    if len(data) > MAX_CONTROL_BYTES:
+        raise ControlError(f"control message of {len(data)} bytes is too large")
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ControlError("control message is not UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise ControlError("control message is not a JSON object")
+    if obj.get("schema", 1) != 1:
+        raise ControlError(f"unsupported control schema {obj.get('schema')!r}")
+    strategy = obj.get("strategy")
+    if strategy not in STRATEGIES:
+        raise ControlError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    selected = obj.get("selected")
+    if selected is not None:
+        if not isinstance(selected, list) or len(selected) > 100_000:
+            raise ControlError("'selected' must be a list of gateway ids or null")
+        try:
+            selected = frozenset(check_gateway_id(s) if isinstance(s, str) else _bad_id(s) for s in selected)
+        except TopicError as exc:
+            raise ControlError(str(exc)) from None
+    local = obj.get("local")
+    local = {} if local is None else local
+    if not isinstance(local, dict):
+        raise ControlError("'local' must be an object")
+    comp = local.get("compression")
+    try:
+        comp = None if comp is None else Compression(comp)
+    except ValueError:
+        raise ControlError(f"unknown compression {comp!r}") from None
+    trigger = obj.get("trigger")
+    trigger = {} if trigger is None else trigger
+    if not isinstance(trigger, dict):
+        raise ControlError("'trigger' must be an object")
+    try:
+        TriggerConfig().with_overrides(trigger)  # validate now; applied by the client
+    except (TriggerConfigError, TypeError) as exc:
+        raise ControlError(f"trigger settings: {exc}") from None
+    return Control(
+        strategy=strategy,
+        version=_int(obj, "version"),
+        round=_int(obj, "round") or 0,
+        selected=selected,
+        local=LocalSettings(
+            epochs=_int(local, "epochs", minimum=1),
+            max_steps=_int(local, "max_steps", minimum=1),
+            lr=_float(local, "lr", lo=0.0, hi=10.0),
+            batch_size=_int(local, "batch_size", minimum=1),
+            compression=comp,
+            topk_fraction=_float(local, "topk_fraction", lo=0.0, hi=1.0),
+        ),
+        trigger=dict(trigger),
+    )
+
+
+def _bad_id(value: object) -> str:
+    raise ControlError(f"gateway id {value!r} is not a string")
+
+
+def encode_control(control: Control) -> bytes:
+    """The JSON bytes of a control message (what an aggregator or a test publishes)."""
+    local = {
+        k: (v.value if isinstance(v, Compression) else v)
+        for k, v in vars(control.local).items()
+        if v is not None
+    }
+    obj: dict[str, Any] = {"schema": 1, "strategy": control.strategy, "round": control.round}
+    if control.version is not None:
+        obj["version"] = control.version
+    obj["selected"] = None if control.selected is None else sorted(control.selected)
+    if local:
+        obj["local"] = local
+    if control.trigger:
+        obj["trigger"] = control.trigger
+    return json.dumps(obj, separators=(",", ":")).encode()

@@ -1,0 +1,80 @@
+"""Control message parsing: valid messages round-trip, hostile ones raise ControlError."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.fl.control import Control, ControlError, LocalSettings, encode_control, parse_control
+from gateway.protocol.compression import Compression
+
+
+def test_round_trip():
+    c = Control(strategy="fedavg", version=3, round=4, selected=frozenset({"gw-a", "gw-b"}),
+                local=LocalSettings(epochs=2, lr=0.01, compression=Compression.INT8),
+                trigger={"tau": 0.05})
+    back = parse_control(encode_control(c))
+    assert back == c
+    assert back.synchronous and back.selects("gw-a") and not back.selects("gw-c")
+
+
+def test_minimal_message_keeps_defaults():
+    c = parse_control(b'{"strategy": "gsfs"}')
+    assert c.version is None and c.round == 0 and c.selected is None and c.selects("anyone")
+    assert c.local == LocalSettings() and c.trigger == {} and not c.synchronous
+
+
+def test_unknown_top_level_keys_are_ignored():
+    assert parse_control(b'{"strategy": "gsfs", "future": 1}').strategy == "gsfs"
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"strategy": "sgd"},
+        {},
+        {"strategy": "gsfs", "schema": 2},
+        {"strategy": "gsfs", "round": -1},
+        {"strategy": "gsfs", "round": 1.5},
+        {"strategy": "gsfs", "version": True},
+        {"strategy": "gsfs", "selected": "gw-a"},
+        {"strategy": "gsfs", "selected": ["bad/id"]},
+        {"strategy": "gsfs", "selected": [3]},
+        {"strategy": "gsfs", "local": {"lr": 0}},
+        {"strategy": "gsfs", "local": {"lr": float("inf")}},
+        {"strategy": "gsfs", "local": {"epochs": 0}},
+        {"strategy": "gsfs", "local": {"compression": "gzip"}},
+        {"strategy": "gsfs", "local": []},
+        {"strategy": "gsfs", "trigger": {"ema": 1.5}},
+        {"strategy": "gsfs", "trigger": {"nope": 1}},
+        {"strategy": "gsfs", "trigger": [1]},
+        [1, 2],
+    ],
+)
+def test_bad_messages(obj):
+    with pytest.raises(ControlError):
+        parse_control(json.dumps(obj).encode())
+
+
+@pytest.mark.parametrize("raw", [b"", b"\xff\xfe", b"{", b"null", b"x" * 70_000])
+def test_not_json(raw):
+    with pytest.raises(ControlError):
+        parse_control(raw)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=300) | st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["strategy", "round", "version", "selected", "local", "trigger", "x"]), inner, max_size=5),
+    max_leaves=12,
+).map(lambda o: json.dumps(o).encode()))
+def test_hostile_input_only_raises_control_error(raw):
+    try:
+        c = parse_control(raw)
+    except ControlError:
+        return
+    assert c.strategy in ("gsfs", "fedavg", "fedopt")
