@@ -13,8 +13,8 @@ around them are kept.  With ``strict=True`` the first bad line stops the run wit
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -226,93 +226,88 @@ def _classify(classifier: FlowClassifier | None, records: Sequence[ConnRecord]):
 # ---------------------------------------------------------------- record sources
 
 
-class _Counting:
-    """A binary reader that remembers how many raw bytes were read (for progress)."""
+class _Reader:
+    """A binary reader over an opened log that can hand back one peeked chunk first."""
 
-    def __init__(self, raw):
-        self.raw = raw
-        self.count = 0
+    def __init__(self, fh, first: bytes = b""):
+        self.fh = fh
+        self.first = first
+        self.name = getattr(fh, "name", "<stream>")
 
     def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.count += len(data)
-        return data
+        if self.first:
+            data, self.first = self.first, b""
+            return data
+        return self.fh.read(n)
 
-    def readable(self) -> bool:
-        return True
+
+def resume_state(parser) -> str | None:
+    """What a rerun needs to continue mid-file: the header in force and the line count."""
+    if parser.header is None:
+        return None
+    return json.dumps({"header": parser.header.to_dict(), "line_no": parser.line_no})
+
+
+def _raw_position(fh) -> int:
+    try:
+        return getattr(fh, "fileobj", fh).tell()  # GzipFile: position in the compressed file
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _zeek_batches(
     path: Path,
-    raw,
-    kind: str,
     *,
     strict: bool,
     batch_size: int,
-    skip_to: int,
-    summary: ReplaySummary,
-    fsum: FileSummary,
-) -> Iterator[tuple[list[ConnRecord], int, str | None]]:
-    """Batches of records of a Zeek log with the decompressed offset after each batch.
+    resume: tuple[int, str | None] | None,
+    on_rejection: Callable,
+) -> Iterator[tuple[list[ConnRecord], int, str | None, int]]:
+    """Batches of at least ``batch_size`` records (the last may be smaller) of a Zeek
+    log, each with the (decompressed) byte offset just after it, the resume state and
+    the position in the file on disk (for progress).
 
-    Records whose line ends at or before ``skip_to`` (a saved offset) are dropped.
+    ``resume`` is a saved ``(offset, state)``: reading starts there, with the saved
+    header, so a rerun neither re-reads nor re-parses what was committed.
     """
-    from gateway.flows.zeek import ZeekLogParser, ZeekParseError
+    from gateway.flows.zeek import LogHeader, ZeekLogParser, ZeekParseError, iter_record_batches, open_log
 
-    parser = ZeekLogParser(source=str(path), strict=strict)
-    stream = gzip.GzipFile(fileobj=raw, mode="rb") if kind == "gzip" else raw
-    pending: list[ConnRecord] = []
-    seen_rejections = 0
-
-    def drain_rejections() -> None:
-        nonlocal seen_rejections
-        new = parser.rejections[seen_rejections:]
-        seen_rejections = len(parser.rejections)
-        for rej in new:
-            summary.rejected[rej.reason] = summary.rejected.get(rej.reason, 0) + 1
-            fsum.rejected += 1
-            log.warning("%s:%s: rejected line (%s): %.120r", path, rej.line_no, rej.reason, rej.text)
-
-    def header_json() -> str | None:
-        header = getattr(parser, "header", None)
-        to_json = getattr(header, "to_json", None)
-        return to_json() if callable(to_json) else None
-
+    fh = open_log(path)
     try:
-        while True:
+        parser = ZeekLogParser(source_name=str(path))
+        if resume is not None:
+            offset, state = resume
+            saved = json.loads(state) if state else None
             try:
-                chunk = stream.read(READ_CHUNK)
-            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-                reason = "truncated or corrupt gzip"
-                summary.rejected[reason] = summary.rejected.get(reason, 0) + 1
-                fsum.rejected += 1
-                log.warning("%s: %s after %d bytes: %s", path, reason, parser.consumed, exc)
-                if strict:
-                    raise ReplayError(f"{path}: {reason}: {exc}") from exc
-                chunk = b""
-                recs = parser.finish()
-                drain_rejections()
-                pending.extend(r for r in recs)
-                if pending:
-                    yield pending, parser.consumed, header_json()
-                return
-            if not chunk:
-                recs = parser.finish()
-                drain_rejections()
-                if parser.consumed > skip_to:
-                    pending.extend(recs)
-                yield pending, parser.consumed, header_json()
-                return
-            recs = parser.feed(chunk)
-            drain_rejections()
-            if parser.consumed <= skip_to:
-                continue  # all of it was committed by an earlier run
-            pending.extend(recs)
-            if len(pending) >= batch_size:
-                yield pending, parser.consumed, header_json()
-                pending = []
-    except ZeekParseError as exc:
-        raise ReplayError(f"{path}: {exc}") from exc
+                fh.seek(offset)  # gzip: decompresses up to there
+                first = fh.read(READ_CHUNK)
+            except (EOFError, OSError, zlib.error) as exc:
+                raise ReplayError(f"{path}: cannot resume at offset {offset}: {exc}") from exc
+            if not first:
+                return  # everything was committed by an earlier run
+            parser = ZeekLogParser(
+                source_name=str(path),
+                header=LogHeader.from_dict(saved["header"]) if saved else None,
+                offset=offset,
+                line_no=saved["line_no"] if saved else 0,
+            )
+            reader = _Reader(fh, first)
+        else:
+            reader = _Reader(fh)
+        pending: list[ConnRecord] = []
+        try:
+            for records in iter_record_batches(
+                reader, strict=strict, chunk_size=READ_CHUNK, parser=parser, on_rejection=on_rejection
+            ):
+                pending.extend(records)
+                if len(pending) >= batch_size:
+                    yield pending, parser.consumed, resume_state(parser), _raw_position(fh)
+                    pending = []
+        except ZeekParseError as exc:
+            raise ReplayError(f"{exc.source}:{exc.line_no}: {exc.reason}") from exc
+        yield pending, parser.consumed, resume_state(parser), _raw_position(fh)
+    finally:
+        fh.close()
 
 
 def _pcap_batches(path: Path, raw, *, batch_size: int) -> Iterator[list[ConnRecord]]:
@@ -368,14 +363,18 @@ def replay(
                 )
             except OSError as exc:
                 fsum.error = f"cannot read: {exc.strerror or exc}"
-                reason = "unreadable file"
-                summary.rejected[reason] = summary.rejected.get(reason, 0) + 1
+                _count_rejection(summary, fsum, "unreadable file")
                 log.error("%s: %s", path, fsum.error)
                 if strict:
                     raise ReplayError(f"{path}: {fsum.error}") from exc
     finally:
         summary.elapsed_s = time.perf_counter() - started
     return summary
+
+
+def _count_rejection(summary: ReplaySummary, fsum: FileSummary, reason: str) -> None:
+    summary.rejected[reason] = summary.rejected.get(reason, 0) + 1
+    fsum.rejected += 1
 
 
 def _replay_file(
@@ -393,66 +392,61 @@ def _replay_file(
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(IDENTITY_PREFIX)
-        fh.seek(0)
-        ident = file_identity(head)
-        kind = sniff_kind(head)
-        fsum.kind = kind
-        raw = _Counting(fh)
-        skip_to = 0
-        if not from_start:
+    ident = file_identity(head)
+    kind = sniff_kind(head)
+    fsum.kind = kind
+    resume = None
+    if not from_start:
+        try:
             with session_factory() as session:
-                try:
-                    saved = repository.load_offset(session, fsum.source)
-                except SQLAlchemyError as exc:
-                    raise StoreError(describe_db_error(session_factory.kw["bind"], exc)) from exc
-            if saved is not None and saved.file_identity == ident:
-                skip_to = saved.offset
-                fsum.resumed_from = skip_to
-                log.info("%s: resuming after offset %d", path, skip_to)
-        if not head:
-            reason = "empty file"
-            summary.rejected[reason] = summary.rejected.get(reason, 0) + 1
-            fsum.rejected += 1
-            log.warning("%s: %s", path, reason)
-            if strict:
-                raise ReplayError(f"{path}: {reason}")
-            return
+                saved = repository.load_offset(session, fsum.source)
+        except SQLAlchemyError as exc:
+            raise StoreError(describe_db_error(session_factory.kw["bind"], exc)) from exc
+        if saved is not None and saved.file_identity == ident and (kind == "gzip" or saved.offset <= size):
+            resume = (saved.offset, saved.header)
+            fsum.resumed_from = saved.offset
+            log.info("%s: resuming after byte %d", path, saved.offset)
 
-        def account(records: list[ConnRecord], offset: tuple | None) -> None:
-            verdicts = _classify(classifier, records)
-            stored, dets = commit_batch(
-                session_factory, records, source=fsum.source,
-                classifier=classifier, verdicts=verdicts, offset=offset,
-            )
-            n = len(records)
-            fsum.records += n
-            fsum.stored += stored
-            fsum.duplicates += n - stored
-            summary.records += n
-            summary.stored += stored
-            summary.duplicates += n - stored
-            summary.detections += dets
-            if verdicts is not None:
-                lab, cor, lcor = score_against_labels(records, verdicts)
-                summary.labelled += lab
-                summary.correct += cor
-                summary.label_correct += lcor
-            if progress is not None:
-                progress(str(path), raw.count, size)
+    def account(records: list[ConnRecord], offset: tuple | None, done_bytes: int) -> None:
+        verdicts = _classify(classifier, records)
+        stored, dets = commit_batch(
+            session_factory, records, source=fsum.source,
+            classifier=classifier, verdicts=verdicts, offset=offset,
+        )
+        n = len(records)
+        fsum.records += n
+        fsum.stored += stored
+        fsum.duplicates += n - stored
+        summary.records += n
+        summary.stored += stored
+        summary.duplicates += n - stored
+        summary.detections += dets
+        if verdicts is not None:
+            lab, cor, lcor = score_against_labels(records, verdicts)
+            summary.labelled += lab
+            summary.correct += cor
+            summary.label_correct += lcor
+        if progress is not None:
+            progress(str(path), done_bytes, size)
 
-        if kind == "pcap":
-            if skip_to >= size:
-                return  # this exact pcap was ingested completely before
-            for batch in _pcap_batches(path, raw, batch_size=batch_size):
-                account(batch, None)
-            # Mark the pcap done only at its end: pcaps have no resumable record offsets.
-            account([], (ident, size, None))
-            return
-        for batch, offset, header in _zeek_batches(
-            path, raw, kind, strict=strict, batch_size=batch_size, skip_to=skip_to,
-            summary=summary, fsum=fsum,
-        ):
-            account(batch, (ident, offset, header))
+    if kind == "pcap":
+        if resume is not None and resume[0] >= size:
+            return  # this exact pcap was ingested completely before
+        with open(path, "rb") as fh:
+            for batch in _pcap_batches(path, fh, batch_size=batch_size):
+                account(batch, None, _raw_position(fh))
+        # A pcap has no resumable record offsets: it is marked done only at its end
+        # (a rerun after a crash reads it again; its flows are then skipped as stored).
+        account([], (ident, size, None), size)
+        return
+
+    def on_rejection(rej) -> None:
+        _count_rejection(summary, fsum, rej.reason)
+
+    for batch, offset, state, raw_pos in _zeek_batches(
+        path, strict=strict, batch_size=batch_size, resume=resume, on_rejection=on_rejection
+    ):
+        account(batch, (ident, offset, state), raw_pos)
 
 
 # ---------------------------------------------------------------- live follow

@@ -166,12 +166,12 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
     if as_json:
         emit_json(data)
         return
-    emit_rows(
-        data["files"],
-        ["path", "kind", "records", "stored", "duplicates", "rejected", "resumed_from", "error"],
-        title="files",
-    )
-    overview = {k: data[k] for k in ("records", "stored", "duplicates", "rejected", "elapsed_s", "records_per_s")}
+    columns = ["path", "kind", "records", "stored", "duplicates", "rejected", "resumed_from"]
+    if any(f["error"] for f in data["files"]):
+        columns.append("error")
+    emit_rows(data["files"], columns, title="files")
+    overview = {k: data[k] for k in ("records", "stored", "duplicates", "rejected", "elapsed_s")}
+    overview["records_per_s"] = int(data["records_per_s"])
     for reason, n in sorted(data["rejected_by_reason"].items()):
         overview[f"rejected: {reason}"] = n
     if data["model_version"]:
