@@ -1,0 +1,166 @@
+"""What every strategy shares: the view of the pool it decides on, its state value,
+and the aggregate pipeline  weights -> combine -> server step.
+
+A strategy object holds configuration only (keyword-only, validated in ``__init__``);
+its state (FedAdam moments, DP step count) is a :class:`StrategyState` value passed
+in and returned, so the service can checkpoint it and a restart resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from cloud_aggregator.strategies import aggregate as agg
+from cloud_aggregator.strategies.aggregate import AdamState, Tensors
+
+
+@dataclass(frozen=True)
+class UpdateView:
+    """One pooled update as a strategy sees it (the newest of its sender)."""
+
+    sender: str
+    delta: Tensors
+    num_samples: int
+    base_version: int
+    submissions: int  # uploads by this sender since the last aggregation (GSFS s_i)
+    round: int = 0
+    received_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """Everything a strategy needs to decide whether to aggregate now."""
+
+    updates: Sequence[UpdateView]
+    live_clients: frozenset[str]
+    version: int  # current global version
+    now: float
+    opened_at: float | None = None  # first update since the last aggregation / round start
+    round: int = 0  # synchronous strategies: the open round (0: none)
+    selected: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class StrategyState:
+    adam: AdamState | None = None
+    dp_steps: int = 0
+    dp_sampling_rates: tuple[float, ...] = ()  # q of every noised aggregation (accountant input)
+
+    def to_tensors(self) -> tuple[Tensors, dict[str, Any]]:
+        """Arrays and JSON-able scalars for a checkpoint."""
+        arrays: Tensors = {}
+        meta: dict[str, Any] = {"dp_steps": self.dp_steps, "dp_sampling_rates": list(self.dp_sampling_rates)}
+        if self.adam is not None:
+            meta["adam_t"] = self.adam.t
+            arrays.update({f"adam.m/{k}": v for k, v in self.adam.m.items()})
+            arrays.update({f"adam.v/{k}": v for k, v in self.adam.v.items()})
+        return arrays, meta
+
+    @classmethod
+    def from_tensors(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> "StrategyState":
+        adam = None
+        if "adam_t" in meta:
+            m = {k[len("adam.m/"):]: v for k, v in arrays.items() if k.startswith("adam.m/")}
+            v = {k[len("adam.v/"):]: x for k, x in arrays.items() if k.startswith("adam.v/")}
+            adam = AdamState(m, v, int(meta["adam_t"]))
+        return cls(adam=adam, dp_steps=int(meta.get("dp_steps", 0)),
+                   dp_sampling_rates=tuple(float(q) for q in meta.get("dp_sampling_rates", ())))
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    weights: Tensors
+    state: StrategyState
+    senders: tuple[str, ...]
+    client_weights: tuple[float, ...]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy:
+    """Base: weighted average of deltas applied with server learning rate ``eta``."""
+
+    name = "base"
+    synchronous = False
+
+    def __init__(self, *, eta: float = 1.0, min_updates: int = 1):
+        if not (eta > 0 and math.isfinite(eta)):
+            raise ValueError("eta must be a positive finite number")
+        if min_updates < 1:
+            raise ValueError("min_updates must be >= 1")
+        self.eta = float(eta)
+        self.min_updates = int(min_updates)
+
+    # -- decisions ------------------------------------------------------------------
+    def eligible(self, view: PoolView) -> list[UpdateView]:
+        return list(view.updates)
+
+    def should_aggregate(self, view: PoolView) -> bool:
+        raise NotImplementedError
+
+    def control(self) -> dict[str, Any]:
+        """Settings for the retained control message (merged by the service)."""
+        return {"strategy": self.name}
+
+    # -- the pipeline (wrappers override combine) ---------------------------------------
+    def client_weights(self, updates: Sequence[UpdateView], version: int) -> np.ndarray:
+        return agg.sample_count_weights([u.num_samples for u in updates])
+
+    def combine(self, deltas: Sequence[Tensors], weights: np.ndarray, state: StrategyState,
+                view_size: int) -> tuple[Tensors, StrategyState, dict[str, Any]]:
+        return agg.weighted_average(deltas, weights), state, {}
+
+    def server_step(self, global_weights: Mapping[str, np.ndarray], delta: Tensors,
+                    state: StrategyState) -> tuple[Tensors, StrategyState]:
+        return agg.add_scaled(global_weights, delta, self.eta), state
+
+    def aggregate(self, global_weights: Mapping[str, np.ndarray], updates: Sequence[UpdateView], *,
+                  version: int, state: StrategyState | None = None, live_clients: int = 0) -> Aggregation:
+        """New global weights from ``updates`` (as chosen by :meth:`eligible`)."""
+        if not updates:
+            raise ValueError("nothing to aggregate")
+        state = state or StrategyState()
+        weights = self.client_weights(updates, version)
+        delta, state, info = self.combine([u.delta for u in updates], weights, state,
+                                          max(live_clients, len(updates)))
+        new_weights, state = self.server_step(global_weights, delta, state)
+        info = {"delta_norm": agg.global_norm(delta), **info}
+        return Aggregation(new_weights, state, tuple(u.sender for u in updates),
+                           tuple(float(w) for w in weights), info)
+
+
+class StrategyWrapper(Strategy):
+    """Delegates everything to ``inner``; subclasses change :meth:`combine`."""
+
+    def __init__(self, inner: Strategy):
+        self.inner = inner
+        self.name = inner.name
+        self.synchronous = inner.synchronous
+        self.eta = inner.eta
+        self.min_updates = inner.min_updates
+
+    def eligible(self, view):
+        return self.inner.eligible(view)
+
+    def should_aggregate(self, view):
+        return self.inner.should_aggregate(view)
+
+    def control(self):
+        return self.inner.control()
+
+    def client_weights(self, updates, version):
+        return self.inner.client_weights(updates, version)
+
+    def combine(self, deltas, weights, state, view_size):
+        return self.inner.combine(deltas, weights, state, view_size)
+
+    def server_step(self, global_weights, delta, state):
+        return self.inner.server_step(global_weights, delta, state)
+
+
+def with_adam(state: StrategyState, adam: AdamState) -> StrategyState:
+    return replace(state, adam=adam)

@@ -1,0 +1,32 @@
+"""FedOpt (FedAdam): FedAvg's rounds, with server Adam applied to the averaged delta."""
+
+from __future__ import annotations
+
+from cloud_aggregator.strategies import aggregate as agg
+from cloud_aggregator.strategies.base import with_adam
+from cloud_aggregator.strategies.fedavg import FedAvg
+
+
+class FedOpt(FedAvg):
+    """FedAvg's settings plus (defaults in brackets):
+
+    eta [0.01]: server Adam learning rate.
+    beta1 [0.9], beta2 [0.99]: moment decay rates.
+    tau [1e-3]: adaptivity (epsilon) added to sqrt(v).
+    """
+
+    name = "fedopt"
+
+    def __init__(self, *, eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
+                 fraction: float = 1.0, min_updates: int = 1, round_timeout_s: float = 300.0):
+        super().__init__(eta=eta, fraction=fraction, min_updates=min_updates, round_timeout_s=round_timeout_s)
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError("beta1 and beta2 must be in [0, 1)")
+        if tau <= 0:
+            raise ValueError("tau must be positive")
+        self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
+
+    def server_step(self, global_weights, delta, state):
+        new_weights, adam = agg.fedadam_step(global_weights, delta, state.adam, eta=self.eta,
+                                             beta1=self.beta1, beta2=self.beta2, tau=self.tau)
+        return new_weights, with_adam(state, adam)

@@ -1,0 +1,72 @@
+"""GSFS, server side (DESIGN.md, "The strategies").
+
+Keep the newest update of each client with its submission count s_i; when ceil(rho*N)
+distinct live clients have reported (N = clients alive), or the deadline passed since
+the first update of this window, aggregate w <- w + eta * sum_i pi_i delta_i with
+pi_i = s_i / sum_j s_j times the staleness discount (1 + staleness)^-a, renormalised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from cloud_aggregator.strategies import aggregate as agg
+from cloud_aggregator.strategies.base import PoolView, Strategy, UpdateView
+
+
+class GSFS(Strategy):
+    """Keyword-only settings (defaults in brackets):
+
+    rho [0.6]: share of live clients that must have reported: K = ceil(rho * N).
+    eta [1.0]: server learning rate.
+    staleness_exponent [0.5]: a in (1 + staleness)^-a (0 disables the discount).
+    deadline_s [60]: aggregate whatever arrived (>= min_updates) this long after the
+      first update of the window.
+    min_updates [1]: fewest updates the deadline path aggregates.
+    trigger [{}]: gateway trigger overrides published on the control topic
+      (tau, ema, k, warmup, eval_every).
+    """
+
+    name = "gsfs"
+    synchronous = False
+
+    def __init__(self, *, rho: float = 0.6, eta: float = 1.0, staleness_exponent: float = 0.5,
+                 deadline_s: float = 60.0, min_updates: int = 1, trigger: dict | None = None):
+        super().__init__(eta=eta, min_updates=min_updates)
+        if not 0 < rho <= 1:
+            raise ValueError("rho must be in (0, 1]")
+        if staleness_exponent < 0:
+            raise ValueError("staleness_exponent must be >= 0")
+        if deadline_s <= 0:
+            raise ValueError("deadline_s must be positive")
+        self.rho = float(rho)
+        self.staleness_exponent = float(staleness_exponent)
+        self.deadline_s = float(deadline_s)
+        self.trigger = dict(trigger or {})
+
+    def quorum(self, live: int) -> int:
+        """K = ceil(rho * N), at least 1."""
+        return max(1, math.ceil(self.rho * live - 1e-9))
+
+    def should_aggregate(self, view: PoolView) -> bool:
+        if not view.updates:
+            return False
+        reporters = {u.sender for u in view.updates} & view.live_clients
+        if len(reporters) >= self.quorum(len(view.live_clients)):
+            return True
+        waited = view.opened_at is not None and view.now - view.opened_at >= self.deadline_s
+        return waited and len(view.updates) >= self.min_updates
+
+    def client_weights(self, updates: Sequence[UpdateView], version: int) -> np.ndarray:
+        return agg.gsfs_weights([u.submissions for u in updates],
+                                [max(0, version - u.base_version) for u in updates],
+                                staleness_exponent=self.staleness_exponent)
+
+    def control(self):
+        out = {"strategy": self.name}
+        if self.trigger:
+            out["trigger"] = dict(self.trigger)
+        return out
