@@ -1,0 +1,472 @@
+"""Packet decoding: link layer -> IP -> TCP/UDP/ICMP header fields, pure and allocation-light.
+
+``PacketDecoder.decode(linktype, frame, ts, wire_len)`` takes the raw bytes of one captured
+frame and returns a :class:`Packet` (the fields connection tracking needs), ``None`` when the
+frame was consumed without producing a packet (a fragment kept for reassembly, a non-IP frame),
+or a short reason string when the frame is malformed.  It never raises on hostile bytes: every
+malformed case is a counted reason (see ``PacketDecoder.skipped``), the way Zeek files a
+``weird`` and moves on.
+
+Supported link types: Ethernet (1), raw IP (101, 12, 14, 228, 229), BSD null/loopback (0, 108),
+Linux cooked SLL (113) and SLL2 (276).  Inside: 802.1Q/802.1ad/QinQ VLAN tags, MPLS label
+stacks, PPPoE sessions, IPv4 (with fragment reassembly), IPv6 (extension headers, fragments),
+IP-in-IP (4/41) decapsulation.  Checksums (IPv4 header, TCP, UDP, ICMP, ICMPv6) are verified
+unless ``ignore_checksums`` (Zeek's ``-C``); a bad transport checksum is reported on the packet
+(``checksum_ok=False``) because Zeek still creates the connection and notes ``C``/``c``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+# Link-layer types (pcap LINKTYPE_* values) we decode.
+LINKTYPE_NULL = 0
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW = 101
+LINKTYPE_RAW_BSD_12 = 12
+LINKTYPE_RAW_BSD_14 = 14
+LINKTYPE_LOOP = 108
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
+LINKTYPE_LINUX_SLL2 = 276
+
+SUPPORTED_LINKTYPES: dict[int, str] = {
+    LINKTYPE_NULL: "NULL (BSD loopback)",
+    LINKTYPE_ETHERNET: "Ethernet",
+    LINKTYPE_RAW: "raw IP",
+    LINKTYPE_RAW_BSD_12: "raw IP",
+    LINKTYPE_RAW_BSD_14: "raw IP",
+    LINKTYPE_LOOP: "OpenBSD loopback",
+    LINKTYPE_LINUX_SLL: "Linux cooked (SLL)",
+    LINKTYPE_IPV4: "raw IPv4",
+    LINKTYPE_IPV6: "raw IPv6",
+    LINKTYPE_LINUX_SLL2: "Linux cooked v2 (SLL2)",
+}
+
+# A few well-known names, so an unsupported-link-type error can say what the file holds.
+LINKTYPE_NAMES: dict[int, str] = {
+    **SUPPORTED_LINKTYPES,
+    6: "IEEE 802.5 Token Ring",
+    9: "PPP",
+    50: "PPP over HDLC",
+    104: "Cisco HDLC",
+    105: "IEEE 802.11",
+    119: "Prism 802.11",
+    127: "802.11 radiotap",
+    147: "user-defined (147)",
+    187: "Bluetooth HCI H4",
+    195: "IEEE 802.15.4",
+    220: "USB Linux mmapped",
+    249: "netlink",
+}
+
+ETH_IPV4 = 0x0800
+ETH_IPV6 = 0x86DD
+ETH_VLAN = (0x8100, 0x88A8, 0x9100, 0x9200)
+ETH_MPLS = (0x8847, 0x8848)
+ETH_PPPOE_SESSION = 0x8864
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_ICMP6 = 58
+PROTO_IPIP = 4
+PROTO_IPV6_IN_IP = 41
+
+# IPv6 extension headers that chain with a (next header, length) prefix.
+_IPV6_EXT_GENERIC = frozenset({0, 43, 60, 135, 139, 140})
+_IPV6_FRAGMENT = 44
+_IPV6_AH = 51
+_IPV6_NO_NEXT = 59
+
+_U16 = struct.Struct("!H")
+_TCP_HDR = struct.Struct("!HHIIBBHHH")  # sport dport seq ack off flags win sum urg
+_UDP_HDR = struct.Struct("!HHHH")
+_IPV4_FIXED = struct.Struct("!BBHHHBBH4s4s")
+
+
+class Packet(NamedTuple):
+    """One decoded IP packet, as connection tracking needs it.
+
+    Addresses are raw bytes (4 or 16).  For ICMP, ``sport``/``dport`` carry the ICMP type and
+    code.  ``ip_len`` is what Zeek counts in ``*_ip_bytes`` (IPv4 total length; IPv6 payload
+    length + 40).  ``payload_len`` is the transport payload length (TCP segment data; for UDP
+    the UDP length field minus 8; for ICMP the IP payload minus the 8-byte ICMP header).
+    ``payload`` is the captured payload bytes (may be shorter than ``payload_len`` when the
+    capture was cut by a snap length).  ``tcp_options`` holds the TCP option bytes.
+    """
+
+    ts: float
+    src: bytes
+    dst: bytes
+    proto: int
+    sport: int
+    dport: int
+    ip_len: int
+    payload_len: int
+    flags: int = 0
+    seq: int = 0
+    ack: int = 0
+    window: int = 0
+    checksum_ok: bool = True
+    payload: bytes = b""
+    tcp_options: bytes = b""
+    tunneled: bool = False
+
+
+def ones_complement_ok(total: int) -> bool:
+    """True if a ones-complement sum (as a plain integer) folds to 0xffff (or 0)."""
+    return total % 0xFFFF == 0
+
+
+def _sum16(data: bytes) -> int:
+    """Ones-complement sum of ``data`` as 16-bit words, modulo 0xffff (2**16 == 1 mod 0xffff)."""
+    if len(data) & 1:
+        data = data + b"\x00"
+    return int.from_bytes(data, "big") % 0xFFFF
+
+
+def transport_checksum_ok(src: bytes, dst: bytes, proto: int, segment: bytes) -> bool:
+    """Verify a TCP/UDP/ICMPv6 checksum over the pseudo header + segment."""
+    pseudo = _sum16(src) + _sum16(dst) + proto + len(segment)
+    return (pseudo + _sum16(segment)) % 0xFFFF == 0
+
+
+class _FragmentBuffer:
+    __slots__ = ("blocks", "total", "first_ts", "header")
+
+    def __init__(self, ts: float):
+        self.blocks: dict[int, bytes] = {}
+        self.total: int | None = None
+        self.first_ts = ts
+        self.header = b""
+
+
+class PacketDecoder:
+    """Decodes frames into :class:`Packet` tuples, reassembling IP fragments.
+
+    Keyword-only configuration:
+
+    * ``ignore_checksums`` (default ``False``): skip every checksum check, like ``zeek -C``.
+    * ``max_fragment_buffers`` (default 10,000): fragment reassembly state is bounded; the
+      oldest incomplete datagram is dropped (counted as ``fragment_buffer_overflow``).
+    * ``fragment_timeout`` (default 60 s): incomplete datagrams older than this are dropped.
+    """
+
+    def __init__(
+        self,
+        *,
+        ignore_checksums: bool = False,
+        max_fragment_buffers: int = 10_000,
+        fragment_timeout: float = 60.0,
+    ):
+        if max_fragment_buffers < 1:
+            raise ValueError("max_fragment_buffers must be >= 1")
+        if fragment_timeout <= 0:
+            raise ValueError("fragment_timeout must be > 0")
+        self.ignore_checksums = ignore_checksums
+        self.max_fragment_buffers = max_fragment_buffers
+        self.fragment_timeout = fragment_timeout
+        self.skipped: dict[str, int] = {}
+        self._fragments: dict[tuple, _FragmentBuffer] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _skip(self, reason: str) -> str:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        return reason
+
+    # ------------------------------------------------------------------ link layer
+    def decode(self, linktype: int, frame: bytes, ts: float, wire_len: int | None = None):
+        """Decode one frame.  Returns a Packet, None (consumed, nothing to track) or a reason."""
+        snapped = wire_len is not None and wire_len > len(frame)
+        n = len(frame)
+        if linktype == LINKTYPE_ETHERNET:
+            if n < 14:
+                return self._skip("truncated_link_header")
+            return self._ethertype(frame, 14, frame[12] << 8 | frame[13], ts, snapped)
+        if linktype in (LINKTYPE_RAW, LINKTYPE_RAW_BSD_12, LINKTYPE_RAW_BSD_14, LINKTYPE_IPV4, LINKTYPE_IPV6):
+            return self._ip_by_version(frame, 0, ts, snapped)
+        if linktype == LINKTYPE_LINUX_SLL:
+            if n < 16:
+                return self._skip("truncated_link_header")
+            return self._ethertype(frame, 16, frame[14] << 8 | frame[15], ts, snapped)
+        if linktype == LINKTYPE_LINUX_SLL2:
+            if n < 20:
+                return self._skip("truncated_link_header")
+            return self._ethertype(frame, 20, frame[0] << 8 | frame[1], ts, snapped)
+        if linktype in (LINKTYPE_NULL, LINKTYPE_LOOP):
+            if n < 4:
+                return self._skip("truncated_link_header")
+            family_le = int.from_bytes(frame[:4], "little")
+            family_be = int.from_bytes(frame[:4], "big")
+            if 2 in (family_le, family_be):
+                return self._ipv4(frame, 4, ts, snapped)
+            if family_le in (10, 24, 28, 30) or family_be in (10, 24, 28, 30):
+                return self._ipv6(frame, 4, ts, snapped)
+            self._skip("non_ip_packet")
+            return None
+        return self._skip("unsupported_link_type")
+
+    def _ethertype(self, frame: bytes, off: int, etype: int, ts: float, snapped: bool):
+        n = len(frame)
+        for _ in range(8):  # bounded: QinQ and MPLS stacks of sane depth
+            if etype == ETH_IPV4:
+                return self._ipv4(frame, off, ts, snapped)
+            if etype == ETH_IPV6:
+                return self._ipv6(frame, off, ts, snapped)
+            if etype in ETH_VLAN:
+                if n < off + 4:
+                    return self._skip("truncated_VLAN_header")
+                etype = frame[off + 2] << 8 | frame[off + 3]
+                off += 4
+                continue
+            if etype in ETH_MPLS:
+                while True:
+                    if n < off + 4:
+                        return self._skip("truncated_MPLS_header")
+                    bottom = frame[off + 2] & 1
+                    off += 4
+                    if bottom:
+                        break
+                return self._ip_by_version(frame, off, ts, snapped)
+            if etype == ETH_PPPOE_SESSION:
+                if n < off + 8:
+                    return self._skip("truncated_PPPoE_header")
+                ppp = frame[off + 6] << 8 | frame[off + 7]
+                off += 8
+                if ppp == 0x0021:
+                    return self._ipv4(frame, off, ts, snapped)
+                if ppp == 0x0057:
+                    return self._ipv6(frame, off, ts, snapped)
+                self._skip("non_ip_packet")
+                return None
+            self._skip("non_ip_packet")
+            return None
+        return self._skip("too_many_encapsulations")
+
+    def _ip_by_version(self, frame: bytes, off: int, ts: float, snapped: bool):
+        if len(frame) <= off:
+            return self._skip("truncated_IP")
+        version = frame[off] >> 4
+        if version == 4:
+            return self._ipv4(frame, off, ts, snapped)
+        if version == 6:
+            return self._ipv6(frame, off, ts, snapped)
+        return self._skip("unknown_IP_version")
+
+    # ------------------------------------------------------------------ IPv4
+    def _ipv4(self, frame: bytes, off: int, ts: float, snapped: bool, tunneled: bool = False):
+        n = len(frame)
+        if n < off + 20:
+            return self._skip("truncated_IP")
+        vhl = frame[off]
+        if vhl >> 4 != 4:
+            return self._skip("bad_IP_version")
+        hlen = (vhl & 0xF) * 4
+        if hlen < 20:
+            return self._skip("bad_IP_header_len")
+        total = frame[off + 2] << 8 | frame[off + 3]
+        if total < hlen:
+            return self._skip("IP_len_lt_hdr_len")
+        if n < off + hlen:
+            return self._skip("truncated_IP")
+        end = off + total
+        if end > n:
+            if not snapped:
+                return self._skip("truncated_IP")
+            end = n
+        if not self.ignore_checksums and not ones_complement_ok(
+            int.from_bytes(frame[off:off + hlen], "big")
+        ):
+            return self._skip("bad_IP_checksum")
+        proto = frame[off + 9]
+        src = frame[off + 12:off + 16]
+        dst = frame[off + 16:off + 20]
+        frag = frame[off + 6] << 8 | frame[off + 7]
+        if frag & 0x3FFF:  # MF set or offset != 0: a fragment
+            if snapped:
+                return self._skip("truncated_fragment")
+            ident = frame[off + 4] << 8 | frame[off + 5]
+            whole = self._reassemble(
+                (4, src, dst, ident, proto), (frag & 0x1FFF) * 8, bool(frag & 0x2000),
+                frame[off + hlen:end], frame[off:off + hlen], ts,
+            )
+            if whole is None or isinstance(whole, str):
+                return whole
+            header, payload = whole
+            ip_len = len(header) + len(payload)
+            return self._transport(proto, src, dst, payload, len(payload), ip_len, ts, False, tunneled)
+        return self._transport(
+            proto, src, dst, frame[off + hlen:end], total - hlen, total, ts, snapped, tunneled
+        )
+
+    # ------------------------------------------------------------------ IPv6
+    def _ipv6(self, frame: bytes, off: int, ts: float, snapped: bool, tunneled: bool = False):
+        n = len(frame)
+        if n < off + 40:
+            return self._skip("truncated_IP")
+        if frame[off] >> 4 != 6:
+            return self._skip("bad_IP_version")
+        plen = frame[off + 4] << 8 | frame[off + 5]
+        nxt = frame[off + 6]
+        src = frame[off + 8:off + 24]
+        dst = frame[off + 24:off + 40]
+        end = off + 40 + plen
+        if end > n:
+            if not snapped:
+                return self._skip("truncated_IP")
+            end = n
+        ip_len = plen + 40
+        pos = off + 40
+        frag_info = None
+        for _ in range(16):  # bounded extension header chain
+            if nxt in _IPV6_EXT_GENERIC:
+                if pos + 8 > end:
+                    return self._skip("truncated_IPv6_ext_header")
+                hdr_len = (frame[pos + 1] + 1) * 8
+                nxt = frame[pos]
+                pos += hdr_len
+                if pos > end:
+                    return self._skip("truncated_IPv6_ext_header")
+            elif nxt == _IPV6_AH:
+                if pos + 8 > end:
+                    return self._skip("truncated_IPv6_ext_header")
+                hdr_len = (frame[pos + 1] + 2) * 4
+                nxt = frame[pos]
+                pos += hdr_len
+                if pos > end:
+                    return self._skip("truncated_IPv6_ext_header")
+            elif nxt == _IPV6_FRAGMENT:
+                if pos + 8 > end:
+                    return self._skip("truncated_IPv6_ext_header")
+                fo = frame[pos + 2] << 8 | frame[pos + 3]
+                ident = int.from_bytes(frame[pos + 4:pos + 8], "big")
+                frag_info = (fo & 0xFFF8, bool(fo & 1), ident, frame[off:pos])
+                nxt = frame[pos]
+                pos += 8
+            else:
+                break
+        else:
+            return self._skip("too_many_IPv6_ext_headers")
+        if nxt == _IPV6_NO_NEXT:
+            return self._transport(nxt, src, dst, b"", 0, ip_len, ts, snapped, tunneled)
+        if frag_info is not None:
+            frag_off, more, ident, unfrag_header = frag_info
+            if frag_off == 0 and not more:  # atomic fragment: nothing to reassemble
+                return self._transport(nxt, src, dst, frame[pos:end], end - pos, ip_len, ts, snapped, tunneled)
+            if snapped:
+                return self._skip("truncated_fragment")
+            whole = self._reassemble((6, src, dst, ident, nxt), frag_off, more, frame[pos:end], unfrag_header, ts)
+            if whole is None or isinstance(whole, str):
+                return whole
+            header, payload = whole
+            return self._transport(nxt, src, dst, payload, len(payload), len(header) + len(payload), ts, False, tunneled)
+        return self._transport(nxt, src, dst, frame[pos:end], end - pos, ip_len, ts, snapped, tunneled)
+
+    # ------------------------------------------------------------------ fragments
+    def _reassemble(self, key, frag_off: int, more: bool, data: bytes, header: bytes, ts: float):
+        frags = self._fragments
+        if len(frags) > 64:
+            self._expire_fragments(ts)
+        buf = frags.get(key)
+        if buf is None:
+            if len(frags) >= self.max_fragment_buffers:
+                oldest = min(frags, key=lambda k: frags[k].first_ts)
+                del frags[oldest]
+                self._skip("fragment_buffer_overflow")
+            buf = frags[key] = _FragmentBuffer(ts)
+        if frag_off + len(data) > 65535 + 40:
+            del frags[key]
+            return self._skip("excessively_large_fragment")
+        if frag_off == 0:
+            buf.header = header
+        if not more:
+            if buf.total is not None and buf.total != frag_off + len(data):
+                del frags[key]
+                return self._skip("fragment_inconsistency")
+            buf.total = frag_off + len(data)
+        elif len(data) % 8:
+            del frags[key]
+            return self._skip("fragment_size_inconsistency")
+        prev = buf.blocks.get(frag_off)
+        if prev is not None and prev != data:
+            self._skip("fragment_overlap")
+        buf.blocks[frag_off] = data
+        if buf.total is None or not buf.header:
+            return None
+        # complete when blocks cover [0, total) contiguously
+        pos = 0
+        parts = []
+        for start in sorted(buf.blocks):
+            block = buf.blocks[start]
+            if start > pos:
+                return None
+            if start + len(block) > pos:
+                parts.append(block[pos - start:])
+                pos = start + len(block)
+        if pos < buf.total:
+            return None
+        del frags[key]
+        payload = b"".join(parts)[:buf.total]
+        return buf.header, payload
+
+    def _expire_fragments(self, now: float) -> None:
+        limit = now - self.fragment_timeout
+        stale = [k for k, b in self._fragments.items() if b.first_ts < limit]
+        for k in stale:
+            del self._fragments[k]
+            self._skip("fragment_timeout")
+
+    # ------------------------------------------------------------------ transport
+    def _transport(self, proto, src, dst, seg, seg_len, ip_len, ts, snapped, tunneled):
+        """Decode the transport header from ``seg`` (the IP payload as captured)."""
+        captured = len(seg)
+        check = not self.ignore_checksums and not snapped and captured >= seg_len
+        if proto == PROTO_TCP:
+            if captured < 20:
+                return self._skip("truncated_header")
+            sport, dport, seq, ack, off_byte, flags, win, _csum, _urg = _TCP_HDR.unpack_from(seg)
+            thl = (off_byte >> 4) * 4
+            if thl < 20 or thl > seg_len:
+                return self._skip("bad_TCP_header_len")
+            if captured < thl:
+                return self._skip("truncated_header")
+            ok = True
+            if check:
+                ok = transport_checksum_ok(src, dst, PROTO_TCP, seg[:seg_len])
+            return Packet(
+                ts, src, dst, PROTO_TCP, sport, dport, ip_len, seg_len - thl, flags, seq, ack, win,
+                ok, seg[thl:seg_len], seg[20:thl] if thl > 20 else b"", tunneled,
+            )
+        if proto == PROTO_UDP:
+            if captured < 8:
+                return self._skip("truncated_header")
+            sport, dport, ulen, csum = _UDP_HDR.unpack_from(seg)
+            ok = True
+            if check and (csum or len(src) == 16):
+                ok = transport_checksum_ok(src, dst, PROTO_UDP, seg[:seg_len])
+            return Packet(
+                ts, src, dst, PROTO_UDP, sport, dport, ip_len, ulen - 8, 0, 0, 0, 0, ok,
+                seg[8:seg_len], b"", tunneled,
+            )
+        if proto == PROTO_ICMP or proto == PROTO_ICMP6:
+            if captured < 8:
+                return self._skip("truncated_header")
+            ok = True
+            if check:
+                if proto == PROTO_ICMP:
+                    ok = _sum16(seg[:seg_len]) == 0
+                else:
+                    ok = transport_checksum_ok(src, dst, PROTO_ICMP6, seg[:seg_len])
+            return Packet(
+                ts, src, dst, proto, seg[0], seg[1], ip_len, seg_len - 8, 0, 0, 0, 0, ok,
+                seg[8:seg_len], b"", tunneled,
+            )
+        if proto == PROTO_IPIP and not tunneled:
+            inner = self._ipv4(seg, 0, ts, snapped, True)
+            return inner
+        if proto == PROTO_IPV6_IN_IP and not tunneled:
+            return self._ipv6(seg, 0, ts, snapped, True)
+        return Packet(ts, src, dst, proto, 0, 0, ip_len, 0, 0, 0, 0, 0, True, b"", b"", tunneled)

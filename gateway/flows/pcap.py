@@ -1,0 +1,472 @@
+"""Capture files and live capture -> Zeek conn records.
+
+File formats are parsed here from a file object (pcap in both byte orders, micro- and
+nanosecond; pcapng with any number of interfaces and per-interface link type and timestamp
+resolution; either one gzip-compressed).  Frames are yielded as ``(ts, linktype, frame,
+wire_len)``; :class:`gateway.flows.packets.PacketDecoder` turns them into packets and
+:class:`gateway.flows.conntrack.ConnTracker` into records.
+
+Public API used by the replay and the gateway service:
+
+* :func:`is_capture_file` - sniff the first bytes.
+* :func:`pcap_records` - a file object -> iterator of :class:`ConnRecord` (open connections are
+  flushed at the end of the file, as Zeek does).
+* :func:`live_records` - sniff an interface with scapy, yield records as connections end.
+* :class:`CaptureStats` - packets, bytes, flows, skipped packets per reason.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from gateway.flows.conntrack import DEFAULT_LOCAL_NETS, ConnTracker
+from gateway.flows.packets import LINKTYPE_NAMES, SUPPORTED_LINKTYPES, PacketDecoder
+from gateway.flows.record import ConnRecord
+
+log = logging.getLogger(__name__)
+
+PCAP_MAGICS = {
+    b"\xd4\xc3\xb2\xa1": ("<", 1_000_000),
+    b"\xa1\xb2\xc3\xd4": (">", 1_000_000),
+    b"\x4d\x3c\xb2\xa1": ("<", 1_000_000_000),
+    b"\xa1\xb2\x3c\x4d": (">", 1_000_000_000),
+}
+PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
+GZIP_MAGIC = b"\x1f\x8b"
+
+_READ_CHUNK = 1 << 20
+
+
+class CaptureError(Exception):
+    """A capture file cannot be read at all (not a capture, unsupported link type)."""
+
+
+class NotACaptureError(CaptureError):
+    pass
+
+
+class UnsupportedLinkTypeError(CaptureError):
+    def __init__(self, linktype: int, source: str = ""):
+        name = LINKTYPE_NAMES.get(linktype, "unknown")
+        where = f"{source}: " if source else ""
+        supported = ", ".join(sorted(set(SUPPORTED_LINKTYPES.values())))
+        super().__init__(
+            f"{where}unsupported link type {linktype} ({name}); supported: {supported}"
+        )
+        self.linktype = linktype
+
+
+@dataclass
+class CaptureStats:
+    """Counters of one capture run (a file, several files, or a live interface)."""
+
+    packets: int = 0
+    bytes: int = 0
+    flows: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    truncated: bool = False
+    warnings: list[str] = field(default_factory=list)
+    first_ts: float | None = None
+    last_ts: float | None = None
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def merge_skipped(self, counts: dict[str, int]) -> None:
+        for reason, n in counts.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def as_dict(self) -> dict:
+        return {
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "flows": self.flows,
+            "skipped": self.skipped_total,
+            "skipped_by_reason": dict(sorted(self.skipped.items())),
+            "truncated": self.truncated,
+            "warnings": list(self.warnings),
+        }
+
+
+def is_capture_file(head: bytes) -> bool:
+    """True if ``head`` (the first bytes of a file) starts a pcap, pcapng or gzip'd capture."""
+    if head[:4] in PCAP_MAGICS or head[:4] == PCAPNG_SHB:
+        return True
+    if head[:2] == GZIP_MAGIC:
+        try:
+            inner = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 64)
+        except zlib.error:
+            return False
+        return len(inner) >= 4 and (inner[:4] in PCAP_MAGICS or inner[:4] == PCAPNG_SHB)
+    return False
+
+
+def _source_name(fileobj) -> str:
+    return str(getattr(fileobj, "name", "") or "<stream>")
+
+
+def _open_maybe_gzip(fileobj: BinaryIO) -> BinaryIO:
+    head = _peek(fileobj, 4)
+    if head[:2] == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=fileobj, mode="rb")  # type: ignore[return-value]
+    return fileobj
+
+
+def _peek(fileobj, n: int) -> bytes:
+    if hasattr(fileobj, "peek"):
+        try:
+            return fileobj.peek(n)[:n]
+        except (OSError, ValueError):
+            pass
+    pos = fileobj.tell()
+    head = fileobj.read(n)
+    fileobj.seek(pos)
+    return head
+
+
+class _Buffer:
+    """A growable read buffer over a file object (large reads, cheap slicing)."""
+
+    __slots__ = ("f", "buf", "pos", "eof")
+
+    def __init__(self, f):
+        self.f = f
+        self.buf = b""
+        self.pos = 0
+        self.eof = False
+
+    def ensure(self, n: int) -> bool:
+        """Make ``n`` bytes available from pos; False at end of file."""
+        while len(self.buf) - self.pos < n:
+            if self.eof:
+                return False
+            chunk = self.f.read(max(_READ_CHUNK, n))
+            if not chunk:
+                self.eof = True
+                return False
+            self.buf = self.buf[self.pos:] + chunk
+            self.pos = 0
+        return True
+
+
+Frame = tuple[float, int, bytes, int]
+
+
+def iter_frames(fileobj: BinaryIO, stats: CaptureStats | None = None) -> Iterator[Frame]:
+    """Yield ``(ts, linktype, frame_bytes, wire_len)`` for every record of a pcap/pcapng file.
+
+    A truncated last record ends the iteration with a warning in ``stats``.  Raises
+    :class:`NotACaptureError` for anything else than a capture, and
+    :class:`UnsupportedLinkTypeError` for link types we cannot decode.
+    """
+    stats = stats if stats is not None else CaptureStats()
+    name = _source_name(fileobj)
+    try:
+        f = _open_maybe_gzip(fileobj)
+        head = _peek(f, 4)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise NotACaptureError(f"{name}: not a pcap/pcapng file ({exc})") from exc
+    try:
+        if head in PCAP_MAGICS:
+            yield from _iter_pcap(f, name, stats)
+        elif head == PCAPNG_SHB:
+            yield from _iter_pcapng(f, name, stats)
+        else:
+            raise NotACaptureError(
+                f"{name}: not a pcap/pcapng file (starts with {head[:4].hex() or 'nothing'})"
+            )
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # truncated/corrupt gzip stream
+        _truncated(stats, name, f"compressed stream cut short ({exc})")
+
+
+def _truncated(stats: CaptureStats, name: str, what: str) -> None:
+    stats.truncated = True
+    msg = f"{name}: truncated capture: {what}; flows up to this point are kept"
+    stats.warnings.append(msg)
+    log.warning(msg)
+
+
+def _iter_pcap(f, name: str, stats: CaptureStats) -> Iterator[Frame]:
+    b = _Buffer(f)
+    if not b.ensure(24):
+        raise NotACaptureError(f"{name}: pcap global header is cut short")
+    endian, ticks = PCAP_MAGICS[b.buf[:4]]
+    (snaplen, network) = struct.unpack_from(endian + "II", b.buf, 16)
+    linktype = network & 0x0FFFFFFF
+    if linktype not in SUPPORTED_LINKTYPES:
+        raise UnsupportedLinkTypeError(linktype, name)
+    b.pos = 24
+    rec = struct.Struct(endian + "IIII")
+    unpack = rec.unpack_from
+    nano = ticks == 1_000_000_000
+    max_len = max(snaplen, 262144) if snaplen else 262144
+    while True:
+        buf = b.buf
+        pos = b.pos
+        if len(buf) - pos < 16:
+            if not b.ensure(16):
+                if len(b.buf) - b.pos:
+                    _truncated(stats, name, "last record header is incomplete")
+                return
+            buf, pos = b.buf, b.pos
+        sec, frac, incl, orig = unpack(buf, pos)
+        if incl > max_len:
+            _truncated(stats, name, f"record length {incl} is implausible (corrupt file)")
+            return
+        end = pos + 16 + incl
+        if end > len(buf):
+            if not b.ensure(16 + incl):
+                _truncated(stats, name, "last record is incomplete")
+                return
+            buf, pos = b.buf, b.pos
+            end = pos + 16 + incl
+        b.pos = end
+        if nano:
+            frac //= 1000  # libpcap hands Zeek microseconds
+        yield sec + frac / 1e6, linktype, buf[pos + 16:end], orig
+
+
+def _iter_pcapng(f, name: str, stats: CaptureStats) -> Iterator[Frame]:
+    b = _Buffer(f)
+    endian = "<"
+    interfaces: list[tuple[int, int, int]] = []  # (linktype, units per second, offset seconds)
+    first = True
+    while True:
+        if not b.ensure(12):
+            if len(b.buf) - b.pos:
+                _truncated(stats, name, "last block header is incomplete")
+            return
+        buf, pos = b.buf, b.pos
+        block_type_raw = buf[pos:pos + 4]
+        if block_type_raw == PCAPNG_SHB:
+            bom = buf[pos + 8:pos + 12]
+            if bom == b"\x4d\x3c\x2b\x1a":
+                endian = "<"
+            elif bom == b"\x1a\x2b\x3c\x4d":
+                endian = ">"
+            else:
+                raise NotACaptureError(f"{name}: pcapng section header has a bad byte-order mark")
+            interfaces = []
+        elif first:
+            raise NotACaptureError(f"{name}: pcapng file does not start with a section header")
+        first = False
+        block_type, block_len = struct.unpack_from(endian + "II", buf, pos)
+        if block_len < 12 or block_len % 4 or block_len > (64 << 20):
+            _truncated(stats, name, f"block length {block_len} is invalid (corrupt file)")
+            return
+        if not b.ensure(block_len):
+            _truncated(stats, name, "last block is incomplete")
+            return
+        buf, pos = b.buf, b.pos
+        body = buf[pos + 8:pos + block_len - 4]
+        b.pos = pos + block_len
+        if block_type == 1:  # interface description
+            if len(body) < 8:
+                _truncated(stats, name, "interface block is too short")
+                return
+            linktype = struct.unpack_from(endian + "H", body, 0)[0]
+            if linktype not in SUPPORTED_LINKTYPES:
+                raise UnsupportedLinkTypeError(linktype, name)
+            units, offset = _pcapng_if_options(body[8:], endian)
+            interfaces.append((linktype, units, offset))
+        elif block_type == 6:  # enhanced packet
+            if len(body) < 20:
+                continue
+            if_id, ts_hi, ts_lo, cap_len, orig_len = struct.unpack_from(endian + "IIIII", body, 0)
+            if if_id >= len(interfaces) or 20 + cap_len > len(body):
+                stats.skipped["bad_pcapng_packet_block"] = stats.skipped.get("bad_pcapng_packet_block", 0) + 1
+                continue
+            linktype, units, offset = interfaces[if_id]
+            yield _pcapng_ts(ts_hi, ts_lo, units, offset), linktype, body[20:20 + cap_len], orig_len
+        elif block_type == 3:  # simple packet: interface 0, no timestamp
+            if not interfaces or len(body) < 4:
+                continue
+            orig_len = struct.unpack_from(endian + "I", body, 0)[0]
+            linktype = interfaces[0][0]
+            yield (stats.last_ts or 0.0), linktype, body[4:4 + orig_len], orig_len
+        elif block_type == 2:  # obsolete packet block
+            if len(body) < 20:
+                continue
+            if_id, _drops, ts_hi, ts_lo, cap_len, orig_len = struct.unpack_from(endian + "HHIIII", body, 0)
+            if if_id >= len(interfaces) or 20 + cap_len > len(body):
+                continue
+            linktype, units, offset = interfaces[if_id]
+            yield _pcapng_ts(ts_hi, ts_lo, units, offset), linktype, body[20:20 + cap_len], orig_len
+        # other blocks (name resolution, statistics, custom) carry nothing we need
+
+
+def _pcapng_if_options(opts: bytes, endian: str) -> tuple[int, int]:
+    units = 1_000_000
+    offset = 0
+    pos = 0
+    while pos + 4 <= len(opts):
+        code, length = struct.unpack_from(endian + "HH", opts, pos)
+        pos += 4
+        if code == 0:
+            break
+        value = opts[pos:pos + length]
+        pos += (length + 3) & ~3
+        if code == 9 and length >= 1:  # if_tsresol
+            r = value[0]
+            units = 2 ** (r & 0x7F) if r & 0x80 else 10 ** r
+        elif code == 14 and length >= 8:  # if_tsoffset
+            offset = struct.unpack_from(endian + "q", value, 0)[0]
+    return units, offset
+
+
+def _pcapng_ts(hi: int, lo: int, units: int, offset: int) -> float:
+    ticks = (hi << 32) | lo
+    sec, rem = divmod(ticks, units)
+    usec = rem * 1_000_000 // units  # libpcap converts to microseconds
+    return (sec + offset) + usec / 1e6
+
+
+# ---------------------------------------------------------------------- records from frames
+
+def records_from_frames(
+    frames: Iterable[Frame],
+    *,
+    ignore_checksums: bool = False,
+    local_nets: Iterable[str] | None = None,
+    stats: CaptureStats | None = None,
+    tracker: ConnTracker | None = None,
+    flush: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[ConnRecord]:
+    """Decode frames and track connections; yield records as connections end."""
+    stats = stats if stats is not None else CaptureStats()
+    decoder = PacketDecoder(ignore_checksums=ignore_checksums)
+    if tracker is None:
+        tracker = ConnTracker(local_nets=DEFAULT_LOCAL_NETS if local_nets is None else tuple(local_nets))
+    decode = decoder.decode
+    feed = tracker.feed
+    n = 0
+    nbytes = 0
+    last_ts = None
+    try:
+        for ts, linktype, frame, wire_len in frames:
+            n += 1
+            nbytes += wire_len
+            if last_ts is None:
+                stats.first_ts = ts
+            last_ts = ts
+            pkt = decode(linktype, frame, ts, wire_len)
+            if pkt is None or pkt.__class__ is str:
+                continue
+            done = feed(pkt)
+            if done:
+                stats.flows += len(done)
+                yield from done
+            if progress is not None and not n & 0xFFFF:
+                progress(n)
+        if flush:
+            rest = tracker.flush()
+            stats.flows += len(rest)
+            yield from rest
+    finally:
+        stats.packets += n
+        stats.bytes += nbytes
+        if last_ts is not None:
+            stats.last_ts = last_ts
+        stats.merge_skipped(decoder.skipped)
+        stats.merge_skipped(tracker.skipped)
+
+
+def pcap_records(
+    fileobj: BinaryIO,
+    *,
+    ignore_checksums: bool = False,
+    local_nets: Iterable[str] | None = None,
+    stats: CaptureStats | None = None,
+    likely_server_ports: frozenset[tuple[int, int]] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[ConnRecord]:
+    """Conn records of one pcap/pcapng (optionally gzip'd) file object.
+
+    ``local_nets`` (CIDR strings) sets ``local_orig``/``local_resp``; ``None`` means Zeek's
+    default (the private address space), ``()`` leaves both unset.  Records of connections
+    still open at the end of the file are flushed, as Zeek does.
+    """
+    stats = stats if stats is not None else CaptureStats()
+    tracker = ConnTracker(
+        local_nets=DEFAULT_LOCAL_NETS if local_nets is None else tuple(local_nets),
+        **({} if likely_server_ports is None else {"likely_server_ports": likely_server_ports}),
+    )
+    frames = iter_frames(fileobj, stats)
+    yield from records_from_frames(
+        frames, ignore_checksums=ignore_checksums, stats=stats, tracker=tracker, progress=progress
+    )
+
+
+def live_records(
+    iface: str,
+    *,
+    bpf: str | None = None,
+    ignore_checksums: bool = True,
+    local_nets: Iterable[str] | None = None,
+    stats: CaptureStats | None = None,
+    stop: Callable[[], bool] | None = None,
+    poll_interval: float = 1.0,
+    socket_factory: Callable[..., object] | None = None,
+) -> Iterator[ConnRecord]:
+    """Sniff ``iface`` with scapy and yield conn records as connections end.
+
+    ``bpf`` is a capture filter (tcpdump syntax).  Checksums are ignored by default because
+    NIC checksum offloading makes locally sent packets look corrupt (Zeek recommends ``-C``
+    on such hosts).  ``stop()`` is polled every ``poll_interval`` seconds; when it returns
+    True the remaining connections are flushed and the iterator ends.  Timers advance with
+    wall-clock time even when no packet arrives, so idle connections still end.
+    """
+    from scapy.config import conf  # heavy import, only for live capture
+
+    stats = stats if stats is not None else CaptureStats()
+    factory = socket_factory or conf.L2listen
+    sock = factory(iface=iface, filter=bpf)
+    linktype = getattr(sock, "LL", None)
+    dlt = 1
+    if linktype is not None:
+        from scapy.data import l2types
+
+        try:
+            dlt = l2types.layer2num[linktype]
+        except (KeyError, AttributeError):
+            dlt = 1
+    tracker = ConnTracker(local_nets=DEFAULT_LOCAL_NETS if local_nets is None else tuple(local_nets))
+    decoder = PacketDecoder(ignore_checksums=ignore_checksums)
+    try:
+        while not (stop and stop()):
+            ready = sock.select([sock], poll_interval) if hasattr(sock, "select") else [sock]
+            now = time.time()
+            if not ready:
+                done = tracker.advance(now)
+                stats.flows += len(done)
+                yield from done
+                continue
+            raw = sock.recv_raw()
+            if not raw or raw[1] is None:
+                continue
+            _cls, data, ts = raw[0], raw[1], raw[2] if len(raw) > 2 and raw[2] else now
+            stats.packets += 1
+            stats.bytes += len(data)
+            pkt = decoder.decode(dlt, bytes(data), float(ts), len(data))
+            if pkt is None or pkt.__class__ is str:
+                continue
+            done = tracker.feed(pkt)
+            if done:
+                stats.flows += len(done)
+                yield from done
+        rest = tracker.flush()
+        stats.flows += len(rest)
+        yield from rest
+    finally:
+        stats.merge_skipped(decoder.skipped)
+        stats.merge_skipped(tracker.skipped)
+        sock.close()
