@@ -539,7 +539,35 @@ class CertificateAuthority:
         return {
             "crl": str(self.crl_path),
             "crl_number": crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number,
-            "revoked": len(crl),
+            "crl_entries": len(crl),
             "last_update": crl.last_update_utc.isoformat(),
             "next_update": crl.next_update_utc.isoformat() if crl.next_update_utc else None,
         }
+
+
+# --------------------------------------------------------------------------- model signing
+
+SIGNING_DIR = "signing"
+SIGNING_KEY = "global-model.key"
+SIGNING_PUB = "global-model.pub"
+
+
+def create_signing_key(directory: Path | str = DEFAULT_DIR, *, force: bool = False) -> dict:
+    """The Ed25519 key pair the aggregator signs global models with (via
+    :mod:`gateway.protocol.signing`, the one Ed25519 implementation).  The private key
+    (0600) goes to the aggregator only; the public key to every gateway."""
+    from gateway.protocol import signing
+
+    target = Path(directory) / SIGNING_DIR
+    private, public = target / SIGNING_KEY, target / SIGNING_PUB
+    if private.exists() and not force:
+        raise CertError(f"{private} exists; pass --force to replace it (gateways will then "
+                        "reject models signed with the new key until they get the new "
+                        f"{SIGNING_PUB})")
+    target.mkdir(parents=True, exist_ok=True)
+    os.chmod(target, 0o700)
+    key = signing.generate_private_key()
+    signing.save_private_key(key, private)
+    signing.save_public_key(key, public)
+    return {"private_key": str(private), "public_key": str(public),
+            "key_id": signing.key_id(key)}
