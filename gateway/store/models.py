@@ -1,6 +1,6 @@
 """The gateway's SQL schema: every table, as SQLAlchemy 2 typed models, in one module.
 
-Flows are keyed by ``(source, uid)``: Zeek's ``uid`` is unique per sensor, and
+Flows are keyed by ``(source, uid)`` (stored as one unique index on ``(uid, source)``): Zeek's ``uid`` is unique per sensor, and
 ``source`` names the stream it came from (a replayed file, or a gateway's live log), so
 inserting the same flow twice is a no-op and replaying a file twice stores nothing
 twice.  Times of flows are Zeek epoch seconds (``float``), which keeps bulk inserts
@@ -82,13 +82,14 @@ class Flow(Base):
     extra: Mapped[str | None] = mapped_column(Text)
     ingested_at: Mapped[float] = mapped_column(Float)
 
+    # Every index costs bulk-insert time, so there are few: (uid, source) is the key and
+    # also serves look-ups by uid alone (feedback); ts and hosts serve `fedgate query`.
+    # Retention scans ingested_at without an index: it runs rarely.
     __table_args__ = (
-        UniqueConstraint("source", "uid"),
+        UniqueConstraint("uid", "source"),
         Index("ix_flows_ts", "ts"),
         Index("ix_flows_orig_h", "orig_h"),
         Index("ix_flows_resp_h", "resp_h"),
-        Index("ix_flows_uid", "uid"),
-        Index("ix_flows_ingested_at", "ingested_at"),
     )
 
 

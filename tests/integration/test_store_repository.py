@@ -51,16 +51,19 @@ def test_migrations_build_the_models_schema_from_empty(store):
 
 def test_insert_flows_is_idempotent_and_counts_new_rows(store):
     _, factory = store
-    batch = [rec(f"C{i}", ts=1000.0 + i) for i in range(500)]
+    # big enough for PostgreSQL's COPY path (repo.COPY_THRESHOLD), with a repeat inside the batch
+    batch = [rec(f"C{i}", ts=1000.0 + i) for i in range(1500)]
     with factory.begin() as s:
-        assert repo.insert_flows(s, batch, source="a") == 500
+        assert repo.insert_flows(s, batch + batch[:5], source="a") == 1500
+        # a second batch in the same transaction
+        assert repo.insert_flows(s, batch[:1200] + [rec("Cnew", ts=9999.0)], source="a") == 1
     with factory.begin() as s:
-        assert repo.insert_flows(s, batch[:100] + [rec("Cnew", ts=9999.0)], source="a") == 1
+        assert repo.insert_flows(s, batch[:100], source="a") == 0
         # the same uid under another source is another flow
         assert repo.insert_flows(s, batch[:3], source="b") == 3
     with factory() as s:
-        assert repo.count_flows(s) == 504
-        assert repo.count_flows(s, source="a") == 501
+        assert repo.count_flows(s) == 1504
+        assert repo.count_flows(s, source="a") == 1501
         back = repo.load_records(s, source="a", limit=2)
     assert back == batch[:2]
 

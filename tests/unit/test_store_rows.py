@@ -15,7 +15,7 @@ from gateway.ingest import (
     score_against_labels,
     sniff_kind,
 )
-from gateway.store.repository import FLOW_INSERT_COLUMNS, FlowQuery, flow_row, record_from_row
+from gateway.store.repository import FLOW_INSERT_COLUMNS, FlowQuery, flow_row, flow_rows, record_from_row
 
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
 opt_int = st.none() | st.integers(min_value=0, max_value=2**62)
@@ -58,6 +58,7 @@ def test_flow_row_round_trips_every_field(rec):
     mapping = dict(zip(FLOW_INSERT_COLUMNS, row))
     assert mapping["source"] == "src" and mapping["ingested_at"] == 123.0
     assert record_from_row(mapping) == rec
+    assert flow_rows([rec], "src", 123.0) == [row]
 
 
 def test_flow_row_is_plain_values():

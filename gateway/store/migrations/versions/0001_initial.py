@@ -60,14 +60,12 @@ def upgrade() -> None:
     sa.Column('extra', sa.Text(), nullable=True),
     sa.Column('ingested_at', sa.Float(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_flows')),
-    sa.UniqueConstraint('source', 'uid', name=op.f('uq_flows_source_uid'))
+    sa.UniqueConstraint('uid', 'source', name=op.f('uq_flows_uid_source'))
     )
     with op.batch_alter_table('flows', schema=None) as batch_op:
-        batch_op.create_index('ix_flows_ingested_at', ['ingested_at'], unique=False)
         batch_op.create_index('ix_flows_orig_h', ['orig_h'], unique=False)
         batch_op.create_index('ix_flows_resp_h', ['resp_h'], unique=False)
         batch_op.create_index('ix_flows_ts', ['ts'], unique=False)
-        batch_op.create_index('ix_flows_uid', ['uid'], unique=False)
 
     op.create_table('ingest_offsets',
     sa.Column('source', sa.String(length=512), nullable=False),
@@ -132,11 +130,9 @@ def downgrade() -> None:
     op.drop_table('model_versions')
     op.drop_table('ingest_offsets')
     with op.batch_alter_table('flows', schema=None) as batch_op:
-        batch_op.drop_index('ix_flows_uid')
         batch_op.drop_index('ix_flows_ts')
         batch_op.drop_index('ix_flows_resp_h')
         batch_op.drop_index('ix_flows_orig_h')
-        batch_op.drop_index('ix_flows_ingested_at')
 
     op.drop_table('flows')
     with op.batch_alter_table('feedback', schema=None) as batch_op:
