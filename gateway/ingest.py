@@ -17,10 +17,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 import zlib
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +39,6 @@ DEFAULT_BATCH_SIZE = 20_000
 READ_CHUNK = 1 << 20
 # Bytes hashed to recognise a file again (its first bytes do not change while Zeek appends).
 IDENTITY_PREFIX = 64 * 1024
-PCAP_MAGICS = (
-    b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4",  # pcap, microsecond timestamps (LE, BE)
-    b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d",  # pcap, nanosecond timestamps
-    b"\x0a\x0d\x0d\x0a",  # pcapng section header block
-)
 GZIP_MAGIC = b"\x1f\x8b"
 # Score at or above which a flow counts as "malicious" when scoring against labels.
 MALICIOUS_THRESHOLD = 0.5
@@ -89,6 +84,7 @@ class ReplaySummary:
     stored: int = 0
     duplicates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    skipped_packets: dict[str, int] = field(default_factory=dict)
     detections: int = 0
     model_version: str | None = None
     labelled: int = 0
@@ -122,6 +118,7 @@ class ReplaySummary:
             "duplicates": self.duplicates,
             "rejected": self.rejected_total,
             "rejected_by_reason": dict(self.rejected),
+            "skipped_packets": dict(self.skipped_packets),
             "detections": self.detections,
             "model_version": self.model_version,
             "labelled": self.labelled,
@@ -141,8 +138,11 @@ def file_identity(head: bytes) -> str:
 
 
 def sniff_kind(head: bytes) -> str:
-    """'pcap' for pcap/pcapng magic, 'gzip' for gzip, else 'zeek' (text log)."""
-    if head[:4] in PCAP_MAGICS:
+    """'pcap' for a capture (pcap/pcapng, gzip'd or not), 'gzip' for a gzip'd log,
+    else 'zeek' (a text log)."""
+    from gateway.flows.pcap import is_capture_file
+
+    if is_capture_file(head):
         return "pcap"
     if head[:2] == GZIP_MAGIC:
         return "gzip"
@@ -310,17 +310,18 @@ def _zeek_batches(
         fh.close()
 
 
-def _pcap_batches(path: Path, raw, *, batch_size: int) -> Iterator[list[ConnRecord]]:
-    try:
-        from gateway.flows.pcap import pcap_records
-    except ImportError as exc:
-        raise ReplayError(f"{path}: is a pcap, and pcap support is not installed ({exc})") from exc
+def _pcap_batches(path: Path, fh, *, batch_size: int, stats) -> Iterator[list[ConnRecord]]:
+    from gateway.flows.pcap import CaptureError, pcap_records
+
     batch: list[ConnRecord] = []
-    for rec in pcap_records(raw):
-        batch.append(rec)
-        if len(batch) >= batch_size:
-            yield batch
-            batch = []
+    try:
+        for rec in pcap_records(fh, stats=stats):
+            batch.append(rec)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+    except CaptureError as exc:
+        raise ReplayError(f"{path}: {exc}") from exc
     if batch:
         yield batch
 
@@ -372,8 +373,20 @@ def replay(
     return summary
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|\b\d{3,}\b")
+MAX_REASONS = 50  # distinct rejection reasons kept; the rest count as "other"
+
+
+def reason_key(reason: str) -> str:
+    """A rejection reason without the offending values, so counts group by kind."""
+    return _QUOTED.sub("…", reason)[:120]
+
+
 def _count_rejection(summary: ReplaySummary, fsum: FileSummary, reason: str) -> None:
-    summary.rejected[reason] = summary.rejected.get(reason, 0) + 1
+    key = reason_key(reason)
+    if key not in summary.rejected and len(summary.rejected) >= MAX_REASONS:
+        key = "other"
+    summary.rejected[key] = summary.rejected.get(key, 0) + 1
     fsum.rejected += 1
 
 
@@ -431,13 +444,9 @@ def _replay_file(
 
     if kind == "pcap":
         if resume is not None and resume[0] >= size:
-            return  # this exact pcap was ingested completely before
-        with open(path, "rb") as fh:
-            for batch in _pcap_batches(path, fh, batch_size=batch_size):
-                account(batch, None, _raw_position(fh))
-        # A pcap has no resumable record offsets: it is marked done only at its end
-        # (a rerun after a crash reads it again; its flows are then skipped as stored).
-        account([], (ident, size, None), size)
+            return  # this exact capture was ingested completely before
+        _replay_capture(path, fsum, summary, ident=ident, size=size, strict=strict,
+                        batch_size=batch_size, account=account)
         return
 
     def on_rejection(rej) -> None:
@@ -447,6 +456,36 @@ def _replay_file(
         path, strict=strict, batch_size=batch_size, resume=resume, on_rejection=on_rejection
     ):
         account(batch, (ident, offset, state), raw_pos)
+
+
+def _replay_capture(path, fsum, summary, *, ident, size, strict, batch_size, account) -> None:
+    """A pcap/pcapng: Zeek-semantics flows; its skipped packets count as rejections.
+
+    A capture has no resumable record offsets, so it is marked done only at its end; a
+    rerun after a crash reads it again and its flows (stable uids) are skipped as stored.
+    """
+    from gateway.flows.pcap import CaptureStats
+
+    stats = CaptureStats()
+    with open(path, "rb") as fh:
+        try:
+            for batch in _pcap_batches(path, fh, batch_size=batch_size, stats=stats):
+                account(batch, None, _raw_position(fh))
+        except ReplayError as exc:
+            fsum.error = str(exc)
+            _count_rejection(summary, fsum, "unreadable capture")
+            if strict:
+                raise
+            return
+    # Skipped packets (ARP, bad checksums...) are normal traffic Zeek ignores too: counted
+    # apart from rejections, and never fatal under strict.
+    for reason, n in stats.skipped.items():
+        summary.skipped_packets[reason] = summary.skipped_packets.get(reason, 0) + n
+    if stats.truncated:
+        _count_rejection(summary, fsum, "truncated capture")
+        if strict:
+            raise ReplayError(f"{path}: truncated capture (the flows before the cut are stored)")
+    account([], (ident, size, None), size)
 
 
 # ---------------------------------------------------------------- live follow

@@ -174,6 +174,8 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
     overview["records_per_s"] = int(data["records_per_s"])
     for reason, n in sorted(data["rejected_by_reason"].items()):
         overview[f"rejected: {reason}"] = n
+    for reason, n in sorted(data["skipped_packets"].items()):
+        overview[f"skipped packets: {reason}"] = n
     if data["model_version"]:
         overview.update(
             model_version=data["model_version"], detections=data["detections"],
