@@ -1105,7 +1105,7 @@ class ConnTracker:
             orig_bytes = resp_bytes = 0
             history = None
         if duration > 0:
-            dur: float | None = duration
+            dur: float | None = round(duration, 6)
         else:
             dur = None
             orig_bytes = resp_bytes = None  # type: ignore[assignment]

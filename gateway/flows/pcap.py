@@ -18,6 +18,7 @@ Public API used by the replay and the gateway service:
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import struct
 import time
@@ -75,6 +76,7 @@ class CaptureStats:
     warnings: list[str] = field(default_factory=list)
     first_ts: float | None = None
     last_ts: float | None = None
+    elapsed: float = 0.0
 
     @property
     def skipped_total(self) -> int:
@@ -92,6 +94,8 @@ class CaptureStats:
             "skipped": self.skipped_total,
             "skipped_by_reason": dict(sorted(self.skipped.items())),
             "truncated": self.truncated,
+            "seconds": round(self.elapsed, 3),
+            "packets_per_second": round(self.packets / self.elapsed) if self.elapsed > 0 else None,
             "warnings": list(self.warnings),
         }
 
@@ -470,3 +474,113 @@ def live_records(
         stats.merge_skipped(decoder.skipped)
         stats.merge_skipped(tracker.skipped)
         sock.close()
+
+
+# ---------------------------------------------------------------------- file conversion service
+
+class _CountingReader:
+    """Wraps a binary file and reports the bytes read so far (for a progress bar)."""
+
+    def __init__(self, f: BinaryIO, report: Callable[[int], None]):
+        self._f = f
+        self._report = report
+        self.done = 0
+        self.name = getattr(f, "name", None)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.done += len(data)
+        self._report(self.done)
+        return data
+
+    def peek(self, n: int = 1) -> bytes:
+        return self._f.peek(n) if hasattr(self._f, "peek") else b""
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def readable(self) -> bool:
+        return True
+
+
+def zeek_json_line(rec: ConnRecord) -> str:
+    """One record as a line of Zeek's JSON log format (``LogAscii::use_json=T``)."""
+    from gateway.flows.record import COLUMN_BY_FIELD
+
+    out = {}
+    for name, value in zip(rec._fields, rec):
+        if name == "extra":
+            continue
+        if value is None or value == ():
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        out[COLUMN_BY_FIELD.get(name, name)] = value
+    return json.dumps(out, separators=(",", ":"))
+
+
+def convert_captures(
+    paths: Iterable[str],
+    out: BinaryIO,
+    *,
+    fmt: str = "zeek",
+    ignore_checksums: bool = False,
+    local_nets: Iterable[str] | None = None,
+    likely_server_ports: frozenset[tuple[int, int]] | None = None,
+    protocols: Iterable[str] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> CaptureStats:
+    """Turn capture files into one conn log on ``out`` (Zeek TSV or Zeek JSON lines).
+
+    Each file is tracked on its own (connections do not span files).  ``on_progress(path,
+    bytes_done, bytes_total)`` is called as the files are read.  Raises :class:`CaptureError`
+    for a file that is not a capture or has an unsupported link type (records of earlier
+    files are already written).
+    """
+    import os
+
+    from gateway.flows.conntrack import DEFAULT_LIKELY_SERVER_PORTS
+    from gateway.flows.zeek import LogHeader, ZeekTsvWriter
+
+    if fmt not in ("zeek", "json"):
+        raise ValueError(f"unknown format {fmt!r}; choose zeek or json")
+    paths = list(paths)
+    for path in paths:  # fail before writing anything if an input is not a capture
+        with open(path, "rb") as f:
+            head = f.read(64)
+        if not is_capture_file(head):
+            raise NotACaptureError(f"{path}: not a pcap/pcapng file (starts with {head[:4].hex() or 'nothing'})")
+    stats = CaptureStats()
+    started = time.perf_counter()
+    writer = ZeekTsvWriter(out, header=LogHeader.zeek_conn()) if fmt == "zeek" else None
+    nets = DEFAULT_LOCAL_NETS if local_nets is None else tuple(local_nets)
+    try:
+        for path in paths:
+            total = os.path.getsize(path)
+            with open(path, "rb") as raw:
+                f: BinaryIO = raw
+                if on_progress is not None:
+                    f = _CountingReader(raw, lambda done, p=path: on_progress(p, done, total))  # type: ignore[assignment]
+                tracker = ConnTracker(
+                    local_nets=nets,
+                    likely_server_ports=likely_server_ports or DEFAULT_LIKELY_SERVER_PORTS,
+                    protocols=protocols,
+                )
+                records = records_from_frames(
+                    iter_frames(f, stats), ignore_checksums=ignore_checksums, stats=stats, tracker=tracker
+                )
+                if writer is not None:
+                    writer.write(records)
+                else:
+                    for rec in records:
+                        out.write(zeek_json_line(rec).encode() + b"\n")
+            if on_progress is not None:
+                on_progress(path, total, total)
+    finally:
+        if writer is not None:
+            writer.close()
+        stats.elapsed = time.perf_counter() - started
+    return stats
