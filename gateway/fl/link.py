@@ -5,7 +5,7 @@ VERSION2 callbacks, will set before connect, reconnect back-off, subscriptions m
 ``on_connect``. This wrapper adds what a gateway needs:
 
 * the last will: ``{"state": "offline"}`` retained on the gateway's status topic;
-* subscriptions to the retained global model and control topics;
+* subscriptions to the retained global model (and its chunk topics) and control topics;
 * broker acknowledgements (``on_publish`` with the message id and PUBACK reason code)
   and connection changes enqueued as :class:`Acked` / :class:`LinkUp` / :class:`LinkDown`
   on the same queue as received messages, so the FL worker handles them in order.
@@ -62,7 +62,7 @@ class GatewayLink:
         self.control_topic = topics.global_control(prefix)
         self.mqtt = MqttLink(
             settings,
-            subscriptions=[(self.model_topic, 1), (self.control_topic, 1)],
+            subscriptions=[(topics.global_model_all(prefix), 1), (self.control_topic, 1)],
             will=Will(self.status_topic, status_payload("offline", gateway=gateway_id), qos=1, retain=True),
             inbox=self.events,
             on_connection_change=self._connection_changed,
@@ -85,6 +85,9 @@ class GatewayLink:
     @property
     def connected(self) -> bool:
         return self.mqtt.connected
+
+    def is_model_topic(self, topic: str) -> bool:
+        return topic == self.model_topic or topic.startswith(self.model_topic + "/")
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
         """Hand a message to paho; its mid, or None when not connected (nothing queued)."""

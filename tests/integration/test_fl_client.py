@@ -1,0 +1,262 @@
+"""The gateway FL client against a real mosquitto (broker_config/dev.conf), a real SQLite
+store and the real torch student: global-model validation, hot swap, durable outbox."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_aggregator.broker import DEV_CONFIG, LocalBroker, find_mosquitto
+from gateway.fl.client import ClientSettings, FLClient
+from gateway.fl.control import Control, LocalSettings, encode_control
+from gateway.fl.learner import TorchLearner
+from gateway.fl.link import GatewayLink
+from gateway.fl.state import ClientState
+from gateway.flows.zeek import iter_records
+from gateway.mqtt import MqttLink, MqttSettings
+from gateway.protocol import signing, topics
+from gateway.protocol.envelope import encode_global
+from gateway.protocol.validation import ValidationPolicy, validate_envelope
+from gateway.protocol.envelope import Kind
+from gateway.store import repository as repo
+from gateway.store.db import open_store
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed"),
+]
+
+GW = "gw-test"
+
+
+def wait_for(pred, timeout=20.0, pump=None, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pump is not None:
+            pump()
+        if pred():
+            return
+        if pump is None:
+            time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def flows(iot23_dir):
+    """A small labelled sample: benign honeypot flows and Hakai C&C flows."""
+    benign = list(iter_records(iot23_dir / "CTU-Honeypot-Capture-7-1" / "conn.log.labeled"))
+    mixed = []
+    for r in iter_records(iot23_dir / "CTU-Malware-Capture-8-1" / "conn.log.labeled"):
+        mixed.append(r)
+        if len(mixed) >= 400:
+            break
+    return benign + mixed
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, flows):
+    from cloud_aggregator.experiment import build_initial_model
+
+    out = tmp_path_factory.mktemp("model") / "initial"
+    build_initial_model(flows, out, seed=0)
+    return out
+
+
+@pytest.fixture()
+def broker(tmp_path):
+    b = LocalBroker(workdir=tmp_path / "broker", config=DEV_CONFIG).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture()
+def store(tmp_path, flows):
+    engine, sessions = open_store(f"sqlite:///{tmp_path / 'gw.db'}")
+    with sessions.begin() as s:
+        repo.insert_flows(s, flows, source="sample")
+    yield sessions
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return signing.generate_private_key(), signing.generate_private_key()
+
+
+class Aggregatorish:
+    """The test's side of the broker: publishes real signed envelopes and control
+    messages, and collects what gateways publish."""
+
+    def __init__(self, port: int):
+        self.inbox: queue.Queue = queue.Queue()
+        self.link = MqttLink(MqttSettings(port=port, client_id=f"test-{time.monotonic_ns()}"),
+                             subscriptions=[(topics.all_updates(), 1), (topics.all_statuses(), 1)],
+                             inbox=self.inbox)
+        self.link.start()
+        assert self.link.wait_connected(10)
+
+    def publish(self, topic, payload, retain=True):
+        self.link.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def messages(self):
+        out = []
+        while True:
+            try:
+                out.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return out
+
+    def stop(self):
+        self.link.stop()
+
+
+def make_client(store, model_dir, port, verify_key, on_global=None, **kw):
+    learner = TorchLearner(model_dir, threads=1)
+    link = GatewayLink(MqttSettings(port=port, client_id=f"gw-{GW}", keepalive_s=5, reconnect_min_s=1,
+                                    reconnect_max_s=2), gateway_id=GW)
+    settings = ClientSettings(gateway_id=GW, status_interval_s=0.5, **kw)
+    return FLClient(settings=settings, learner=learner, sessions=store, link=link, verify_key=verify_key,
+                    on_global=on_global)
+
+
+def global_envelope(weights, key, version, base=None):
+    return encode_global(weights, sender="aggregator", version=version,
+                         base_version=version - 1 if base is None else base, signing_key=key)
+
+
+def test_bad_and_forged_global_models_are_rejected_good_one_is_swapped_in(broker, store, model_dir, keys):
+    good_key, forger = keys
+    swaps: list[int] = []
+    client = make_client(store, model_dir, broker.port, good_key.public_key(),
+                         on_global=lambda v, w, m: swaps.append(v), strategy="fedavg")
+    agg = Aggregatorish(broker.port)
+    try:
+        client.start(thread=False)
+        pump = lambda: client.pump_once(0.05)  # noqa: E731
+        wait_for(lambda: client.link.connected, pump=pump, what="gateway connected")
+        w0 = client.learner.weights()
+        agg.publish(topics.global_model(), global_envelope(w0, good_key, 1))
+        wait_for(lambda: client.version == 1, pump=pump, what="version 1 loaded")
+        assert client.state is ClientState.IDLE and swaps == [1]
+
+        rng = np.random.default_rng(0)
+        w2 = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in w0.items()}
+        forged = global_envelope(w2, forger, 2)  # signed by someone else
+        tampered = bytearray(global_envelope(w2, good_key, 2))
+        tampered[-10] ^= 0xFF  # body changed after signing
+        wrong_shape = dict(w2)
+        name = next(iter(wrong_shape))
+        wrong_shape[name] = np.zeros((3, 3), np.float32)
+        nan_model = {k: v.copy() for k, v in w2.items()}
+        nan_model[name].flat[0] = np.nan
+        bad = [forged, bytes(tampered), global_envelope(wrong_shape, good_key, 2),
+               global_envelope(nan_model, good_key, 2), b"\x00not an envelope",
+               global_envelope(w2, good_key, 0, base=0)]  # older than the current version
+        for payload in bad:
+            agg.publish(topics.global_model(), payload)
+        want = {"signature", "digest", "shapes", "non_finite", "schema", "stale_base"}
+        wait_for(lambda: set(client.counters.rejected) >= want, pump=pump, what="all rejections")
+        assert client.version == 1 and swaps == [1]
+        assert all(np.array_equal(client.learner.weights()[k], w0[k]) for k in w0)  # still the good model
+        assert client.state is ClientState.IDLE
+
+        agg.publish(topics.global_model(), global_envelope(w2, good_key, 2))
+        wait_for(lambda: client.version == 2, pump=pump, what="version 2 loaded")
+        assert swaps == [1, 2]
+        assert all(np.allclose(client.learner.weights()[k], w2[k]) for k in w2)
+        with store() as s:
+            active = repo.active_model_version(s)
+            assert active.version == "global-2" and active.parent == "global-1"
+
+        # the gateway's retained status tells the world what it rejected
+        def status_seen():
+            for m in agg.messages():
+                if m.topic.endswith("/status"):
+                    st = json.loads(m.payload)
+                    if st.get("version") == 2 and st["rejected"].get("signature"):
+                        return True
+            return False
+        wait_for(status_seen, pump=pump, what="status with rejections")
+    finally:
+        client.stop()
+        agg.stop()
+
+
+def test_outbox_keeps_update_while_broker_down_and_delivers_it_once(broker, store, model_dir, keys):
+    key = keys[0]
+    client = make_client(store, model_dir, broker.port, key.public_key(), strategy="fedavg",
+                         max_local_steps=3)
+    agg = Aggregatorish(broker.port)
+    try:
+        client.start(thread=False)
+        pump = lambda: client.pump_once(0.05)  # noqa: E731
+        wait_for(lambda: client.link.connected, pump=pump, what="connected")
+        w0 = client.learner.weights()
+        agg.publish(topics.global_model(), global_envelope(w0, key, 1))
+        wait_for(lambda: client.version == 1, pump=pump, what="version 1")
+        agg.stop()
+
+        broker.stop()
+        wait_for(lambda: not client.link.connected, pump=pump, what="link down")
+        client.train_round(1)  # an update produced while the broker is away
+        for _ in range(5):
+            pump()
+        with store() as s:
+            assert len(repo.outbox_pending(s)) == 1
+
+        broker.start()
+        agg = Aggregatorish(broker.port)  # subscribes before the gateway drains
+        wait_for(lambda: client.outbox.acked == 1, timeout=30, pump=pump, what="update acknowledged")
+        with store() as s:
+            assert repo.outbox_pending(s) == []
+        policy = ValidationPolicy(kind=Kind.UPDATE, current_version=1)
+        got = []
+        wait_for(lambda: got.extend(m for m in agg.messages() if m.topic.endswith("/update")) or got,
+                 timeout=10, what="update at the subscriber")
+        for _ in range(10):  # let any duplicate arrive
+            pump()
+            got.extend(m for m in agg.messages() if m.topic.endswith("/update"))
+        decoded = [validate_envelope(m.payload, policy) for m in got]
+        ids = {d.header.message_id for d in decoded}
+        assert len(ids) == 1  # one update (a resent duplicate would carry the same id)
+        d = decoded[0]
+        assert d.header.base_version == 1 and d.header.round == 1 and d.header.num_samples > 0
+        assert any(np.abs(v).max() > 0 for v in d.tensors.values())  # it trained
+    finally:
+        client.stop()
+        agg.stop()
+
+
+def test_fedavg_round_announcement_is_answered_once(broker, store, model_dir, keys):
+    key = keys[0]
+    client = make_client(store, model_dir, broker.port, key.public_key(), strategy="gsfs", max_local_steps=2)
+    agg = Aggregatorish(broker.port)
+    try:
+        client.start(thread=False)
+        pump = lambda: client.pump_once(0.05)  # noqa: E731
+        wait_for(lambda: client.link.connected, pump=pump, what="connected")
+        agg.publish(topics.global_control(),
+                    encode_control(Control(strategy="fedavg", version=1, round=1, selected=frozenset({GW}),
+                                           local=LocalSettings(epochs=1, max_steps=2))))
+        agg.publish(topics.global_model(), global_envelope(client.learner.weights(), key, 1))
+        wait_for(lambda: client.counters.uploads == 1, pump=pump, what="round answered")
+        agg.publish(topics.global_control(),  # the same round again (e.g. retained redelivery)
+                    encode_control(Control(strategy="fedavg", version=1, round=1)))
+        for _ in range(20):
+            pump()
+        assert client.counters.uploads == 1 and client.strategy == "fedavg"
+        agg.publish(topics.global_control(),
+                    encode_control(Control(strategy="fedavg", version=1, round=2, selected=frozenset({"other"}))))
+        for _ in range(20):
+            pump()
+        assert client.counters.uploads == 1  # not selected
+        agg.publish(topics.global_control(), b'{"strategy": "bogus"}')
+        wait_for(lambda: client.counters.control_rejected == 1, pump=pump, what="bad control counted")
+    finally:
+        client.stop()
+        agg.stop()
