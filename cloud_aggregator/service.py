@@ -1,0 +1,523 @@
+"""The running aggregator: intake, pool, strategy, evaluation, signing, broadcast.
+
+Threads: paho's network thread only enqueues (``gateway.mqtt``); one worker thread
+(``_run``) does everything else in order: validate -> store -> acknowledge each update,
+track gateway status, reassemble chunks, decide with the strategy, aggregate, evaluate,
+checkpoint, sign and publish.  Every durable step is one SQL transaction, committed
+before the matching acknowledgement or publish, so a kill -9 at any point restarts
+from the same global version with no acknowledged update lost (the broker redelivers
+what was not acknowledged; replays of what was stored are recognised and not counted
+twice).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import queue
+import threading
+import time
+import tomllib
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.numpy as st_numpy
+
+from cloud_aggregator import store
+from cloud_aggregator.link import AggregatorLink, ConnectionChanged
+from cloud_aggregator.pool import PooledUpdate, UpdatePool, parse_status
+from cloud_aggregator.strategies import Strategy, StrategyState, build_strategy
+from gateway.fl.control import Control, LocalSettings, encode_control
+from gateway.mqtt import Inbound, MqttSettings, TlsSettings
+from gateway.protocol import chunking, signing, topics
+from gateway.protocol.envelope import DEFAULT_MAX_BYTES, Envelope, Kind, encode_global
+from gateway.protocol.errors import EnvelopeError, RejectReason, Rejection
+from gateway.protocol.validation import ValidationPolicy, spec_of, validate_envelope
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+Evaluator = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorConfig:
+    """Aggregator settings (TOML sections [aggregator], [mqtt], [strategy], [strategy.robust],
+    [strategy.dp], [local]); defaults in brackets.
+
+    database ["aggregator.db"]: SQLite file or any SQLAlchemy URL.
+    aggregator_id ["aggregator"]: sender id of global models; MQTT client id.
+    prefix ["fedgate/v1"]: topic prefix.
+    initial_model [None]: safetensors file of the version-0 weights (needed on first start).
+    signing_key [None]: Ed25519 private key file; created (0600, plus ``.pub``) if missing.
+      None publishes unsigned models (development only).
+    strategy ["gsfs"], strategy_params [{}], robust [None], dp [None], seed [0].
+    max_staleness [10]: updates based more than this many versions back are refused.
+    known_senders [None]: accepted gateway ids (None: any well-formed id).
+    max_update_bytes [64 MiB]: largest update envelope accepted.
+    chunk_bytes [1_000_000]: global models above this travel in chunks (0: never).
+    chunk_timeout_s [120]: incomplete chunked updates are dropped after this long.
+    tick_s [0.2]: how often the worker checks deadlines when idle.
+    checkpoints_kept [5]: old checkpoints pruned beyond this many.
+    evaluator [None]: "module:function" returning a callable weights -> metrics.
+    local [{}]: local-training settings published on the control topic.
+    mqtt: broker connection (:class:`gateway.mqtt.MqttSettings`).
+    """
+
+    database: str = "aggregator.db"
+    aggregator_id: str = "aggregator"
+    prefix: str = topics.DEFAULT_PREFIX
+    initial_model: str | None = None
+    signing_key: str | None = None
+    strategy: str = "gsfs"
+    strategy_params: Mapping[str, Any] = field(default_factory=dict)
+    robust: Mapping[str, Any] | None = None
+    dp: Mapping[str, Any] | None = None
+    seed: int = 0
+    max_staleness: int | None = 10
+    known_senders: frozenset[str] | None = None
+    max_update_bytes: int = DEFAULT_MAX_BYTES
+    chunk_bytes: int = 1_000_000
+    chunk_timeout_s: float = 120.0
+    tick_s: float = 0.2
+    checkpoints_kept: int = 5
+    evaluator: str | None = None
+    local: Mapping[str, Any] = field(default_factory=dict)
+    mqtt: MqttSettings = field(default_factory=lambda: MqttSettings(client_id="fedgate-aggregator"))
+
+    def __post_init__(self) -> None:
+        topics.check_prefix(self.prefix)
+        topics.check_gateway_id(self.aggregator_id)
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError("max_staleness must be >= 0")
+        if self.chunk_bytes and self.chunk_bytes < 1024:
+            raise ValueError("chunk_bytes must be 0 or at least 1024")
+        if self.max_update_bytes < 1024 or self.chunk_timeout_s <= 0 or self.tick_s <= 0:
+            raise ValueError("max_update_bytes >= 1024, chunk_timeout_s > 0 and tick_s > 0 required")
+        if self.checkpoints_kept < 1:
+            raise ValueError("checkpoints_kept must be >= 1")
+        if self.known_senders is not None:
+            object.__setattr__(self, "known_senders", frozenset(topics.check_gateway_id(s) for s in self.known_senders))
+        LocalSettings(**dict(self.local))  # validates names
+        build_strategy(self.strategy, params=self.strategy_params, robust=self.robust, dp=self.dp)
+
+    def build_strategy(self) -> Strategy:
+        return build_strategy(self.strategy, params=self.strategy_params, robust=self.robust, dp=self.dp,
+                              seed=self.seed)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "AggregatorConfig":
+        path = Path(path)
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+        unknown = set(doc) - {"aggregator", "mqtt", "strategy", "local"}
+        if unknown:
+            raise ValueError(f"{path}: unknown sections {sorted(unknown)}")
+        agg = dict(doc.get("aggregator", {}))
+        strat = dict(doc.get("strategy", {}))
+        mq = dict(doc.get("mqtt", {}))
+        base = path.parent
+
+        def rel(p: str | None) -> str | None:
+            return None if p is None else str((base / p) if not os.path.isabs(p) else p)
+
+        tls = None
+        if mq.get("ca_file"):
+            tls = TlsSettings(ca_file=rel(mq.pop("ca_file")), cert_file=rel(mq.pop("cert_file", None)),
+                              key_file=rel(mq.pop("key_file", None)),
+                              check_hostname=mq.pop("check_hostname", True))
+        mq.setdefault("client_id", agg.get("aggregator_id", "aggregator"))
+        mqtt = MqttSettings(tls=tls, **mq)
+        for key in ("initial_model", "signing_key"):
+            if agg.get(key):
+                agg[key] = rel(agg[key])
+        db = agg.get("database")
+        if db and "://" not in db:
+            agg["database"] = rel(db)
+        if "known_senders" in agg:
+            agg["known_senders"] = frozenset(agg["known_senders"]) if agg["known_senders"] else None
+        name = strat.pop("name", "gsfs")
+        robust = strat.pop("robust", None)
+        dp = strat.pop("dp", None)
+        return cls(strategy=name, strategy_params=strat, robust=robust, dp=dp, local=doc.get("local", {}),
+                   mqtt=mqtt, **agg)
+
+
+def load_evaluator(spec: str | None) -> Evaluator | None:
+    """``"package.module:factory"`` -> factory(); the factory returns weights -> metrics."""
+    if not spec:
+        return None
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)()
+
+
+def load_or_create_key(path: str | None) -> signing.Ed25519PrivateKey | None:
+    if path is None:
+        return None
+    if os.path.exists(path):
+        return signing.load_private_key(path)
+    key = signing.generate_private_key()
+    signing.save_private_key(key, path)
+    signing.save_public_key(key, path + ".pub")
+    log.warning("created a new signing key %s (public key %s.pub, id %s)", path, path, signing.key_id(key))
+    return key
+
+
+class AggregatorService:
+    """Owns the store, the pool, the strategy and the MQTT link.
+
+    initial_weights: version-0 weights when the store is empty (else config.initial_model).
+    evaluator: callable weights -> metrics for the central validation set (optional).
+    clock: seconds (``time.time``); injected so tests can drive deadlines.
+    """
+
+    def __init__(self, config: AggregatorConfig, *, initial_weights: Mapping[str, np.ndarray] | None = None,
+                 evaluator: Evaluator | None = None, signing_key: signing.Ed25519PrivateKey | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.config = config
+        self.clock = clock
+        self.strategy = config.build_strategy()
+        self.evaluator = evaluator if evaluator is not None else load_evaluator(config.evaluator)
+        self.signing_key = signing_key if signing_key is not None else load_or_create_key(config.signing_key)
+        self.sessions = store.make_sessions(config.database)
+        self.pool = UpdatePool(clock=clock)
+        self.reassembler = chunking.Reassembler(clock=clock, timeout_s=config.chunk_timeout_s,
+                                                max_message_bytes=config.max_update_bytes)
+        self.rng = np.random.default_rng(config.seed)
+        self.inbox: queue.Queue = queue.Queue()
+        self.link = AggregatorLink(config.mqtt, prefix=config.prefix, inbox=self.inbox)
+        self.rejections: Counter[str] = Counter()
+        self.accepted = 0
+        self.weights: Tensors = {}
+        self.state = StrategyState()
+        self.global_envelope: bytes = b""
+        self.global_parts = 1
+        self._last_round_end = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._changed = threading.Condition()
+        self._load(initial_weights)
+
+    # ------------------------------------------------------------------ state
+    def _load(self, initial_weights: Mapping[str, np.ndarray] | None) -> None:
+        with self.sessions.begin() as s:
+            row = store.ensure_state(s, strategy=self.strategy.name)
+            ckpt = store.latest_checkpoint(s)
+            if ckpt is None:
+                if initial_weights is None and self.config.initial_model:
+                    initial_weights = st_numpy.load_file(self.config.initial_model)
+                if initial_weights is None:
+                    raise ValueError("empty aggregator store: give initial weights (initial_model)")
+                self.weights = {k: np.asarray(v) for k, v in initial_weights.items()}
+                self.state = StrategyState()
+                self.global_envelope = self._encode_global(version=0, base_version=0, metrics={})
+                arrays, meta = self.state.to_tensors()
+                store.save_checkpoint(s, version=0, weights=self.weights, state_arrays=arrays, state_meta=meta,
+                                      envelope=self.global_envelope, keep=self.config.checkpoints_kept)
+                row.version = 0
+            else:
+                self.weights = store.unpack_tensors(ckpt.weights)
+                self.state = StrategyState.from_tensors(store.unpack_tensors(ckpt.state), ckpt.state_meta or {})
+                self.global_envelope = ckpt.envelope or b""
+                if row.version != ckpt.version:
+                    log.warning("state row says version %s, newest checkpoint %s; using the checkpoint",
+                                row.version, ckpt.version)
+                    row.version = ckpt.version
+            if row.strategy != self.strategy.name:
+                log.warning("store was used with strategy %r, now %r", row.strategy, self.strategy.name)
+                row.strategy = self.strategy.name
+            self.global_parts = row.global_parts
+            self.pool.restore(version=row.version, updates=store.load_pool(s), clients=store.load_clients(s),
+                              seen=store.load_seen(s, limit=self.pool.replay_window), round_number=row.round,
+                              selected=row.selected or (), round_opened_at=row.round_opened_at)
+            last = store.rounds(s, limit=1)
+            self._last_round_end = last[0].finished_at if last else 0.0
+            for chunk_row in store.load_chunks(s):
+                try:
+                    self.reassembler.restore([(chunk_row.sender, chunking.parse_chunk(chunk_row.frame),
+                                               chunk_row.first_seen)])
+                except EnvelopeError:
+                    store.drop_chunks(s, chunk_row.sender, chunk_row.message_id)
+            for reason, n in store.rejection_counts(s).items():
+                self.rejections[reason] = n
+            self.accepted = store.accepted_total(s)
+        self.update_spec = spec_of(self.weights, floating_only=True)
+        log.info("aggregator at version %s with %s pooled updates", self.pool.version, len(self.pool))
+
+    @property
+    def version(self) -> int:
+        return self.pool.version
+
+    def _encode_global(self, *, version: int, base_version: int, metrics: Mapping[str, float]) -> bytes:
+        return encode_global(self.weights, sender=self.config.aggregator_id, version=version,
+                             base_version=base_version, round=self.pool.round, metrics=metrics,
+                             signing_key=self.signing_key)
+
+    def _control_bytes(self) -> bytes:
+        settings = self.strategy.control()
+        return encode_control(Control(
+            strategy=settings["strategy"], version=self.pool.version,
+            round=self.pool.round if self.strategy.synchronous else 0,
+            selected=self.pool.selected if self.strategy.synchronous and self.pool.round_opened_at else None,
+            local=LocalSettings(**dict(self.config.local)), trigger=settings.get("trigger", {})))
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "AggregatorService":
+        self.link.start()
+        self._thread = threading.Thread(target=self._run, name="aggregator-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.link.stop()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.link.mqtt.wait_connected(timeout)
+
+    def wait_for(self, predicate: Callable[["AggregatorService"], bool], timeout: float) -> bool:
+        """Block until ``predicate(self)`` holds (checked after every change) or timeout."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.2))
+        return True
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self.inbox.get(timeout=self.config.tick_s)
+            except queue.Empty:
+                item = None
+            try:
+                if isinstance(item, ConnectionChanged):
+                    if item.up:
+                        self._publish_current()
+                elif isinstance(item, Inbound):
+                    self.handle(item)
+                self.tick()
+            except Exception:  # keep running: log, and the next message gets its chance
+                log.exception("aggregator worker error")
+            self._notify()
+
+    # ------------------------------------------------------------------ intake
+    def handle(self, msg: Inbound) -> None:
+        """One received message: status or update (whole or chunk).  Acks after storing."""
+        try:
+            sender, kind = topics.parse_gateway_topic(msg.topic, self.config.prefix)
+        except topics.TopicError:
+            self.link.ack(msg)
+            return
+        if kind == "status":
+            online, status = parse_status(msg.payload)
+            self.pool.set_status(sender, online, status)
+            with self.sessions.begin() as s:
+                store.save_client(s, sender, self.pool.clients[sender])
+            self.link.ack(msg)
+            log.info("gateway %s is %s", sender, "online" if online else "offline")
+            return
+        if kind != "update":
+            self.link.ack(msg)
+            return
+        if chunking.is_chunk(msg.payload):
+            self._handle_chunk(sender, msg)
+        else:
+            self._intake(sender, msg.payload)
+        self.link.ack(msg)
+
+    def _handle_chunk(self, sender: str, msg: Inbound) -> None:
+        try:
+            chunk = chunking.parse_chunk(msg.payload)
+            whole, evicted = self.reassembler.add(chunk, source=sender)
+        except EnvelopeError as exc:
+            self._reject(sender, exc.as_rejection())
+            return
+        for gone in evicted:
+            self._expired(gone)
+        if whole is None:
+            with self.sessions.begin() as s:
+                store.save_chunk(s, sender=sender, message_id=chunk.message_id, index=chunk.index,
+                                 frame=msg.payload, first_seen=self.clock())
+            return
+        self._intake(sender, whole, chunk_message_id=chunk.message_id)
+
+    def _expired(self, gone: chunking.Expired) -> None:
+        with self.sessions.begin() as s:
+            store.drop_chunks(s, gone.source, gone.message_id)
+        self._reject(gone.source, Rejection(RejectReason.INCOMPLETE_CHUNK,
+                                            f"message {gone.message_id}: {gone.have}/{gone.count} chunks"))
+
+    def policy(self, sender: str | None = None) -> ValidationPolicy:
+        return ValidationPolicy(kind=Kind.UPDATE, expected=self.update_spec, known_senders=self.config.known_senders,
+                                topic_sender=sender, max_bytes=self.config.max_update_bytes,
+                                current_version=self.pool.version, max_staleness=self.config.max_staleness,
+                                is_replay=self.pool.is_replay)
+
+    def _intake(self, sender: str, data: bytes, *, chunk_message_id: str | None = None) -> None:
+        result = validate_envelope(data, self.policy(sender))
+        if isinstance(result, Rejection):
+            if chunk_message_id is not None:
+                with self.sessions.begin() as s:
+                    store.drop_chunks(s, sender, chunk_message_id)
+            self._reject(sender, result)
+            return
+        self._accept(result, chunk_message_id=chunk_message_id)
+
+    def _accept(self, env: Envelope, *, chunk_message_id: str | None) -> None:
+        h = env.header
+        update = PooledUpdate(sender=h.sender, message_id=h.message_id, base_version=h.base_version, round=h.round,
+                              num_samples=h.num_samples, delta=env.tensors, received_at=self.clock(),
+                              metrics=h.metrics, wire_bytes=env.wire_bytes)
+        stored = self.pool.offer(update)
+        if isinstance(stored, Rejection):
+            self._reject(h.sender, stored)
+            return
+        with self.sessions.begin() as s:
+            store.store_update(s, stored, self.pool.clients[h.sender])
+            if chunk_message_id is not None:
+                store.drop_chunks(s, h.sender, chunk_message_id)
+        self.accepted += 1
+        log.info("update %s from %s (base %s, %s samples, s_i=%s) pooled", h.message_id[:8], h.sender,
+                 h.base_version, h.num_samples, stored.submissions)
+
+    def _reject(self, sender: str, rejection: Rejection) -> None:
+        self.rejections[rejection.reason.value] += 1
+        log.warning("rejected message from %s: %s", sender, rejection)
+        with self.sessions.begin() as s:
+            store.count_rejection(s, rejection.reason.value, rejection.detail, sender)
+
+    # ------------------------------------------------------------------ decisions
+    def tick(self) -> None:
+        for gone in self.reassembler.expire():
+            self._expired(gone)
+        if self.strategy.synchronous:
+            self._manage_round()
+        view = self.pool.view()
+        if self.strategy.should_aggregate(view):
+            self.aggregate_now(view)
+
+    def _manage_round(self) -> None:
+        pool = self.pool
+        timeout = getattr(self.strategy, "round_timeout_s", 300.0)
+        stuck = pool.round_opened_at is not None and self.clock() - pool.round_opened_at > 2 * timeout
+        if pool.round_opened_at is not None and not stuck:
+            return
+        live = pool.live_clients()
+        if not live:
+            return
+        selected = self.strategy.select(live, self.rng)
+        pool.start_round(pool.round + 1, selected)
+        with self.sessions.begin() as s:
+            row = store.ensure_state(s, strategy=self.strategy.name)
+            row.round, row.selected, row.round_opened_at = pool.round, sorted(selected), pool.round_opened_at
+            row.updated_at = self.clock()
+        self.link.publish_control(self._control_bytes())
+        log.info("round %s opened for %s", pool.round, sorted(selected))
+
+    def aggregate_now(self, view=None) -> bool:
+        """Aggregate the eligible pooled updates into a new global version."""
+        view = view or self.pool.view()
+        updates = self.strategy.eligible(view)
+        if not updates:
+            return False
+        started = self.clock()
+        result = self.strategy.aggregate(self.weights, updates, version=self.pool.version, state=self.state,
+                                         live_clients=len(view.live_clients))
+        old_version, new_version = self.pool.version, self.pool.version + 1
+        old_weights = self.weights
+        self.weights = result.weights
+        metrics: dict[str, float] = {}
+        if self.evaluator is not None:
+            try:
+                metrics = {k: float(v) for k, v in self.evaluator(self.weights).items()}
+            except Exception:
+                log.exception("central evaluation failed for version %s", new_version)
+        try:
+            envelope = self._encode_global(version=new_version, base_version=old_version, metrics=metrics)
+        except Exception:
+            self.weights = old_weights
+            raise
+        finished = self.clock()
+        senders = list(result.senders)
+        leftovers = [u.sender for u in view.updates if u.sender not in senders] if self.strategy.synchronous else []
+        arrays, meta = result.state.to_tensors()
+        live = len(view.live_clients)
+        with self.sessions.begin() as s:
+            store.save_checkpoint(s, version=new_version, weights=self.weights, state_arrays=arrays, state_meta=meta,
+                                  envelope=envelope, keep=self.config.checkpoints_kept)
+            store.add_round(s, version=new_version, strategy=self.strategy.name, round=self.pool.round,
+                            num_updates=len(updates), live_clients=live, senders=senders,
+                            client_weights=list(result.client_weights), metrics=metrics,
+                            info={k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
+                                  for k, v in result.info.items()},
+                            bytes_up=store.bytes_up_between(s, self._last_round_end, finished),
+                            bytes_down=len(envelope) * max(live, 1),
+                            started_at=view.opened_at if view.opened_at is not None else started,
+                            finished_at=finished)
+            store.remove_pool_updates(s, senders + leftovers)
+            for sender in senders:
+                if sender in self.pool.clients:
+                    self.pool.clients[sender].window_submissions = 0
+                    store.save_client(s, sender, self.pool.clients[sender])
+            row = store.ensure_state(s, strategy=self.strategy.name)
+            row.version = new_version
+            row.round_opened_at = None
+            row.selected = []
+            row.updated_at = finished
+        self.state = result.state
+        self.global_envelope = envelope
+        self.pool.aggregated(senders, new_version)
+        self.pool.drop_updates(leftovers)
+        self._last_round_end = finished
+        self._publish_current()
+        log.info("global version %s from %s updates %s; central metrics %s", new_version, len(updates), senders,
+                 metrics)
+        return True
+
+    def _publish_current(self) -> None:
+        if not self.global_envelope:
+            return
+        parts = self.link.publish_global(self.global_envelope, chunk_bytes=self.config.chunk_bytes,
+                                         previous_parts=self.global_parts)
+        if parts != self.global_parts:
+            with self.sessions.begin() as s:
+                store.ensure_state(s, strategy=self.strategy.name).global_parts = parts
+            self.global_parts = parts
+        self.link.publish_control(self._control_bytes())
+
+    # ------------------------------------------------------------------ reporting
+    def counters(self) -> dict[str, Any]:
+        return {"version": self.pool.version, "accepted": self.accepted, "pooled": len(self.pool),
+                "live_clients": sorted(self.pool.live_clients()), "rejections": dict(self.rejections)}
+
+
+def run(config: AggregatorConfig, *, stop: threading.Event | None = None) -> None:
+    """Run until ``stop`` is set (the CLI sets it on SIGINT/SIGTERM)."""
+    stop = stop or threading.Event()
+    service = AggregatorService(config).start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        service.stop()
+
+
+def status(database: str, *, last_rounds: int = 20) -> store.StatusSummary:
+    """What ``fedgate-aggregator status`` shows, read from the aggregator DB."""
+    sessions = store.make_sessions(database)
+    with sessions() as s:
+        return store.status_summary(s, last_rounds=last_rounds)

@@ -1,0 +1,359 @@
+"""The aggregator's SQL store: ORM models (one module) and repository functions.
+
+SQLite file by default (WAL mode), any SQLAlchemy URL (PostgreSQL) otherwise.  Sessions
+are opened only at the edges (service, cli); repository functions take a Session and
+never commit, so the caller makes each logical step one transaction: "update stored,
+then acknowledged" and "checkpoint + round row + pool cleared" are atomic.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import safetensors.numpy as st_numpy
+import zstandard
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    Integer,
+    LargeBinary,
+    String,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from cloud_aggregator.pool import ClientInfo, PooledUpdate
+
+Tensors = dict[str, np.ndarray]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class AggregatorStateRow(Base):
+    """One row: where the aggregator stands."""
+
+    __tablename__ = "agg_state"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    selected: Mapped[list] = mapped_column(JSON, default=list)
+    round_opened_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    global_parts: Mapped[int] = mapped_column(Integer, default=1)  # retained chunk topics in use
+    strategy: Mapped[str] = mapped_column(String(32), default="")
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class PoolUpdateRow(Base):
+    """The newest accepted update of each client not yet aggregated."""
+
+    __tablename__ = "agg_pool"
+    sender: Mapped[str] = mapped_column(String(64), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(64))
+    base_version: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
+    num_samples: Mapped[int] = mapped_column(Integer)
+    submissions: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    received_at: Mapped[float] = mapped_column(Float)
+    wire_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    delta: Mapped[bytes] = mapped_column(LargeBinary)  # zstd(safetensors) of the decoded delta
+
+
+class SeenUpdateRow(Base):
+    """Every accepted (sender, message id): replay detection survives restarts."""
+
+    __tablename__ = "agg_seen"
+    sender: Mapped[str] = mapped_column(String(64), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
+    base_version: Mapped[int] = mapped_column(Integer)
+    wire_bytes: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ClientRow(Base):
+    __tablename__ = "agg_clients"
+    sender: Mapped[str] = mapped_column(String(64), primary_key=True)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[dict] = mapped_column(JSON, default=dict)
+    status_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_update_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    total_submissions: Mapped[int] = mapped_column(Integer, default=0)
+    window_submissions: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class CheckpointRow(Base):
+    """Global weights and strategy state after each aggregation (version 0 = initial)."""
+
+    __tablename__ = "agg_checkpoints"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    weights: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    state_meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    envelope: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # signed wire form
+
+
+class RoundRow(Base):
+    """One aggregation: who, how much, what came out."""
+
+    __tablename__ = "agg_rounds"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    strategy: Mapped[str] = mapped_column(String(32))
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    num_updates: Mapped[int] = mapped_column(Integer)
+    live_clients: Mapped[int] = mapped_column(Integer, default=0)
+    senders: Mapped[list] = mapped_column(JSON, default=list)
+    client_weights: Mapped[list] = mapped_column(JSON, default=list)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)  # central evaluation
+    info: Mapped[dict] = mapped_column(JSON, default=dict)  # delta norm, DP noise/epsilon
+    bytes_up: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_down: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float] = mapped_column(Float)
+
+
+class RejectionRow(Base):
+    __tablename__ = "agg_rejections"
+    reason: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    last_detail: Mapped[str] = mapped_column(String(500), default="")
+    last_sender: Mapped[str] = mapped_column(String(64), default="")
+    last_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class PendingChunkRow(Base):
+    """Chunks of updates still being reassembled (stored before they are acknowledged)."""
+
+    __tablename__ = "agg_pending_chunks"
+    sender: Mapped[str] = mapped_column(String(64), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    frame: Mapped[bytes] = mapped_column(LargeBinary)
+    first_seen: Mapped[float] = mapped_column(Float)
+
+
+# ---------------------------------------------------------------- engine
+
+
+def make_engine(url: str) -> Engine:
+    """Engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
+    if "://" not in url:
+        url = f"sqlite:///{url}"
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.close()
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def make_sessions(url: str) -> sessionmaker[Session]:
+    return sessionmaker(make_engine(url), expire_on_commit=False)
+
+
+# ---------------------------------------------------------------- tensor blobs
+
+
+def pack_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
+    return zstandard.ZstdCompressor(level=1).compress(
+        st_numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
+
+
+def unpack_tensors(blob: bytes) -> Tensors:
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob)).read()
+    return dict(st_numpy.load(raw))
+
+
+# ---------------------------------------------------------------- repository
+
+
+def get_state(session: Session) -> AggregatorStateRow | None:
+    return session.get(AggregatorStateRow, 1)
+
+
+def ensure_state(session: Session, *, strategy: str) -> AggregatorStateRow:
+    row = get_state(session)
+    if row is None:
+        row = AggregatorStateRow(id=1, version=0, round=0, selected=[], global_parts=1, strategy=strategy)
+        session.add(row)
+    return row
+
+
+def save_checkpoint(session: Session, *, version: int, weights: Mapping[str, np.ndarray],
+                    state_arrays: Mapping[str, np.ndarray], state_meta: Mapping[str, Any],
+                    envelope: bytes | None, keep: int) -> None:
+    session.merge(CheckpointRow(version=version, created_at=time.time(), weights=pack_tensors(weights),
+                                state=pack_tensors(state_arrays), state_meta=dict(state_meta), envelope=envelope))
+    session.flush()
+    if keep > 0:
+        old = session.scalars(select(CheckpointRow.version).order_by(CheckpointRow.version.desc()).offset(keep)).all()
+        if old:
+            session.execute(delete(CheckpointRow).where(CheckpointRow.version.in_(old)))
+
+
+def latest_checkpoint(session: Session) -> CheckpointRow | None:
+    return session.scalars(select(CheckpointRow).order_by(CheckpointRow.version.desc()).limit(1)).first()
+
+
+def store_update(session: Session, update: PooledUpdate, client: ClientInfo) -> None:
+    """Pool row (replacing the sender's older one), replay key and client counters."""
+    session.merge(PoolUpdateRow(
+        sender=update.sender, message_id=update.message_id, base_version=update.base_version,
+        round=update.round, num_samples=update.num_samples, submissions=update.submissions,
+        metrics=dict(update.metrics), received_at=update.received_at, wire_bytes=update.wire_bytes,
+        delta=pack_tensors(update.delta)))
+    session.add(SeenUpdateRow(sender=update.sender, message_id=update.message_id,
+                              received_at=update.received_at, base_version=update.base_version,
+                              wire_bytes=update.wire_bytes))
+    save_client(session, update.sender, client)
+
+
+def save_client(session: Session, sender: str, info: ClientInfo) -> None:
+    session.merge(ClientRow(sender=sender, online=info.online, status=info.status, status_at=info.status_at,
+                            last_update_at=info.last_update_at, total_submissions=info.total_submissions,
+                            window_submissions=info.window_submissions))
+
+
+def remove_pool_updates(session: Session, senders: Iterable[str]) -> None:
+    senders = list(senders)
+    if senders:
+        session.execute(delete(PoolUpdateRow).where(PoolUpdateRow.sender.in_(senders)))
+
+
+def load_pool(session: Session) -> list[PooledUpdate]:
+    return [
+        PooledUpdate(sender=r.sender, message_id=r.message_id, base_version=r.base_version, round=r.round,
+                     num_samples=r.num_samples, delta=unpack_tensors(r.delta), received_at=r.received_at,
+                     metrics=dict(r.metrics or {}), submissions=r.submissions, wire_bytes=r.wire_bytes)
+        for r in session.scalars(select(PoolUpdateRow).order_by(PoolUpdateRow.sender))
+    ]
+
+
+def load_clients(session: Session) -> dict[str, ClientInfo]:
+    return {
+        r.sender: ClientInfo(online=r.online, status=dict(r.status or {}), status_at=r.status_at,
+                             last_update_at=r.last_update_at, total_submissions=r.total_submissions,
+                             window_submissions=r.window_submissions)
+        for r in session.scalars(select(ClientRow))
+    }
+
+
+def load_seen(session: Session, *, limit: int) -> list[tuple[str, str]]:
+    rows = session.execute(select(SeenUpdateRow.sender, SeenUpdateRow.message_id)
+                           .order_by(SeenUpdateRow.received_at.desc()).limit(limit)).all()
+    return [(s, m) for s, m in reversed(rows)]
+
+
+def was_seen(session: Session, sender: str, message_id: str) -> bool:
+    return session.get(SeenUpdateRow, (sender, message_id)) is not None
+
+
+def count_rejection(session: Session, reason: str, detail: str, sender: str) -> None:
+    row = session.get(RejectionRow, reason)
+    if row is None:
+        row = RejectionRow(reason=reason, count=0)
+        session.add(row)
+    row.count += 1
+    row.last_detail = detail[:500]
+    row.last_sender = sender[:64]
+    row.last_at = time.time()
+
+
+def rejection_counts(session: Session) -> dict[str, int]:
+    return {r.reason: r.count for r in session.scalars(select(RejectionRow))}
+
+
+def add_round(session: Session, **fields: Any) -> None:
+    session.add(RoundRow(**fields))
+
+
+def rounds(session: Session, *, limit: int | None = None) -> list[RoundRow]:
+    q = select(RoundRow).order_by(RoundRow.version.desc())
+    if limit:
+        q = q.limit(limit)
+    return list(reversed(session.scalars(q).all()))
+
+
+def bytes_up_between(session: Session, start: float, end: float) -> int:
+    """Wire bytes of updates accepted in (start, end]."""
+    return int(session.scalar(select(func.coalesce(func.sum(SeenUpdateRow.wire_bytes), 0))
+                              .where(SeenUpdateRow.received_at > start, SeenUpdateRow.received_at <= end)) or 0)
+
+
+def accepted_total(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(SeenUpdateRow)) or 0)
+
+
+def save_chunk(session: Session, *, sender: str, message_id: str, index: int, frame: bytes, first_seen: float) -> None:
+    session.merge(PendingChunkRow(sender=sender, message_id=message_id, index=index, frame=frame,
+                                  first_seen=first_seen))
+
+
+def drop_chunks(session: Session, sender: str, message_id: str) -> None:
+    session.execute(delete(PendingChunkRow).where(PendingChunkRow.sender == sender,
+                                                  PendingChunkRow.message_id == message_id))
+
+
+def load_chunks(session: Session) -> list[PendingChunkRow]:
+    return list(session.scalars(select(PendingChunkRow).order_by(PendingChunkRow.first_seen)))
+
+
+@dataclass(frozen=True)
+class StatusSummary:
+    state: dict[str, Any]
+    clients: list[dict[str, Any]]
+    pool: list[dict[str, Any]]
+    rounds: list[dict[str, Any]]
+    rejections: dict[str, int]
+
+
+def status_summary(session: Session, *, last_rounds: int = 20) -> StatusSummary:
+    st = get_state(session)
+    state = {} if st is None else {
+        "version": st.version, "round": st.round, "strategy": st.strategy, "selected": st.selected,
+        "updated_at": st.updated_at, "accepted_updates": accepted_total(session),
+    }
+    clients = [
+        {"gateway": c.sender, "online": c.online, "state": (c.status or {}).get("state"),
+         "submissions": c.total_submissions, "window": c.window_submissions,
+         "last_update_at": c.last_update_at, "status_at": c.status_at}
+        for c in session.scalars(select(ClientRow).order_by(ClientRow.sender))
+    ]
+    pool = [
+        {"gateway": r.sender, "message_id": r.message_id, "base_version": r.base_version, "round": r.round,
+         "num_samples": r.num_samples, "submissions": r.submissions, "bytes": r.wire_bytes,
+         "received_at": r.received_at}
+        for r in session.scalars(select(PoolUpdateRow).order_by(PoolUpdateRow.sender))
+    ]
+    rws = [
+        {"version": r.version, "strategy": r.strategy, "round": r.round, "updates": r.num_updates,
+         "live": r.live_clients, **{f"central_{k}": v for k, v in (r.metrics or {}).items()},
+         "epsilon": (r.info or {}).get("dp_epsilon"), "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
+         "seconds": None if r.started_at is None else round(r.finished_at - r.started_at, 3),
+         "finished_at": r.finished_at}
+        for r in rounds(session, limit=last_rounds)
+    ]
+    return StatusSummary(state, clients, pool, rws, rejection_counts(session))
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str)
