@@ -41,11 +41,11 @@ def free_port() -> int:
 
 
 def render_config(text: str, *, port: int, workdir: Path) -> str:
-    """Fill the placeholders; a config without ``{port}`` gets its listener port replaced."""
-    if "{port}" in text:
-        return text.replace("{port}", str(port)).replace("{dir}", str(workdir))
-    text = text.replace("{dir}", str(workdir))
-    return re.sub(r"(?m)^(listener\s+)\d+", rf"\g<1>{port}", text)
+    """Fill the ``{port}``/``{dir}`` placeholders; in a config without them (dev.conf),
+    point the first listener at ``port`` and persistence into ``workdir``."""
+    text = text.replace("{port}", str(port)).replace("{dir}", str(workdir))
+    text = re.sub(r"(?m)^(listener\s+)\d+", rf"\g<1>{port}", text, count=1)
+    return re.sub(r"(?m)^persistence_location\s+.*$", f"persistence_location {workdir}/", text)
 
 
 class LocalBroker:
