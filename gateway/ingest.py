@@ -132,6 +132,12 @@ class ReplaySummary:
 # ---------------------------------------------------------------- helpers (pure)
 
 
+def read_size(batch_size: int) -> int:
+    """Bytes read per parser feed: about a batch of lines (~128 bytes each), within
+    64 KiB..1 MiB, so small batches commit (and can resume) at fine grain."""
+    return max(64 * 1024, min(READ_CHUNK, batch_size * 128))
+
+
 def file_identity(head: bytes) -> str:
     """Identity of a file from its first bytes: a rerun resumes only the same file."""
     return "sha256-prefix:" + hashlib.sha256(head[:IDENTITY_PREFIX]).hexdigest()
@@ -240,6 +246,15 @@ class _Reader:
             return data
         return self.fh.read(n)
 
+    def read1(self, n: int = -1) -> bytes:
+        # read1 hands out what one decompression step gave: a truncated gzip then fails
+        # only at its cut, after the lines before it were parsed (read(n) loses them).
+        if self.first:
+            data, self.first = self.first, b""
+            return data
+        read1 = getattr(self.fh, "read1", None) or self.fh.read
+        return read1(n)
+
 
 def resume_state(parser) -> str | None:
     """What a rerun needs to continue mid-file: the header in force and the line count."""
@@ -297,7 +312,7 @@ def _zeek_batches(
         pending: list[ConnRecord] = []
         try:
             for records in iter_record_batches(
-                reader, strict=strict, chunk_size=READ_CHUNK, parser=parser, on_rejection=on_rejection
+                reader, strict=strict, chunk_size=read_size(batch_size), parser=parser, on_rejection=on_rejection
             ):
                 pending.extend(records)
                 if len(pending) >= batch_size:
@@ -415,7 +430,12 @@ def _replay_file(
                 saved = repository.load_offset(session, fsum.source)
         except SQLAlchemyError as exc:
             raise StoreError(describe_db_error(session_factory.kw["bind"], exc)) from exc
-        if saved is not None and saved.file_identity == ident and (kind == "gzip" or saved.offset <= size):
+        if (
+            saved is not None
+            and saved.offset > 0
+            and saved.file_identity == ident
+            and (kind == "gzip" or saved.offset <= size)
+        ):
             resume = (saved.offset, saved.header)
             fsum.resumed_from = saved.offset
             log.info("%s: resuming after byte %d", path, saved.offset)
