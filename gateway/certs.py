@@ -549,7 +549,7 @@ class CertificateAuthority:
 
 SIGNING_DIR = "signing"
 SIGNING_KEY = "global-model.key"
-SIGNING_PUB = "global-model.pub"
+SIGNING_PUB = SIGNING_KEY + ".pub"  # <key>.pub: the aggregator service's convention
 
 
 def create_signing_key(directory: Path | str = DEFAULT_DIR, *, force: bool = False) -> dict:

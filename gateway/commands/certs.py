@@ -242,8 +242,9 @@ def list_(directory: Path, as_json: bool) -> None:
 def signing_key(directory: Path, force: bool, as_json: bool) -> None:
     """Create the Ed25519 key pair that signs global models.
 
-    Writes DIR/signing/global-model.key (0600; to the aggregator only) and
-    global-model.pub (to every gateway, which refuses unsigned or wrongly signed models).
+    Writes DIR/signing/global-model.key (0600; to the aggregator only, its
+    [aggregator] signing_key) and global-model.key.pub (to every gateway, which refuses
+    unsigned or wrongly signed models).
 
     \b
     Examples:
