@@ -46,6 +46,26 @@ def tiny_delta(value: float) -> dict[str, np.ndarray]:
     return {k: np.full(v.shape, value, np.float32) for k, v in tiny_model().items() if v.dtype == np.float32}
 
 
+def craft_update(tensors: dict[str, np.ndarray], *, sender: str, base_version: int = 0) -> bytes:
+    """An update envelope carrying ``tensors`` exactly as given (no float32 cast), as a
+    misbehaving gateway could send it: valid framing and digest, wrong content."""
+    import hashlib
+    import struct
+
+    import safetensors.numpy as st_numpy
+    import zstandard
+
+    good = encode_update({"x": np.zeros(1, np.float32)}, sender=sender, base_version=base_version,
+                         num_samples=1).data
+    hlen = struct.unpack_from(">I", good, 4)[0]
+    header = json.loads(good[8:8 + hlen])
+    raw = st_numpy.save(tensors)
+    body = zstandard.ZstdCompressor().compress(raw)
+    header.update(digest=hashlib.sha256(body).hexdigest(), payload_bytes=len(raw))
+    hb = json.dumps(header).encode()
+    return good[:4] + struct.pack(">I", len(hb)) + hb + body
+
+
 class FakeGatewayClient:
     """A real MQTT client speaking the gateway side of the protocol (status + updates)."""
 
