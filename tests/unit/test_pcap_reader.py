@@ -1,0 +1,231 @@
+"""Capture file formats and link layers: bytes in (built in memory), records out."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
+from scapy.layers.l2 import CookedLinux, Dot1AD, Dot1Q, Ether
+from scapy.layers.ppp import PPP, PPPoE
+from scapy.packet import raw
+from scapy.layers.inet import fragment
+
+from gateway.flows.packets import PacketDecoder
+from gateway.flows.pcap import (
+    CaptureStats,
+    NotACaptureError,
+    UnsupportedLinkTypeError,
+    is_capture_file,
+    iter_frames,
+    pcap_records,
+)
+
+
+def pcap_bytes(frames, *, linktype=1, endian="<", nano=False):
+    magic = 0xA1B23C4D if nano else 0xA1B2C3D4
+    out = [struct.pack(endian + "IHHiIII", magic, 2, 4, 0, 0, 65535, linktype)]
+    for ts, data in frames:
+        sec = int(ts)
+        frac = round((ts - sec) * (1e9 if nano else 1e6))
+        out.append(struct.pack(endian + "IIII", sec, frac, len(data), len(data)) + data)
+    return b"".join(out)
+
+
+def _block(btype, body):
+    body += b"\x00" * (-len(body) % 4)
+    n = len(body) + 12
+    return struct.pack("<II", btype, n) + body + struct.pack("<I", n)
+
+
+def pcapng_bytes(interfaces, packets):
+    """interfaces: [(linktype, tsresol or None)]; packets: [(if_id, ticks, data)]."""
+    out = [_block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))]
+    for linktype, tsresol in interfaces:
+        opts = b""
+        if tsresol is not None:
+            opts = struct.pack("<HH", 9, 1) + bytes([tsresol]) + b"\x00" * 3 + struct.pack("<HH", 0, 0)
+        out.append(_block(1, struct.pack("<HHI", linktype, 0, 0) + opts))
+    for if_id, ticks, data in packets:
+        out.append(_block(6, struct.pack("<IIIII", if_id, ticks >> 32, ticks & 0xFFFFFFFF, len(data), len(data)) + data))
+    return b"".join(out)
+
+
+C, S = "10.0.0.1", "192.0.2.80"
+
+
+def ETH(**kw):
+    # explicit MACs: scapy would otherwise try to resolve them on the network
+    return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", **kw)
+
+
+def tcp_session(l2=lambda p: ETH() / p, ip=lambda: IP(src=C, dst=S), rip=lambda: IP(src=S, dst=C)):
+    """An HTTP-ish session, one frame per packet."""
+    req, resp = b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 100
+    c, s = 1000, 5000
+    pk = [
+        ip() / TCP(sport=40000, dport=80, flags="S", seq=c),
+        rip() / TCP(sport=80, dport=40000, flags="SA", seq=s, ack=c + 1),
+        ip() / TCP(sport=40000, dport=80, flags="A", seq=c + 1, ack=s + 1),
+        ip() / TCP(sport=40000, dport=80, flags="PA", seq=c + 1, ack=s + 1) / req,
+        rip() / TCP(sport=80, dport=40000, flags="PA", seq=s + 1, ack=c + 1 + len(req)) / resp,
+        ip() / TCP(sport=40000, dport=80, flags="FA", seq=c + 1 + len(req), ack=s + 1 + len(resp)),
+        rip() / TCP(sport=80, dport=40000, flags="FA", seq=s + 1 + len(resp), ack=c + 2 + len(req)),
+        ip() / TCP(sport=40000, dport=80, flags="A", seq=c + 2 + len(req), ack=s + 2 + len(resp)),
+    ]
+    return [(1000.0 + i * 0.01, raw(l2(p))) for i, p in enumerate(pk)], len(req), len(resp)
+
+
+def records_of(blob, **kwargs):
+    stats = CaptureStats()
+    recs = list(pcap_records(io.BytesIO(blob), stats=stats, **kwargs))
+    return recs, stats
+
+
+def test_is_capture_file_recognises_formats():
+    frames, *_ = tcp_session()
+    assert is_capture_file(pcap_bytes(frames)[:64])
+    assert is_capture_file(pcap_bytes(frames, endian=">")[:64])
+    assert is_capture_file(pcapng_bytes([(1, None)], [])[:64])
+    assert is_capture_file(gzip.compress(pcap_bytes(frames))[:64])
+    assert not is_capture_file(b"#separator \\x09\n#fields\tts")
+    assert not is_capture_file(gzip.compress(b"just text")[:64])
+    assert not is_capture_file(b"")
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+@pytest.mark.parametrize("nano", [False, True])
+def test_pcap_variants_give_the_same_record(endian, nano):
+    frames, nreq, nresp = tcp_session()
+    (rec,), stats = records_of(pcap_bytes(frames, endian=endian, nano=nano))
+    assert rec.history == "ShADdFf"
+    assert (rec.orig_bytes, rec.resp_bytes, rec.conn_state) == (nreq, nresp, "SF")
+    assert rec.duration == pytest.approx(0.06)
+    assert stats.packets == 8 and stats.flows == 1 and stats.skipped_total == 0
+
+
+def test_gzip_and_pcapng_multi_interface():
+    frames, nreq, nresp = tcp_session()
+    # interface 0: microseconds; interface 1: nanoseconds (tsresol 9)
+    packets = []
+    for i, (ts, data) in enumerate(frames):
+        if i % 2:
+            packets.append((1, round(ts * 1e9), data))
+        else:
+            packets.append((0, round(ts * 1e6), data))
+    blob = pcapng_bytes([(1, None), (1, 9)], packets)
+    (rec,), _ = records_of(gzip.compress(blob))
+    assert (rec.orig_bytes, rec.resp_bytes, rec.conn_state) == (nreq, nresp, "SF")
+    assert rec.duration == pytest.approx(0.06)
+
+
+@pytest.mark.parametrize(
+    "linktype,l2",
+    [
+        (1, lambda p: ETH() / Dot1Q(vlan=10) / p),
+        (1, lambda p: ETH() / Dot1AD(vlan=20) / Dot1Q(vlan=30) / p),
+        (113, lambda p: CookedLinux(proto=0x0800) / p),
+        (101, lambda p: p),
+        (0, lambda p: struct.pack("<I", 2) + raw(p)),
+        (1, lambda p: raw(ETH(type=0x8847)) + struct.pack("!I", (16 << 12) | 0x100 | 64) + raw(p)),
+        (1, lambda p: ETH() / PPPoE(sessionid=1) / PPP(proto=0x0021) / p),
+        (276, lambda p: struct.pack("!HHIHBB8s", 0x0800, 0, 1, 1, 0, 6, b"\x00" * 8) + raw(p)),
+    ],
+    ids=["vlan", "qinq", "sll", "raw", "null", "mpls", "pppoe", "sll2"],
+)
+def test_link_layers_and_encapsulations(linktype, l2):
+    frames, nreq, nresp = tcp_session(l2=lambda p: l2(p) if not isinstance(l2(p), bytes) else l2(p))
+    (rec,), stats = records_of(pcap_bytes(frames, linktype=linktype))
+    assert (rec.orig_h, rec.resp_p, rec.orig_bytes, rec.resp_bytes) == (C, 80, nreq, nresp)
+    assert rec.orig_ip_bytes == 5 * 40 + nreq and rec.resp_ip_bytes == 3 * 40 + nresp
+    assert rec.history == "ShADdFf"
+    assert stats.skipped_total == 0
+
+
+def test_ip_bytes_are_ip_lengths_not_frame_lengths():
+    p = ETH() / IP(src=C, dst=S) / UDP(sport=1234, dport=9999) / b"hi"
+    data = raw(p) + b"\x00" * 30  # Ethernet padding must not count
+    (rec,), _ = records_of(pcap_bytes([(1.0, data)]))
+    assert rec.orig_ip_bytes == 20 + 8 + 2
+    assert rec.orig_pkts == 1 and rec.duration is None and rec.orig_bytes is None
+
+
+def test_ipv6_extension_headers_count_in_ip_bytes():
+    p = ETH() / IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / UDP(
+        sport=5000, dport=6000) / b"abcd"
+    q = p.copy()
+    frames = [(1.0, raw(p)), (1.5, raw(q))]
+    (rec,), _ = records_of(pcap_bytes(frames))
+    assert rec.proto == "udp" and rec.orig_p == 5000
+    assert rec.orig_ip_bytes == 2 * (40 + 8 + 8 + 8 + 4)
+    assert rec.orig_bytes == 8 and rec.local_orig is True
+
+
+def test_ipv4_fragments_are_reassembled_like_zeek():
+    big = IP(src=C, dst=S, id=77) / UDP(sport=1111, dport=2222) / (b"z" * 3000)
+    frags = fragment(big, fragsize=1000)
+    assert len(frags) > 1
+    frames = [(1.0 + i * 0.001, raw(ETH() / f)) for i, f in enumerate(reversed(frags))]
+    (rec,), stats = records_of(pcap_bytes(frames))
+    assert rec.orig_pkts == 1
+    assert rec.orig_ip_bytes == 20 + 8 + 3000
+    assert stats.skipped_total == 0
+
+
+def test_checksums_checked_by_default_and_ignorable():
+    good = IP(src=C, dst=S) / UDP(sport=1, dport=2) / b"data"
+    bad = raw(ETH() / good)
+    bad = bad[:-1] + bytes([bad[-1] ^ 0xFF])
+    (rec,), _ = records_of(pcap_bytes([(1.0, bad)]))
+    assert (rec.history, rec.orig_pkts) == ("C", 0)
+    (rec,), _ = records_of(pcap_bytes([(1.0, bad)]), ignore_checksums=True)
+    assert (rec.history, rec.orig_pkts) == ("D", 1)
+    broken_ip = bytearray(raw(ETH() / good))
+    broken_ip[14 + 10] ^= 0xFF  # IP header checksum
+    recs, stats = records_of(pcap_bytes([(1.0, bytes(broken_ip))]))
+    assert recs == [] and stats.skipped == {"bad_IP_checksum": 1}
+
+
+def test_icmp_through_the_file_path():
+    frames = [
+        (1.0, raw(ETH() / IP(src=C, dst=S) / ICMP(type=8) / (b"p" * 56))),
+        (1.2, raw(ETH() / IP(src=S, dst=C) / ICMP(type=0) / (b"p" * 56))),
+    ]
+    (rec,), _ = records_of(pcap_bytes(frames))
+    assert (rec.proto, rec.orig_p, rec.resp_p, rec.orig_bytes, rec.resp_bytes) == ("icmp", 8, 0, 56, 56)
+
+
+def test_truncated_file_keeps_flows_and_warns(caplog):
+    frames, *_ = tcp_session()
+    blob = pcap_bytes(frames)
+    recs, stats = records_of(blob[:-10])
+    assert len(recs) == 1 and recs[0].orig_pkts + recs[0].resp_pkts == 7
+    assert stats.truncated and "truncated" in stats.warnings[0]
+    assert "truncated" in caplog.text
+
+
+def test_not_a_capture_names_the_file(tmp_path):
+    path = tmp_path / "conn.log"
+    path.write_bytes(b"#separator \\x09\n")
+    with open(path, "rb") as f, pytest.raises(NotACaptureError, match="conn.log"):
+        list(pcap_records(f))
+
+
+def test_unsupported_link_type_names_it():
+    with pytest.raises(UnsupportedLinkTypeError, match="105.*802.11"):
+        list(iter_frames(io.BytesIO(pcap_bytes([], linktype=105))))
+    with pytest.raises(UnsupportedLinkTypeError, match="127"):
+        list(iter_frames(io.BytesIO(pcapng_bytes([(127, None)], []))))
+
+
+def test_non_ip_and_malformed_frames_are_counted_not_raised():
+    decoder = PacketDecoder()
+    assert decoder.decode(1, raw(ETH(type=0x0806) / (b"\x00" * 28)), 1.0) is None
+    assert decoder.decode(1, b"\x00" * 5, 1.0) == "truncated_link_header"
+    assert decoder.decode(1, raw(ETH(type=0x0800)) + b"\x45\x00", 1.0) == "truncated_IP"
+    assert decoder.decode(999, b"\x00" * 40, 1.0) == "unsupported_link_type"
+    assert decoder.skipped == {"non_ip_packet": 1, "truncated_link_header": 1, "truncated_IP": 1,
+                               "unsupported_link_type": 1}
