@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import safetensors.numpy as st_numpy
+from sqlalchemy.exc import OperationalError
 
 from cloud_aggregator import store
 from cloud_aggregator.link import AggregatorLink, ConnectionChanged
@@ -518,6 +519,9 @@ def run(config: AggregatorConfig, *, stop: threading.Event | None = None) -> Non
 
 def status(database: str, *, last_rounds: int = 20) -> store.StatusSummary:
     """What ``fedgate-aggregator status`` shows, read from the aggregator DB."""
-    sessions = store.make_sessions(database)
+    sessions = store.make_sessions(database, create=False)
     with sessions() as s:
-        return store.status_summary(s, last_rounds=last_rounds)
+        try:
+            return store.status_summary(s, last_rounds=last_rounds)
+        except OperationalError:  # no tables: the aggregator never ran on this database
+            return store.StatusSummary({}, [], [], [], {})

@@ -32,6 +32,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from cloud_aggregator.pool import ClientInfo, PooledUpdate
@@ -149,8 +150,9 @@ class PendingChunkRow(Base):
 # ---------------------------------------------------------------- engine
 
 
-def make_engine(url: str) -> Engine:
-    """Engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
+def make_engine(url: str, *, create: bool = True) -> Engine:
+    """Engine for ``url``; SQLite gets WAL and a busy timeout.  ``create`` makes missing
+    tables (the aggregator does; readers such as ``status`` do not)."""
     if "://" not in url:
         url = f"sqlite:///{url}"
     engine = create_engine(url, future=True)
@@ -162,12 +164,16 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=5000")
             cur.close()
-    Base.metadata.create_all(engine)
+    if create:
+        try:
+            Base.metadata.create_all(engine)
+        except OperationalError:  # another process created them at the same moment
+            Base.metadata.create_all(engine)
     return engine
 
 
-def make_sessions(url: str) -> sessionmaker[Session]:
-    return sessionmaker(make_engine(url), expire_on_commit=False)
+def make_sessions(url: str, *, create: bool = True) -> sessionmaker[Session]:
+    return sessionmaker(make_engine(url, create=create), expire_on_commit=False)
 
 
 # ---------------------------------------------------------------- tensor blobs
