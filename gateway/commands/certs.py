@@ -163,7 +163,8 @@ def revoke(name: str, directory: Path, serial: str | None, keep_latest: bool, re
     """Revoke the certificates of bundle NAME and rewrite crl.pem.
 
     NAME is a bundle: gateway-<ID>, aggregator or broker-<host>.  Copy the new crl.pem
-    to the broker and restart mosquitto (it reads the CRL at start).
+    to the broker and `systemctl reload mosquitto` (new connections are refused); restart
+    it to also cut a session that is already open.
 
     \b
     Examples:

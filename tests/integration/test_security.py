@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import signal
 import subprocess
 import time
 
@@ -131,13 +132,13 @@ def test_refused_at_tls_handshake(broker, pki, bundle, why):
     expected_alert = {
         "other-gateway-gwA": "unknown ca",
         "broker-localhost": "unsupported certificate",
+        "gateway-gwRevoked": "certificate revoked",
+        "gateway-gwExpired": "certificate expired",
         None: "certificate required",
-    }.get(bundle)
-    if expected_alert:
-        assert expected_alert in alert.lower(), alert
-    else:
-        # mosquitto closes without a specific alert here; OpenSSL names the reason
-        assert alert, "no error"
+    }[bundle]
+    assert expected_alert in alert.lower(), alert
+    if bundle in ("gateway-gwRevoked", "gateway-gwExpired"):
+        # OpenSSL, given the broker's CA and CRL, names the same reason
         reason = openssl_verify(pki, bundle)
         assert ("revoked" if "Revoked" in bundle else "expired") in reason, reason
 
@@ -280,3 +281,61 @@ def test_aggregator_cannot_be_impersonated_by_a_gateway_id():
 
     with pytest.raises(CertError):
         gateway_common_name(AGGREGATOR_IDENTITY)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_revocation_takes_effect_on_reload_and_restart_cuts_the_session(broker, pki):
+    """The runbook's revocation: revoke, copy the CRL, `systemctl reload mosquitto`
+    (SIGHUP): new connections with the certificate are refused at once.  A session that
+    was already open survives a reload (TLS checks happen at the handshake) and ends
+    only with a broker restart, after which the client cannot come back."""
+    ca = pki.ca
+    issued = ca.issue_gateway("gwLater")
+    pki.bundles["gateway-gwLater"] = ca.bundle_dir(issued.bundle)
+    live = client_for(broker, pki, "gateway-gwLater", name="later-live")
+    try:
+        assert live.connect()
+        revoked = ca.revoke("gateway-gwLater", reason="key-compromise")
+        assert [r.serial for r in revoked] == [issued.serial]
+        broker.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        alert = ""
+        while time.monotonic() < deadline and "revoked" not in alert:
+            time.sleep(0.1)
+            _, alert = tls_probe(broker.port, ca=pki.ca_file(),
+                                 cert=pki.cert("gateway-gwLater"), key=pki.key("gateway-gwLater"))
+        assert "certificate revoked" in alert.lower(), alert
+        assert live.connected.is_set() and not live.closed.is_set()
+        broker.restart()
+        assert live.closed.wait(5)
+        again = client_for(broker, pki, "gateway-gwLater", name="later-again")
+        try:
+            assert not again.connect(timeout=2.0)
+        finally:
+            again.close()
+    finally:
+        live.close()
+
+
+def test_rotation_new_certificate_works_old_one_refused(broker, pki):
+    ca = pki.ca
+    old = ca.issue_gateway("gwRotate")
+    old_dir = pki.root / "gwRotate-old"
+    shutil.copytree(ca.bundle_dir(old.bundle), old_dir)
+    new = ca.issue_gateway("gwRotate", rotate=True)
+    assert [r.serial for r in ca.revoke("gateway-gwRotate", keep_latest=True,
+                                        reason="superseded")] == [old.serial]
+    broker.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    fresh = Client(broker.port, client_id="rotate-new", ca=pki.ca_file(),
+                   cert=ca.bundle_dir(new.bundle) / "tls.crt",
+                   key=ca.bundle_dir(new.bundle) / "tls.key")
+    try:
+        assert fresh.connect()
+    finally:
+        fresh.close()
+    _, alert = tls_probe(broker.port, ca=pki.ca_file(), cert=old_dir / "tls.crt",
+                         key=old_dir / "tls.key")
+    assert "certificate revoked" in alert.lower(), alert
