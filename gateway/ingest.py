@@ -42,6 +42,7 @@ IDENTITY_PREFIX = 64 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 # Score at or above which a flow counts as "malicious" when scoring against labels.
 MALICIOUS_THRESHOLD = 0.5
+MAX_RETRY_WAIT = 30.0  # seconds between retries of a failing database, at most
 
 
 @runtime_checkable
@@ -514,10 +515,12 @@ def _replay_capture(path, fsum, summary, *, ident, size, strict, batch_size, acc
 @dataclass
 class FollowCounters:
     polls: int = 0
+    commits: int = 0
     records: int = 0
     stored: int = 0
     detections: int = 0
-    errors: int = 0
+    rejected: int = 0
+    store_errors: int = 0
 
 
 def follow(
@@ -531,12 +534,17 @@ def follow(
     on_batch: Callable[[list[ConnRecord], list[tuple[str, float]] | None], None] | None = None,
     max_polls: int | None = None,
 ) -> FollowCounters:
-    """Follow a live Zeek ``conn.log`` until ``stop`` is set (or ``max_polls`` polls).
+    """Follow a live Zeek ``conn.log`` until ``stop`` is set (or after ``max_polls`` polls).
 
     Each poll's records, their detections and the tail position are committed in one
     transaction; the position is loaded from the store at start, so a restarted gateway
-    resumes with no flow lost or duplicated.  ``on_batch`` (e.g. the alert publisher)
-    runs after the commit.
+    resumes with no flow lost or duplicated (rotation and truncation are the tail's
+    business: ``gateway.flows.tail.ConnLogTail``).  ``on_batch`` (e.g. the alert
+    publisher) runs after the commit.  If the database fails, the records are read
+    again from the last committed position at the next poll; the loop keeps running.
+
+    source: key of the flows and of the saved position (default: the log's absolute path).
+    interval: seconds to wait when caught up (a backlog is read without waiting).
     """
     from gateway.flows.tail import ConnLogTail, TailPosition
 
@@ -546,50 +554,52 @@ def follow(
     stop = stop or threading.Event()
     with session_factory() as session:
         saved = repository.load_offset(session, src)
-    position = TailPosition.from_json(saved.header) if saved is not None and saved.header else None
-    tail = ConnLogTail(path, position=position)
-    counters = FollowCounters()
-    while not stop.is_set():
+    committed: TailPosition | None = None
+    if saved is not None and saved.header:
         try:
-            records, pos = tail.poll()
-            verdicts = _classify(classifier, records)
-            stored, dets = commit_batch(
-                session_factory, records, source=src, classifier=classifier, verdicts=verdicts,
-                offset=(_position_identity(pos), _position_offset(pos), pos.to_json()),
-            )
-            counters.records += len(records)
-            counters.stored += stored
-            counters.detections += dets
-            if records and on_batch is not None:
-                on_batch(records, verdicts)
-        except StoreError as exc:
-            # The database may come back (disk full, server restart): keep the tail's
-            # position uncommitted and retry the same records next poll.
-            counters.errors += 1
-            log.error("follow %s: %s", path, exc)
-            tail = ConnLogTail(path, position=_reload_position(session_factory, src, TailPosition))
-        counters.polls += 1
-        if max_polls is not None and counters.polls >= max_polls:
-            break
-        stop.wait(interval)
-    return counters
-
-
-def _position_identity(pos) -> str:
-    for attr in ("identity", "file_id", "inode"):
-        if hasattr(pos, attr):
-            return str(getattr(pos, attr))
-    return "tail"
-
-
-def _position_offset(pos) -> int:
-    return int(getattr(pos, "offset", 0) or 0)
-
-
-def _reload_position(session_factory, src: str, position_type):
+            committed = TailPosition.from_json(saved.header)
+        except ValueError as exc:
+            log.error("follow %s: saved position unusable (%s); starting at the beginning", path, exc)
+    tail = ConnLogTail(path, position=committed)
+    counters = FollowCounters()
+    failures = 0  # consecutive store errors, for the back-off
     try:
-        with session_factory() as session:
-            saved = repository.load_offset(session, src)
-    except SQLAlchemyError:
-        return None
-    return position_type.from_json(saved.header) if saved is not None and saved.header else None
+        while not stop.is_set():
+            if max_polls is not None and counters.polls >= max_polls:
+                break
+            counters.polls += 1
+            try:
+                records, pos = tail.poll()
+                for rej in tail.drain_rejections():
+                    counters.rejected += 1
+                    log.debug("follow %s:%d: rejected: %s", rej.source, rej.line_no, rej.reason)
+                if records or pos != committed:
+                    verdicts = _classify(classifier, records)
+                    stored, dets = commit_batch(
+                        session_factory, records, source=src, classifier=classifier, verdicts=verdicts,
+                        offset=(pos.identity, pos.offset, pos.to_json()),
+                    )
+                    committed = pos
+                    counters.commits += 1
+                    counters.records += len(records)
+                    counters.stored += stored
+                    counters.detections += dets
+                    if records and on_batch is not None:
+                        on_batch(records, verdicts)
+            except StoreError as exc:
+                # Disk full, server restarting...: read the same records again from the
+                # last committed position next time.
+                counters.store_errors += 1
+                failures += 1
+                wait = min(interval * 2 ** (failures - 1), MAX_RETRY_WAIT)
+                log.error("follow %s: %s; retrying in %.1fs", path, exc, wait)
+                tail.close()
+                tail = ConnLogTail(path, position=committed)
+                stop.wait(wait)
+                continue
+            failures = 0
+            if tail.caught_up and (max_polls is None or counters.polls < max_polls):
+                stop.wait(interval)
+    finally:
+        tail.close()
+    return counters
