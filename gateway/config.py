@@ -1,0 +1,506 @@
+"""The gateway's configuration: a TOML file, environment overrides, validated settings.
+
+``load_config(path)`` reads the file, applies environment overrides and returns a
+frozen :class:`GatewayConfig`.  Every problem is a :class:`ConfigError` that names the
+key (``section.key``) and says what is wrong, so ``fedgate config check`` and
+``fedgate gateway run`` can print one clear line instead of a traceback.
+
+Environment overrides (applied after the file, before validation):
+
+* ``FEDGATE__<SECTION>__<KEY>=value`` sets ``[section] key`` (names are case-insensitive;
+  ``__`` separates the levels).  The value is read as a TOML value when it is one
+  (``8883``, ``true``, ``0.5``, ``["gw1", "gw2"]``, ``"quoted"``), else taken as a
+  plain string, e.g. ``FEDGATE__MQTT__HOST=broker``, ``FEDGATE__MQTT__PORT=8883``,
+  ``FEDGATE__SOURCE__ZEEK_LOG=/var/log/zeek/conn.log``.
+* ``FEDGATE_DB_URL=postgresql+psycopg://...`` is the short form of
+  ``FEDGATE__GATEWAY__DATABASE`` (a database URL often comes from a secret store).
+
+Relative paths in the file are relative to the file's directory.  A ``database`` that
+is a plain path (no ``://``) means a SQLite file there.
+
+Minimal ``gw.toml``::
+
+    [gateway]
+    id = "gw1"
+    database = "gateway.db"
+    model = "models/default"
+    [source]
+    zeek_log = "/opt/zeek/logs/current/conn.log"
+    [mqtt]
+    host = "127.0.0.1"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.protocol import topics
+
+ENV_PREFIX = "FEDGATE__"
+DB_URL_ENV = "FEDGATE_DB_URL"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:9108"
+PROVIDERS = ("auto", "cpu", "cuda")
+FL_STRATEGIES = ("gsfs", "fedavg", "fedopt")
+COMPRESSIONS = ("none", "int8", "topk")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown, of the wrong type or out of range.
+
+    ``key`` is the dotted name (``mqtt.port``); ``problem`` says what is wrong.
+    """
+
+    def __init__(self, key: str, problem: str, *, source: str | None = None):
+        self.key = key
+        self.problem = problem
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {problem}")
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(key, problem)
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewaySection:
+    """``[gateway]``: who this gateway is and where it keeps its state.
+
+    id (required): the gateway id, a topic segment and the certificate CN.
+    prefix ["fedgate/v1"]: MQTT topic prefix.
+    database ["sqlite:///./fedgate.db"]: SQLAlchemy URL, or a path of a SQLite file.
+    model [None]: model directory (ONNX model, tokenizer, labels); None stores flows
+      without classifying them (and disables alerts and federated learning).
+    global_model_public_key [None]: aggregator's Ed25519 public key (PEM); global
+      models must be signed by it.  None accepts unsigned models (development only).
+    """
+
+    id: str
+    prefix: str = topics.DEFAULT_PREFIX
+    database: str = "sqlite:///./fedgate.db"
+    model: str | None = None
+    global_model_public_key: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            topics.check_gateway_id(self.id)
+        except ValueError as exc:
+            raise ConfigError("gateway.id", str(exc)) from None
+        try:
+            topics.check_prefix(self.prefix)
+        except ValueError as exc:
+            raise ConfigError("gateway.prefix", str(exc)) from None
+        _require(bool(self.database), "gateway.database", "must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSection:
+    """``[source]``: where flows come from (at least one).
+
+    zeek_log [None]: live Zeek conn.log to follow (rotation and truncation survived).
+    poll_interval_s [0.02]: how often the tail looks for new lines; the floor of the
+      line-to-detection latency.
+    pcap_dir [None]: directory watched for capture files; each new file is replayed
+      once (idempotent: a restart skips what was ingested).
+    pcap_pattern ["*.pcap*"]: glob of the files taken from ``pcap_dir``.
+    pcap_scan_interval_s [5.0]: how often ``pcap_dir`` is listed.
+    interface [None]: network interface to sniff (needs CAP_NET_RAW).
+    bpf [None]: capture filter for ``interface`` (tcpdump syntax).
+    local_nets [[]]: networks counted as local by the capture's connection tracker
+      ([] = Zeek's defaults: private ranges).
+    capture_batch [256]: flows from the interface committed per transaction.
+    capture_max_wait_s [1.0]: longest a captured flow waits for its batch to fill.
+    """
+
+    zeek_log: str | None = None
+    poll_interval_s: float = 0.02
+    pcap_dir: str | None = None
+    pcap_pattern: str = "*.pcap*"
+    pcap_scan_interval_s: float = 5.0
+    interface: str | None = None
+    bpf: str | None = None
+    local_nets: tuple[str, ...] = ()
+    capture_batch: int = 256
+    capture_max_wait_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.zeek_log or self.pcap_dir or self.interface), "source",
+                 "give at least one of zeek_log, pcap_dir, interface")
+        _require(0 < self.poll_interval_s <= 60, "source.poll_interval_s", "must be in (0, 60] seconds")
+        _require(0 < self.pcap_scan_interval_s <= 3600, "source.pcap_scan_interval_s",
+                 "must be in (0, 3600] seconds")
+        _require(bool(self.pcap_pattern), "source.pcap_pattern", "must not be empty")
+        _require(1 <= self.capture_batch <= 1_000_000, "source.capture_batch", "must be in 1..1000000")
+        _require(0 < self.capture_max_wait_s <= 60, "source.capture_max_wait_s", "must be in (0, 60] seconds")
+        import ipaddress
+
+        for i, net in enumerate(self.local_nets):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"source.local_nets[{i}]", f"{net!r} is not a network (e.g. 192.168.0.0/16)") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class InferenceSection:
+    """``[inference]``: the ONNX Runtime engine and alerting.
+
+    provider ["auto"]: auto (CUDA when present, else CPU), cpu or cuda.
+    batch_size [256]: most flows per inference batch.
+    max_wait_ms [5.0]: longest a flow waits for its batch to fill.
+    alert_threshold [None]: malicious score at or above which a detection is published
+      on ``{prefix}/gw/{id}/alerts``; None uses the model's own threshold.
+    alerts [true]: publish alerts at all.
+    """
+
+    provider: str = "auto"
+    batch_size: int = 256
+    max_wait_ms: float = 5.0
+    alert_threshold: float | None = None
+    alerts: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.provider in PROVIDERS, "inference.provider", f"must be one of {', '.join(PROVIDERS)}")
+        _require(1 <= self.batch_size <= 65536, "inference.batch_size", "must be in 1..65536")
+        _require(0 <= self.max_wait_ms <= 10_000, "inference.max_wait_ms", "must be in [0, 10000] ms")
+        if self.alert_threshold is not None:
+            _require(0.0 <= self.alert_threshold <= 1.0, "inference.alert_threshold", "must be in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttSection:
+    """``[mqtt]``: the broker (keys of :class:`gateway.mqtt.MqttSettings` / ``TlsSettings``).
+
+    enabled [true]: false runs the gateway without a broker (no alerts, status or FL).
+    host ["127.0.0.1"], port [1883]: broker address (8883 for TLS by convention).
+    client_id [None]: MQTT client id; None means ``fedgate-gw-<id>``.
+    username, password [None]: broker credentials.
+    ca_file [None]: CA of the broker certificate; setting it turns TLS on.
+    cert_file, key_file [None]: this gateway's certificate and key (mutual TLS).
+    check_hostname [true]: verify the broker name against its certificate.
+    keepalive_s [30]: the last will fires about 1.5 times this after a silent death.
+    reconnect_min_s [1.0], reconnect_max_s [30.0]: reconnect back-off bounds.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    check_hostname: bool = True
+    keepalive_s: int = 30
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.host), "mqtt.host", "must not be empty")
+        _require(0 < self.port < 65536, "mqtt.port", f"{self.port} is not a TCP port (1..65535)")
+        if self.client_id is not None:
+            _require(0 < len(self.client_id) <= 128, "mqtt.client_id", "must be 1-128 characters")
+        _require((self.cert_file is None) == (self.key_file is None), "mqtt.cert_file",
+                 "give both cert_file and key_file, or neither")
+        _require(self.cert_file is None or self.ca_file is not None, "mqtt.ca_file",
+                 "a client certificate needs ca_file (TLS)")
+        _require(1 <= self.keepalive_s <= 65535, "mqtt.keepalive_s", "must be in 1..65535 seconds")
+        _require(0 < self.reconnect_min_s <= self.reconnect_max_s, "mqtt.reconnect_min_s",
+                 "need 0 < reconnect_min_s <= reconnect_max_s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlSection:
+    """``[fl]``: federated learning (needs ``gateway.model`` with its torch weights).
+
+    enabled [true]: take part in federated learning.
+    strategy ["gsfs"]: until the aggregator's control topic says otherwise.
+    local_epochs [1], max_local_steps [50], batch_size [64], lr [0.003]: local training.
+    compression ["none"]: none, int8 or topk for uploaded deltas.
+    status_interval_s [5.0]: retained status refresh period.
+    threads [1]: torch threads for local training (keeps a core for detection).
+    """
+
+    enabled: bool = True
+    strategy: str = "gsfs"
+    local_epochs: int = 1
+    max_local_steps: int = 50
+    batch_size: int = 64
+    lr: float = 3e-3
+    compression: str = "none"
+    status_interval_s: float = 5.0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in FL_STRATEGIES, "fl.strategy", f"must be one of {', '.join(FL_STRATEGIES)}")
+        _require(self.compression in COMPRESSIONS, "fl.compression", f"must be one of {', '.join(COMPRESSIONS)}")
+        for name in ("local_epochs", "max_local_steps", "batch_size", "threads"):
+            _require(getattr(self, name) >= 1, f"fl.{name}", "must be >= 1")
+        _require(0 < self.lr <= 10, "fl.lr", "must be in (0, 10]")
+        _require(self.status_interval_s > 0, "fl.status_interval_s", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpSection:
+    """``[http]``: the status page, its JSON (``/api/status``) and Prometheus ``/metrics``.
+
+    listen ["127.0.0.1:9108"]: host:port to serve on; "" turns the server off.
+      Keep it on loopback (or behind a proxy): the page has no authentication.
+    recent_detections [200]: detections kept in memory for the page.
+    """
+
+    listen: str = DEFAULT_HTTP_LISTEN
+    recent_detections: int = 200
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            parse_listen(self.listen)
+        _require(1 <= self.recent_detections <= 100_000, "http.recent_detections", "must be in 1..100000")
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen) if self.listen else None
+
+
+def parse_listen(text: str, key: str = "http.listen") -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:9108"`` for IPv6) -> (host, port); port 0 = any free one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(key, f"{text!r} is not host:port (e.g. 127.0.0.1:9108)")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+SECTIONS: dict[str, type] = {
+    "gateway": GatewaySection,
+    "source": SourceSection,
+    "inference": InferenceSection,
+    "mqtt": MqttSection,
+    "fl": FlSection,
+    "http": HttpSection,
+}
+PATH_KEYS = {
+    "gateway": ("model", "global_model_public_key"),
+    "source": ("zeek_log", "pcap_dir"),
+    "mqtt": ("ca_file", "cert_file", "key_file"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayConfig:
+    """The whole validated configuration (one frozen value)."""
+
+    gateway: GatewaySection
+    source: SourceSection
+    inference: InferenceSection = field(default_factory=InferenceSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    fl: FlSection = field(default_factory=FlSection)
+    http: HttpSection = field(default_factory=HttpSection)
+    origin: str | None = None  # the file it came from, for messages
+
+    @property
+    def database_url(self) -> str:
+        db = self.gateway.database
+        return db if "://" in db else f"sqlite:///{db}"
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.mqtt.client_id or f"fedgate-gw-{self.gateway.id}"
+
+    def mqtt_settings(self):
+        """The broker settings as :class:`gateway.mqtt.MqttSettings`."""
+        from gateway.mqtt import MqttSettings, TlsSettings
+
+        m = self.mqtt
+        tls = None
+        if m.ca_file:
+            tls = TlsSettings(ca_file=m.ca_file, cert_file=m.cert_file, key_file=m.key_file,
+                              check_hostname=m.check_hostname)
+        return MqttSettings(host=m.host, port=m.port, client_id=self.mqtt_client_id, username=m.username,
+                            password=m.password, tls=tls, keepalive_s=m.keepalive_s,
+                            reconnect_min_s=m.reconnect_min_s, reconnect_max_s=m.reconnect_max_s)
+
+    def as_dict(self, *, redact: bool = True) -> dict[str, dict[str, Any]]:
+        """The effective settings by section (passwords hidden unless ``redact=False``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in SECTIONS:
+            values = dataclasses.asdict(getattr(self, name))
+            out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+        if redact and out["mqtt"].get("password"):
+            out["mqtt"]["password"] = "***"
+        if redact:
+            from gateway.store.db import redact as redact_url
+
+            out["gateway"]["database"] = redact_url(self.database_url)
+        else:
+            out["gateway"]["database"] = self.database_url
+        out["mqtt"]["client_id"] = self.mqtt_client_id
+        return out
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not what an operator wants in production."""
+        notes = []
+        if self.gateway.model is None:
+            notes.append("gateway.model is not set: flows are stored but not classified (no alerts, no FL)")
+        if self.mqtt.enabled and self.mqtt.ca_file is None:
+            notes.append("mqtt.ca_file is not set: plain MQTT (use TLS outside a lab)")
+        if self.gateway.model is not None and self.fl.enabled and self.gateway.global_model_public_key is None:
+            notes.append("gateway.global_model_public_key is not set: unsigned global models are accepted")
+        if self.http.listen and parse_listen(self.http.listen)[0] in ("0.0.0.0", "::"):
+            notes.append("http.listen serves the unauthenticated status page on every interface")
+        return notes
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _env_value(text: str) -> Any:
+    """A TOML value if ``text`` is one, else the text itself."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_env(doc: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """``doc`` with the environment overrides applied; also the keys they set."""
+    doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
+    applied: list[str] = []
+    for name in sorted(env):
+        value = env[name]
+        if name == DB_URL_ENV:
+            doc.setdefault("gateway", {})["database"] = value
+            applied.append("gateway.database")
+            continue
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(name, f"environment override must look like {ENV_PREFIX}SECTION__KEY")
+        section, key = parts
+        table = doc.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(section, "is not a table")
+        table[key] = _env_value(value)
+        applied.append(f"{section}.{key}")
+    return doc, applied
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        return "a list of strings"
+    return names.get(annotation, str(annotation))
+
+
+def build_section(name: str, table: Mapping[str, Any], *, base: Path | None = None):
+    """One section from its TOML table: unknown keys, types, paths, then range checks."""
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"{name}.{key}", f"must be {_type_name(hints[key])}, got {value!r}")
+        if hints[key] is float or hints[key] == (float | None):
+            value = None if value is None else float(value)
+        if typing.get_origin(hints[key]) is tuple:
+            value = tuple(value)
+        if base is not None and key in PATH_KEYS.get(name, ()) and isinstance(value, str) and value:
+            value = str(base / value) if not os.path.isabs(value) else value
+        kwargs[key] = value
+    if name == "gateway" and base is not None:
+        db = kwargs.get("database")
+        if isinstance(db, str) and db and "://" not in db and not os.path.isabs(db):
+            kwargs["database"] = str(base / db)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for key in required:
+        if key not in kwargs:
+            raise ConfigError(f"{name}.{key}", "is required")
+    return cls(**kwargs)
+
+
+def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None, origin: str | None = None) -> GatewayConfig:
+    """Validate a parsed document (sections -> tables) into a :class:`GatewayConfig`."""
+    try:
+        unknown = sorted(set(doc) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown section (known: {', '.join(SECTIONS)})")
+        for name, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(name, "must be a table ([" + name + "])")
+        if "gateway" not in doc:
+            raise ConfigError("gateway", "section is missing (it needs at least id)")
+        if "source" not in doc:
+            raise ConfigError("source", "section is missing (give zeek_log, pcap_dir or interface)")
+        sections = {name: build_section(name, doc.get(name, {}), base=base) for name in SECTIONS}
+        return GatewayConfig(**sections, origin=origin)
+    except ConfigError as exc:
+        if origin and exc.source is None:
+            raise ConfigError(exc.key, exc.problem, source=origin) from None
+        raise
+
+
+def load_config(path: str | os.PathLike, *, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read ``path`` (TOML), apply the environment overrides, validate."""
+    path = Path(path)
+    origin = str(path)
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", "file not found", source=origin) from None
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read: {exc.strerror or exc}", source=origin) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"not valid TOML: {exc}", source=origin) from None
+    try:
+        doc, _ = apply_env(doc, os.environ if env is None else env)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.problem, source=origin) from None
+    return config_from_dict(doc, base=path.resolve().parent, origin=origin)
+
+
+def env_overrides(env: Mapping[str, str] | None = None) -> list[str]:
+    """The keys the environment overrides (for ``config check``)."""
+    return apply_env({}, os.environ if env is None else env)[1]
