@@ -418,7 +418,7 @@ class AggregatorService:
         if pool.round_opened_at is not None and not stuck:
             return
         live = pool.live_clients()
-        if not live:
+        if not live or not self.strategy.can_open_round(live):
             return
         selected = self.strategy.select(live, self.rng)
         pool.start_round(pool.round + 1, selected)

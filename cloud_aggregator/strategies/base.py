@@ -149,6 +149,11 @@ class StrategyWrapper(Strategy):
     def should_aggregate(self, view):
         return self.inner.should_aggregate(view)
 
+    def __getattr__(self, name):  # round settings/selection of synchronous inner strategies
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def control(self):
         return self.inner.control()
 

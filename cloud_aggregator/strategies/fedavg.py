@@ -17,20 +17,27 @@ class FedAvg(Strategy):
     fraction [1.0]: share of live clients selected each round (at least ``min_updates``).
     min_updates [1]: fewest updates a round aggregates when its timeout passes.
     round_timeout_s [300]: a round closes with what arrived after this long.
+    min_available [1]: a round opens only when at least this many clients are alive.
     """
 
     name = "fedavg"
     synchronous = True
 
     def __init__(self, *, eta: float = 1.0, fraction: float = 1.0, min_updates: int = 1,
-                 round_timeout_s: float = 300.0):
+                 round_timeout_s: float = 300.0, min_available: int = 1):
         super().__init__(eta=eta, min_updates=min_updates)
+        if min_available < 1:
+            raise ValueError("min_available must be >= 1")
+        self.min_available = int(min_available)
         if not 0 < fraction <= 1:
             raise ValueError("fraction must be in (0, 1]")
         if round_timeout_s <= 0:
             raise ValueError("round_timeout_s must be positive")
         self.fraction = float(fraction)
         self.round_timeout_s = float(round_timeout_s)
+
+    def can_open_round(self, live_clients: frozenset[str]) -> bool:
+        return len(live_clients) >= self.min_available
 
     def select(self, live_clients: Iterable[str], rng: np.random.Generator) -> frozenset[str]:
         """Clients asked to train this round (all of them when fraction = 1)."""

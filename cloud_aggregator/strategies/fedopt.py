@@ -18,8 +18,10 @@ class FedOpt(FedAvg):
     name = "fedopt"
 
     def __init__(self, *, eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
-                 fraction: float = 1.0, min_updates: int = 1, round_timeout_s: float = 300.0):
-        super().__init__(eta=eta, fraction=fraction, min_updates=min_updates, round_timeout_s=round_timeout_s)
+                 fraction: float = 1.0, min_updates: int = 1, round_timeout_s: float = 300.0,
+                 min_available: int = 1):
+        super().__init__(eta=eta, fraction=fraction, min_updates=min_updates, round_timeout_s=round_timeout_s,
+                         min_available=min_available)
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
             raise ValueError("beta1 and beta2 must be in [0, 1)")
         if tau <= 0:

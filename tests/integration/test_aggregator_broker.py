@@ -206,3 +206,44 @@ def test_retained_signed_global_model_survives_broker_restart(tmp_path, broker):
         assert control["strategy"] == "gsfs" and control["version"] == 1
     finally:
         reader.stop()
+
+
+def test_fedopt_rounds_are_announced_and_closed_by_the_selected_clients(tmp_path, broker):
+    svc = make_service(tmp_path, broker.port, strategy="fedopt",
+                       strategy_params={"eta": 0.1, "round_timeout_s": 60, "min_available": 2})
+    gws = [FakeGatewayClient(f"gw{i}", broker.port).start() for i in (1, 2)]
+    reader = MqttLink(MqttSettings(client_id="control-reader", port=broker.port),
+                      subscriptions=[(topics.global_control(), 1)]).start()
+
+    def next_control(predicate, timeout=10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = reader.inbox.get(timeout=0.5)
+            except Exception:
+                continue
+            control = json.loads(msg.payload)
+            if predicate(control):
+                return control
+        raise AssertionError("no matching control message")
+
+    try:
+        assert svc.wait_for(lambda s: s.pool.live_clients() == {"gw1", "gw2"}, 10)
+        control = next_control(lambda c: c["round"] >= 1 and c["selected"] == ["gw1", "gw2"])
+        assert control["strategy"] == "fedopt"
+        rnd, base = control["round"], control["version"]
+        gws[0].update(0.1, base=base, rnd=rnd, samples=10)
+        assert not svc.wait_for(lambda s: s.version > base, 0.5)  # gw2 still owes its update
+        gws[1].update(0.3, base=base, rnd=rnd, samples=30)
+        assert svc.wait_for(lambda s: s.version == base + 1, 10)
+        assert svc.state.adam is not None and svc.state.adam.t == 1  # server Adam stepped once
+        nxt = next_control(lambda c: c["round"] == rnd + 1)
+        assert nxt["version"] == base + 1
+        # an update for the closed round does not count in the new one
+        gws[0].update(0.1, base=base + 1, rnd=rnd, samples=10)
+        assert not svc.wait_for(lambda s: s.version > base + 1, 1.0)
+    finally:
+        reader.stop()
+        for g in gws:
+            g.stop()
+        svc.stop()

@@ -201,3 +201,11 @@ def test_build_strategy_wraps_in_order():
     s = build_strategy("gsfs", params={"rho": 0.5}, robust={"method": "median"}, dp={"clip_norm": 1.0})
     assert isinstance(s, DifferentialPrivacy) and isinstance(s.inner, RobustAggregation)
     assert s.name == "gsfs" and s.control()["strategy"] == "gsfs"
+
+
+def test_wrapped_synchronous_strategy_keeps_round_management():
+    s = build_strategy("fedavg", params={"min_available": 2, "round_timeout_s": 10}, robust={"method": "median"},
+                       dp={"clip_norm": 1.0})
+    assert s.synchronous and s.round_timeout_s == 10
+    assert not s.can_open_round(frozenset({"a"})) and s.can_open_round(frozenset({"a", "b"}))
+    assert s.select(["a", "b"], np.random.default_rng(0)) == frozenset({"a", "b"})
