@@ -121,6 +121,14 @@ class LogHeader:
     joined_tail: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("separator", "set_separator", "empty_field", "unset_field"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"LogHeader.{name} must be a str")
+        for name in ("path", "open"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"LogHeader.{name} must be a str or None")
+        if not isinstance(self.joined_tail, int) or isinstance(self.joined_tail, bool):
+            raise ValueError("LogHeader.joined_tail must be an int")
         if self.format not in ("tsv", "json"):
             raise ValueError(f"LogHeader.format must be 'tsv' or 'json', not {self.format!r}")
         if self.format == "tsv":
@@ -164,7 +172,9 @@ class LogHeader:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         for key in ("fields", "types"):
             if key in known:
-                known[key] = tuple(str(v) for v in known[key])
+                if not isinstance(known[key], (list, tuple)) or not all(isinstance(v, str) for v in known[key]):
+                    raise ValueError(f"LogHeader.{key} must be a list of str")
+                known[key] = tuple(known[key])
         return cls(**known)
 
     @classmethod
@@ -386,8 +396,6 @@ def _compile(header: LogHeader) -> _Plan:
     seen: set[str] = set()
     for i, column in enumerate(header.fields):
         field = FIELD_BY_COLUMN.get(column)
-        if field is None and column.replace("-", "_") in _RECORD_INDEX:
-            field = column.replace("-", "_") if column not in ("extra",) else None
         if field is None or field in seen:
             extra.append((i, column))
             continue
@@ -398,6 +406,8 @@ def _compile(header: LogHeader) -> _Plan:
     error = None
     if not header.fields:
         error = "no #fields header before data"
+    elif header.path is not None and not header.path.startswith("conn"):
+        error = f"not a conn log (#path {header.path[:40]})"
     elif missing:
         error = f"header lacks required column(s): {', '.join(missing)}"
     return _Plan(header=header, width=len(header.fields), columns=columns, extra=extra, error=error)

@@ -264,6 +264,12 @@ def test_header_less_tsv_is_rejected_line_by_line():
     ]
 
 
+def test_other_zeek_logs_are_not_conn_records():
+    dns = HEADER.replace("#path\tconn", "#path\tdns")
+    records, rejections = parse(dns + LINE_A)
+    assert records == [] and rejections[0].reason == "not a conn log (#path dns)"
+
+
 def test_header_without_required_column():
     records, rejections = parse("#fields\tts\tid.orig_h\n1.0\t10.0.0.1\n")
     assert records == []
@@ -389,6 +395,10 @@ def test_header_dict_round_trip_and_validation():
         LogHeader(fields=("a", "b"), types=("string",))
     with pytest.raises(ValueError):
         LogHeader.from_dict(["not", "a", "dict"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        LogHeader.from_dict({"separator": 9})
+    with pytest.raises(ValueError):
+        LogHeader.from_dict({"fields": "ts uid"})
 
 
 def test_parser_options_are_validated():
