@@ -533,6 +533,7 @@ def follow(
     stop: threading.Event | None = None,
     on_batch: Callable[[list[ConnRecord], list[tuple[str, float]] | None], None] | None = None,
     max_polls: int | None = None,
+    counters: FollowCounters | None = None,
 ) -> FollowCounters:
     """Follow a live Zeek ``conn.log`` until ``stop`` is set (or after ``max_polls`` polls).
 
@@ -561,7 +562,7 @@ def follow(
         except ValueError as exc:
             log.error("follow %s: saved position unusable (%s); starting at the beginning", path, exc)
     tail = ConnLogTail(path, position=committed)
-    counters = FollowCounters()
+    counters = counters if counters is not None else FollowCounters()  # a caller's: live figures
     failures = 0  # consecutive store errors, for the back-off
     try:
         while not stop.is_set():
