@@ -19,7 +19,7 @@ from gateway.mqtt import MqttLink, MqttSettings, TlsSettings
 from gateway.protocol import signing, topics
 from gateway.protocol.envelope import Envelope, Kind, encode_global
 from gateway.protocol.errors import RejectReason, Rejection
-from gateway.protocol.validation import ValidationPolicy, validate_envelope
+from gateway.protocol.validation import ValidationPolicy, spec_of, validate_envelope
 from prodbroker import PREFIX, Client, Pki, start_production_broker
 
 pytestmark = [
@@ -188,7 +188,7 @@ def test_oversize_publish_is_refused_and_not_delivered(broker, pki):
         assert agg.publish(topics.global_control(PREFIX), ok, timeout=20) < 0x80
         assert sub.wait_for(lambda m: len(m.payload) == len(ok), timeout=20) is not None
         with pytest.raises(TimeoutError):
-            agg.publish(topics.global_control(PREFIX), big, timeout=3)
+            agg.publish(topics.global_control(PREFIX), big, timeout=1.5)
         assert agg.closed.is_set()  # the broker dropped the oversize sender, and says so
         assert "disconnected due to oversize packet" in broker.log_path.read_text()
     finally:
@@ -198,3 +198,106 @@ def test_oversize_publish_is_refused_and_not_delivered(broker, pki):
         assert all(len(m.payload) != len(big) for m in sub.seen)
     finally:
         sub.close()
+
+
+def test_aggregator_and_gateway_run_over_mutual_tls(broker, pki, tmp_path):
+    """The real aggregator service, configured from TOML with the CA/cert/key paths,
+    and a gateway over the production broker: the gateway's update is pooled and
+    aggregated; its forged update in another gateway's name is refused by the broker
+    (other topic) or by the aggregator's validation (own topic, other sender); the signed
+    global model reaches the gateway and verifies."""
+    import json
+    import time
+
+    from aggregator_helpers import tiny_delta, tiny_model
+    from cloud_aggregator.service import AggregatorConfig, AggregatorService
+    from gateway.mqtt import Will
+    from gateway.protocol.envelope import encode_update
+
+    key_path = tmp_path / "signing" / "global-model.key"
+    config_path = tmp_path / "aggregator.toml"
+    config_path.write_text(f"""
+[aggregator]
+database = "{tmp_path / 'agg.db'}"
+signing_key = "{key_path}"
+known_senders = ["edge1", "edge2"]
+tick_s = 0.05
+[mqtt]
+host = "localhost"
+port = {broker.port}
+client_id = "agg-e2e"
+session_expiry_s = 0
+ca_file = "{pki.ca_file()}"
+cert_file = "{pki.cert('aggregator')}"
+key_file = "{pki.key('aggregator')}"
+[strategy]
+name = "gsfs"
+rho = 0.5
+""")
+    config = AggregatorConfig.from_toml(config_path)
+    assert config.mqtt.tls is not None and config.mqtt.tls.check_hostname
+    svc = AggregatorService(config, initial_weights=tiny_model()).start()
+    status = topics.gateway_status("edge1", PREFIX)
+    gw = MqttLink(
+        MqttSettings(host="localhost", port=broker.port, client_id="edge1-e2e", session_expiry_s=0,
+                     tls=TlsSettings(ca_file=str(pki.ca_file()), cert_file=str(pki.cert("gateway-edge1")),
+                                     key_file=str(pki.key("gateway-edge1")))),
+        subscriptions=[(topics.global_model_all(PREFIX), 1)],
+        will=Will(status, b'{"state":"offline"}'),
+    ).start()
+    try:
+        assert svc.wait_connected(10) and gw.wait_connected(10)
+        gw.publish(status, json.dumps({"state": "online", "ts": time.time()}).encode(),
+                   retain=True).wait_for_publish(5)
+        assert svc.wait_for(lambda s: "edge1" in s.pool.live_clients(), 10)
+        as_edge2 = encode_update(tiny_delta(9.0), sender="edge2", base_version=0, num_samples=1).data
+        # on edge2's topic: the broker drops it (ACL); on its own topic: the validation
+        gw.publish(topics.gateway_update("edge2", PREFIX), as_edge2).wait_for_publish(5)
+        gw.publish(topics.gateway_update("edge1", PREFIX), as_edge2).wait_for_publish(5)
+        assert svc.wait_for(lambda s: s.rejections["sender_mismatch"] == 1, 10), dict(svc.rejections)
+        good = encode_update(tiny_delta(0.5), sender="edge1", base_version=0, num_samples=8).data
+        gw.publish(topics.gateway_update("edge1", PREFIX), good).wait_for_publish(5)
+        assert svc.wait_for(lambda s: s.version == 1, 15), dict(svc.rejections)
+        assert svc.accepted == 1 and sum(svc.rejections.values()) == 1
+
+        public = signing.load_public_key(str(key_path) + ".pub")
+        accepted: list[Envelope] = []
+        deadline = time.monotonic() + 10
+        while not accepted and time.monotonic() < deadline:
+            msg = gw.inbox.get(timeout=max(0.1, deadline - time.monotonic()))
+            if msg.topic == topics.global_model(PREFIX):
+                result = validate_envelope(msg.payload, ValidationPolicy(
+                    kind=Kind.GLOBAL, verify_key=public, expected=spec_of(tiny_model())))
+                if isinstance(result, Envelope) and result.header.version == 1:
+                    accepted.append(result)
+        assert accepted, "no signed global model v1 reached the gateway"
+        np.testing.assert_allclose(accepted[0].tensors["encoder.bias"], 0.5)
+    finally:
+        gw.stop()
+        svc.stop()
+
+
+def test_client_factory_checks_the_broker_host_name(pki, tmp_path):
+    """gateway.mqtt's TLS settings verify the broker's name: a broker whose certificate
+    (from the right CA) is for another host is refused; with hostname checking off the
+    same broker is accepted, so the name, and nothing else, made the difference."""
+    wrong = pki.ca.issue_broker("elsewhere.example")
+    pki.bundles[wrong.bundle] = pki.ca.bundle_dir(wrong.bundle)
+    impostor = start_production_broker(pki, tmp_path / "impostor", broker_bundle=wrong.bundle)
+    try:
+        def attempt(check_hostname: bool) -> bool:
+            lk = MqttLink(MqttSettings(
+                host="localhost", port=impostor.port, client_id=f"hostcheck-{check_hostname}",
+                session_expiry_s=0,
+                tls=TlsSettings(ca_file=str(pki.ca_file()), cert_file=str(pki.cert("gateway-edge1")),
+                                key_file=str(pki.key("gateway-edge1")),
+                                check_hostname=check_hostname))).start()
+            try:
+                return lk.wait_connected(2 if check_hostname else 10)
+            finally:
+                lk.stop()
+
+        assert not attempt(True)
+        assert attempt(False)
+    finally:
+        impostor.stop()
