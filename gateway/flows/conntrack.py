@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import ipaddress
+import re
 from collections.abc import Iterable
 from enum import IntEnum
 
@@ -471,6 +472,8 @@ class ConnTracker:
         self._out: list[ConnRecord] = []
         self._addr_cache: dict[bytes, tuple[str, bool | None]] = {}
         self._uid_counter = 0
+        # FTP data channels announced on control connections: (orig_h, resp_h, resp_p) -> expiry
+        self._expected: dict[tuple[bytes, bytes, int], float] = {}
 
     # ------------------------------------------------------------------ public API
     def feed(self, pkt: Packet) -> list[ConnRecord]:
@@ -480,8 +483,8 @@ class ConnTracker:
             self.network_time = t
             if self._timers and self._timers[0][0] <= t:
                 self._run_timers(t)
-        elif t < self.network_time:
-            t = self.network_time  # out-of-order capture: Zeek keeps network time monotonic
+        # an out-of-order packet keeps its own time for the connection (as in Zeek); only
+        # network time, which drives the timers, never goes back
         proto = pkt.proto
         if proto == PROTO_TCP:
             self._tcp(pkt, t)
@@ -614,6 +617,8 @@ class ConnTracker:
             if flip:
                 conn.flip_roles()
             conn.app = self._app_for(TCP, conn.resp_p)
+            if self._expected:
+                self._apply_expected(conn, t)
             self._timer(t + TCP_SYN_TIMEOUT, _T_EXPIRE, conn)
             self._timer(t + conn.inactivity_timeout, _T_INACTIVITY, conn)
             new = True
@@ -1039,7 +1044,30 @@ class ConnTracker:
             return None
         return app
 
+    def _apply_expected(self, conn: Conn, t: float) -> None:
+        expiry = self._expected.get((conn.orig_h, conn.resp_h, conn.resp_p))
+        if expiry is not None:
+            if expiry >= t:
+                self._add_service(conn, "ftp-data")
+                conn.app_done = True
+            else:
+                del self._expected[(conn.orig_h, conn.resp_h, conn.resp_p)]
+
+    def _ftp_control(self, conn: Conn, payload: bytes, is_orig: bool, t: float) -> None:
+        """Note the data channels PORT/EPRT and 227/229 replies announce (ftp/main.zeek)."""
+        for line in payload.split(b"\n"):
+            line = line.strip()
+            found = _ftp_data_channel(line, is_orig, conn.orig_h, conn.resp_h)
+            if found is not None:
+                if len(self._expected) > 10_000:
+                    self._expected = {k: v for k, v in self._expected.items() if v >= t}
+                self._expected[found] = t + 300.0
+
     def _detect_service(self, conn: Conn, pkt: Packet, is_orig: bool) -> None:
+        if conn.app == "ftp" and (self.protocols is None or "ftp" in self.protocols):
+            self._ftp_control(conn, pkt.payload, is_orig, pkt.ts)
+            if conn.service:
+                return
         found = sniff_service(PROTO_TCP, pkt.payload, is_orig)
         if found is None and conn.app is not None:
             payload = pkt.payload
@@ -1054,7 +1082,8 @@ class ConnTracker:
                 found = app
         if found is not None and (self.protocols is None or found in self.protocols):
             self._add_service(conn, found)
-            conn.app_done = True
+            if conn.app != "ftp":  # FTP control keeps announcing data channels
+                conn.app_done = True
 
     @staticmethod
     def _add_service(conn: Conn, name: str) -> None:
@@ -1188,6 +1217,40 @@ def _window_scale_option(opts: bytes) -> int:
             return opts[i + 2]
         i += olen
     return -1
+
+
+_PASV = re.compile(rb"(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3})")
+_EPSV = re.compile(rb"\((.)\1\1(\d+)\1\)")
+
+
+def _ftp_data_channel(line: bytes, is_orig: bool, orig_h: bytes, resp_h: bytes):
+    """The (orig_h, resp_h, resp_p) an FTP control line announces, or None."""
+    upper = line[:5].upper()
+    if is_orig and upper == b"PORT ":
+        m = _PASV.search(line)
+        if m:
+            nums = [int(x) for x in m.groups()]
+            if all(n < 256 for n in nums):
+                return resp_h, bytes(nums[:4]), nums[4] * 256 + nums[5]
+    elif is_orig and upper == b"EPRT ":
+        parts = line[5:].strip().split(line[5:6] or b"|")
+        if len(parts) >= 4:
+            try:
+                host = ipaddress.ip_address(parts[2].decode()).packed
+                return resp_h, host, int(parts[3])
+            except ValueError:
+                return None
+    elif not is_orig and line[:4] == b"227 ":
+        m = _PASV.search(line)
+        if m:
+            nums = [int(x) for x in m.groups()]
+            if all(n < 256 for n in nums):
+                return orig_h, bytes(nums[:4]), nums[4] * 256 + nums[5]
+    elif not is_orig and line[:4] == b"229 ":
+        m = _EPSV.search(line)
+        if m:
+            return orig_h, resp_h, int(m.group(2))
+    return None
 
 
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

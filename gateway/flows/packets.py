@@ -170,9 +170,14 @@ class PacketDecoder:
         self.max_fragment_buffers = max_fragment_buffers
         self.fragment_timeout = fragment_timeout
         self.skipped: dict[str, int] = {}
+        self.notes: dict[str, int] = {}  # weirds on packets that were still used
         self._fragments: dict[tuple, _FragmentBuffer] = {}
 
     # ------------------------------------------------------------------ bookkeeping
+    def _skip_note(self, reason: str) -> None:
+        """Count a weird that does not drop the packet."""
+        self.notes[reason] = self.notes.get(reason, 0) + 1
+
     def _skip(self, reason: str) -> str:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         return reason
@@ -268,6 +273,10 @@ class PacketDecoder:
         if hlen < 20:
             return self._skip("bad_IP_header_len")
         total = frame[off + 2] << 8 | frame[off + 3]
+        if total == 0:
+            # TCP segmentation offload leaves the length zero: Zeek uses what was captured
+            self._skip_note("ip_hdr_len_zero")
+            total = n - off
         if total < hlen:
             return self._skip("IP_len_lt_hdr_len")
         if n < off + hlen:
