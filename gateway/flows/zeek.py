@@ -73,6 +73,7 @@ _ADDR_TEXT = re.compile(r"[0-9a-fA-F.:\n]*")  # checked on a whole column joined
 _GZIP_MAGIC = b"\x1f\x8b"
 _NUMBER_TEXT = re.compile(r"[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?")
 _NUMBER_COLUMN = re.compile(r"[-+0-9.eE\n]*")
+_LONG_DIGITS = re.compile(r"[0-9]{20}")
 _ODD_FOR_NUMBERS = re.compile(r"[_ \x0b\x0c\x1c-\x1f]")
 _BLOCK_BYTES = 64 << 10  # lines are parsed in blocks of about this size
 
@@ -273,11 +274,13 @@ def _number_column(col, ctx, name, required, kind):
             present = list(filter(None, vals))
         else:
             vals = present = list(map(base, col))
-        if present:
+        if present:  # range checks, skipped where the block's text rules them out
             if base is float:
-                if not math.isfinite(sum(present)) or min(present) < lo:
+                if not math.isfinite(sum(present)) or (ctx.signed and min(present) < lo):
                     raise ValueError
-            elif min(present) < lo or max(present) > hi:
+            elif (ctx.signed and min(present) < lo) or (
+                (kind == "port" or ctx.long_digits) and max(present) > hi
+            ):
                 raise ValueError
         return vals, None
     except (ValueError, TypeError):
@@ -377,6 +380,8 @@ class _Context(NamedTuple):
     escaped: bool  # the block holds a backslash: undo \x escapes in strings
     blank_fields: bool  # the block may hold a zero-length field
     odd_text: bool  # the block holds characters int()/float() skip or accept oddly
+    signed: bool  # some field may start with a minus sign
+    long_digits: bool  # some run of 20+ digits: a count may exceed 2**64 - 1
 
 
 @dataclass
@@ -387,6 +392,7 @@ class _Plan:
     width: int  # TSV columns per line after IoT-23 tails are split
     columns: list[tuple[int, str, Callable, str, bool]]  # (text col, field, conv, kind, required)
     extra: list[tuple[int, str]]  # (text col, column name) kept raw
+    signed_field: re.Pattern  # finds a field that starts with "-" and a digit or "."
     error: str | None = None
 
 
@@ -410,7 +416,10 @@ def _compile(header: LogHeader) -> _Plan:
         error = f"not a conn log (#path {header.path[:40]})"
     elif missing:
         error = f"header lacks required column(s): {', '.join(missing)}"
-    return _Plan(header=header, width=len(header.fields), columns=columns, extra=extra, error=error)
+    signed = re.compile(f"(?:^|{re.escape(header.separator)})-[0-9.]", re.M)
+    return _Plan(
+        header=header, width=len(header.fields), columns=columns, extra=extra, signed_field=signed, error=error
+    )
 
 
 # --------------------------------------------------------------------------- parser
@@ -733,7 +742,9 @@ class ZeekLogParser:
         h = plan.header
         escaped = "\\" in text
         odd = not text.isascii() or _ODD_FOR_NUMBERS.search(text) is not None
-        ctx = _Context(h.unset_field, h.empty_field, h.set_separator, escaped, blank, odd)
+        signed = plan.signed_field.search(text) is not None
+        long_digits = _LONG_DIGITS.search(text) is not None
+        ctx = _Context(h.unset_field, h.empty_field, h.set_separator, escaped, blank, odd, signed, long_digits)
         record_cols: list[Any] = [repeat(None)] * _N_RECORD_FIELDS
         record_cols[_EXTRA_INDEX] = repeat(())
         bad: dict[int, str] = {}

@@ -289,6 +289,8 @@ def test_header_without_required_column():
         (LINE_A.replace("141.142.228.5", "evil host"), "id.orig_h: not an IP address"),
         (LINE_A.replace("\thttp\t", "\t\t"), "service: empty field"),
         (LINE_A.replace("\t136\t", "\t1_36\t"), "orig_bytes: not a number"),
+        (LINE_A.replace("\t136\t", "\t18446744073709551616\t"), "orig_bytes: out of range"),
+        (LINE_A.replace("\t0.211484\t", "\t-0.5\t"), "duration: not a number"),
     ],
 )
 def test_bad_line_rejected_good_ones_kept(bad_line, reason):
