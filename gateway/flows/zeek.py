@@ -17,10 +17,12 @@ It keeps a partial last line until its newline arrives, so any split of a byte s
 gives the same records.  Bad lines become :class:`Rejection` values (source, line
 number, reason, text), counted and logged; the good records around them are kept.
 
-The hot path is columnar: a block of lines is split once, transposed with ``zip``, and
-each column is converted by a converter chosen when the header was read (``map(int,
-col)`` and friends run in C); only a column that fails falls back to a per-value pass
-that pinpoints the bad rows.  Records are built with ``tuple.__new__`` through ``map``.
+The hot path is columnar: a block of about 64 KiB of lines whose field counts all match
+the header is split once into a flat list and sliced into columns, and each column is
+converted by a converter chosen when the header was read (``map(int, col)`` and friends
+run in C); only a column that fails falls back to a per-value pass that pinpoints the
+bad rows.  Records are built with ``tuple.__new__`` through ``map``, with the cyclic GC
+paused while a chunk is parsed.
 """
 
 from __future__ import annotations
@@ -219,13 +221,13 @@ def _unescape_hex(text: str) -> str:
 def _split_joined(items: list[str]) -> tuple[list[str], int]:
     """IoT-23: expand a last ``#fields``/``#types`` entry joined by three spaces."""
     if items and IOT23_JOINER in items[-1]:
-        tail = [p for p in items[-1].split(IOT23_JOINER)]
+        tail = items[-1].split(IOT23_JOINER)
         return items[:-1] + tail, len(tail)
     return items, 0
 
 
 # --------------------------------------------------------------------------- columns
-# Each converter takes a column (a tuple of raw strings) and returns (values, bad) where
+# Each converter takes a column (a sequence of raw strings) and returns (values, bad) where
 # bad maps a row index to a reason.  The fast path handles a clean column in C.
 
 
