@@ -239,3 +239,19 @@ def test_random_appends_restarts_and_a_rotation_lose_and_duplicate_nothing(tmp_p
         append(path, files[1])
     got += tail.poll()[0]
     assert uids(got) == want
+
+
+def test_json_log_and_resume(conn_log):
+    lines = [
+        '{"ts":%d.5,"uid":"C%010d","id.orig_h":"10.0.0.1","id.orig_p":1,"id.resp_h":"10.0.0.2","id.resp_p":2,"proto":"udp"}\n'
+        % (i, i)
+        for i in range(4)
+    ]
+    append(conn_log, "".join(lines[:2]) + lines[2][:20])
+    first = ConnLogTail(conn_log)
+    got, pos = first.poll()
+    first.close()
+    assert pos.header["format"] == "json"
+    append(conn_log, lines[2][20:] + lines[3])
+    more, _ = ConnLogTail(conn_log, position=TailPosition.from_json(pos.to_json())).poll()
+    assert uids(got + more) == expected(0, 4)
