@@ -65,6 +65,7 @@ class AggregatorConfig:
     chunk_timeout_s [120]: incomplete chunked updates are dropped after this long.
     tick_s [0.2]: how often the worker checks deadlines when idle.
     checkpoints_kept [5]: old checkpoints pruned beyond this many.
+    intake_batch [64]: most messages stored in one transaction (then acknowledged).
     evaluator [None]: "module:function" returning a callable weights -> metrics.
     local [{}]: local-training settings published on the control topic.
     mqtt: broker connection (:class:`gateway.mqtt.MqttSettings`).
@@ -87,6 +88,7 @@ class AggregatorConfig:
     chunk_timeout_s: float = 120.0
     tick_s: float = 0.2
     checkpoints_kept: int = 5
+    intake_batch: int = 64
     evaluator: str | None = None
     local: Mapping[str, Any] = field(default_factory=dict)
     mqtt: MqttSettings = field(default_factory=lambda: MqttSettings(client_id="fedgate-aggregator"))
@@ -100,8 +102,8 @@ class AggregatorConfig:
             raise ValueError("chunk_bytes must be 0 or at least 1024")
         if self.max_update_bytes < 1024 or self.chunk_timeout_s <= 0 or self.tick_s <= 0:
             raise ValueError("max_update_bytes >= 1024, chunk_timeout_s > 0 and tick_s > 0 required")
-        if self.checkpoints_kept < 1:
-            raise ValueError("checkpoints_kept must be >= 1")
+        if self.checkpoints_kept < 1 or self.intake_batch < 1:
+            raise ValueError("checkpoints_kept and intake_batch must be >= 1")
         if self.known_senders is not None:
             object.__setattr__(self, "known_senders", frozenset(topics.check_gateway_id(s) for s in self.known_senders))
         LocalSettings(**dict(self.local))  # validates names
@@ -169,6 +171,14 @@ def load_or_create_key(path: str | None) -> signing.Ed25519PrivateKey | None:
     return key
 
 
+@dataclass
+class _Batch:
+    """Counter changes of one intake transaction, applied after it commits."""
+
+    accepted: int = 0
+    rejections: Counter = field(default_factory=Counter)
+
+
 class AggregatorService:
     """Owns the store, the pool, the strategy and the MQTT link.
 
@@ -232,23 +242,36 @@ class AggregatorService:
             if row.strategy != self.strategy.name:
                 log.warning("store was used with strategy %r, now %r", row.strategy, self.strategy.name)
                 row.strategy = self.strategy.name
-            self.global_parts = row.global_parts
-            self.pool.restore(version=row.version, updates=store.load_pool(s), clients=store.load_clients(s),
-                              seen=store.load_seen(s, limit=self.pool.replay_window), round_number=row.round,
-                              selected=row.selected or (), round_opened_at=row.round_opened_at)
-            last = store.rounds(s, limit=1)
-            self._last_round_end = last[0].finished_at if last else 0.0
-            for chunk_row in store.load_chunks(s):
-                try:
-                    self.reassembler.restore([(chunk_row.sender, chunking.parse_chunk(chunk_row.frame),
-                                               chunk_row.first_seen)])
-                except EnvelopeError:
-                    store.drop_chunks(s, chunk_row.sender, chunk_row.message_id)
-            for reason, n in store.rejection_counts(s).items():
-                self.rejections[reason] = n
-            self.accepted = store.accepted_total(s)
+            self._restore_runtime(s, row)
         self.update_spec = spec_of(self.weights, floating_only=True)
         log.info("aggregator at version %s with %s pooled updates", self.pool.version, len(self.pool))
+
+    def _reload(self) -> None:
+        """Rebuild pool, reassembler and counters from the store (after a failed commit)."""
+        self.pool = UpdatePool(clock=self.clock)
+        self.reassembler = chunking.Reassembler(clock=self.clock, timeout_s=self.config.chunk_timeout_s,
+                                                max_message_bytes=self.config.max_update_bytes)
+        self.rejections = Counter()
+        with self.sessions() as s:
+            self._restore_runtime(s, store.get_state(s))
+
+    def _restore_runtime(self, s, row) -> None:
+        """Pool, chunks in reassembly and counters as the store has them."""
+        self.global_parts = row.global_parts
+        self.pool.restore(version=row.version, updates=store.load_pool(s), clients=store.load_clients(s),
+                          seen=store.load_seen(s, limit=self.pool.replay_window), round_number=row.round,
+                          selected=row.selected or (), round_opened_at=row.round_opened_at)
+        last = store.rounds(s, limit=1)
+        self._last_round_end = last[0].finished_at if last else 0.0
+        for chunk_row in store.load_chunks(s):
+            try:
+                self.reassembler.restore([(chunk_row.sender, chunking.parse_chunk(chunk_row.frame),
+                                           chunk_row.first_seen)])
+            except EnvelopeError:  # cannot happen for frames we stored; never fatal
+                log.warning("unreadable stored chunk of %s dropped", chunk_row.message_id)
+        for reason, n in store.rejection_counts(s).items():
+            self.rejections[reason] = n
+        self.accepted = store.accepted_total(s)
 
     @property
     def version(self) -> int:
@@ -301,66 +324,86 @@ class AggregatorService:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                item = self.inbox.get(timeout=self.config.tick_s)
+                items = [self.inbox.get(timeout=self.config.tick_s)]
             except queue.Empty:
-                item = None
+                items = []
+            while items and len(items) < self.config.intake_batch:
+                try:  # whatever else is already waiting goes into the same transaction
+                    items.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                if isinstance(item, ConnectionChanged):
-                    if item.up:
-                        self._publish_current()
-                elif isinstance(item, Inbound):
-                    self.handle(item)
+                if any(isinstance(i, ConnectionChanged) and i.up for i in items):
+                    self._publish_current()
+                messages = [i for i in items if isinstance(i, Inbound)]
+                if messages:
+                    self.handle_batch(messages)
                 self.tick()
             except Exception:  # keep running: log, and the next message gets its chance
                 log.exception("aggregator worker error")
             self._notify()
 
     # ------------------------------------------------------------------ intake
+    def handle_batch(self, messages: list[Inbound]) -> None:
+        """Store what ``messages`` carry in ONE transaction, then acknowledge them all.
+
+        If the commit fails nothing is acknowledged (the broker redelivers) and the
+        in-memory pool is rebuilt from the store, so memory never runs ahead of disk.
+        """
+        batch = _Batch()
+        try:
+            with self.sessions.begin() as s:
+                for msg in messages:
+                    self._handle_one(msg, s, batch)
+        except Exception:
+            log.exception("storing %s messages failed; reloading state from the store", len(messages))
+            self._reload()
+            raise
+        self.rejections.update(batch.rejections)
+        self.accepted += batch.accepted
+        for msg in messages:
+            self.link.ack(msg)
+
     def handle(self, msg: Inbound) -> None:
-        """One received message: status or update (whole or chunk).  Acks after storing."""
+        """One received message (status or update, whole or chunk); acks after storing."""
+        self.handle_batch([msg])
+
+    def _handle_one(self, msg: Inbound, s, batch: "_Batch") -> None:
         try:
             sender, kind = topics.parse_gateway_topic(msg.topic, self.config.prefix)
         except topics.TopicError:
-            self.link.ack(msg)
             return
         if kind == "status":
             online, status = parse_status(msg.payload)
             self.pool.set_status(sender, online, status)
-            with self.sessions.begin() as s:
-                store.save_client(s, sender, self.pool.clients[sender])
-            self.link.ack(msg)
+            store.save_client(s, sender, self.pool.clients[sender])
             log.info("gateway %s is %s", sender, "online" if online else "offline")
-            return
-        if kind != "update":
-            self.link.ack(msg)
-            return
-        if chunking.is_chunk(msg.payload):
-            self._handle_chunk(sender, msg)
-        else:
-            self._intake(sender, msg.payload)
-        self.link.ack(msg)
+        elif kind == "update":
+            if chunking.is_chunk(msg.payload):
+                self._handle_chunk(sender, msg, s, batch)
+            else:
+                self._intake(sender, msg.payload, s, batch)
 
-    def _handle_chunk(self, sender: str, msg: Inbound) -> None:
+    def _handle_chunk(self, sender: str, msg: Inbound, s, batch: "_Batch") -> None:
         try:
             chunk = chunking.parse_chunk(msg.payload)
             whole, evicted = self.reassembler.add(chunk, source=sender)
         except EnvelopeError as exc:
-            self._reject(sender, exc.as_rejection())
+            self._reject(sender, exc.as_rejection(), s, batch)
             return
         for gone in evicted:
-            self._expired(gone)
+            self._expired(gone, s, batch)
         if whole is None:
-            with self.sessions.begin() as s:
-                store.save_chunk(s, sender=sender, message_id=chunk.message_id, index=chunk.index,
-                                 frame=msg.payload, first_seen=self.clock())
+            store.save_chunk(s, sender=sender, message_id=chunk.message_id, index=chunk.index,
+                             frame=msg.payload, first_seen=self.clock())
             return
-        self._intake(sender, whole, chunk_message_id=chunk.message_id)
+        store.drop_chunks(s, sender, chunk.message_id)
+        self._intake(sender, whole, s, batch)
 
-    def _expired(self, gone: chunking.Expired) -> None:
-        with self.sessions.begin() as s:
-            store.drop_chunks(s, gone.source, gone.message_id)
+    def _expired(self, gone: chunking.Expired, s, batch: "_Batch") -> None:
+        store.drop_chunks(s, gone.source, gone.message_id)
         self._reject(gone.source, Rejection(RejectReason.INCOMPLETE_CHUNK,
-                                            f"message {gone.message_id}: {gone.have}/{gone.count} chunks"))
+                                            f"message {gone.message_id}: {gone.have}/{gone.count} chunks"), s, batch)
 
     def policy(self, sender: str | None = None) -> ValidationPolicy:
         return ValidationPolicy(kind=Kind.UPDATE, expected=self.update_spec, known_senders=self.config.known_senders,
@@ -368,43 +411,38 @@ class AggregatorService:
                                 current_version=self.pool.version, max_staleness=self.config.max_staleness,
                                 is_replay=self.pool.is_replay)
 
-    def _intake(self, sender: str, data: bytes, *, chunk_message_id: str | None = None) -> None:
+    def _intake(self, sender: str, data: bytes, s, batch: "_Batch") -> None:
         result = validate_envelope(data, self.policy(sender))
         if isinstance(result, Rejection):
-            if chunk_message_id is not None:
-                with self.sessions.begin() as s:
-                    store.drop_chunks(s, sender, chunk_message_id)
-            self._reject(sender, result)
+            self._reject(sender, result, s, batch)
             return
-        self._accept(result, chunk_message_id=chunk_message_id)
-
-    def _accept(self, env: Envelope, *, chunk_message_id: str | None) -> None:
-        h = env.header
+        h = result.header
         update = PooledUpdate(sender=h.sender, message_id=h.message_id, base_version=h.base_version, round=h.round,
-                              num_samples=h.num_samples, delta=env.tensors, received_at=self.clock(),
-                              metrics=h.metrics, wire_bytes=env.wire_bytes)
+                              num_samples=h.num_samples, delta=result.tensors, received_at=self.clock(),
+                              metrics=h.metrics, wire_bytes=result.wire_bytes)
         stored = self.pool.offer(update)
         if isinstance(stored, Rejection):
-            self._reject(h.sender, stored)
+            self._reject(h.sender, stored, s, batch)
             return
-        with self.sessions.begin() as s:
-            store.store_update(s, stored, self.pool.clients[h.sender])
-            if chunk_message_id is not None:
-                store.drop_chunks(s, h.sender, chunk_message_id)
-        self.accepted += 1
+        store.store_update(s, stored, self.pool.clients[h.sender], envelope=bytes(data))
+        batch.accepted += 1
         log.info("update %s from %s (base %s, %s samples, s_i=%s) pooled", h.message_id[:8], h.sender,
                  h.base_version, h.num_samples, stored.submissions)
 
-    def _reject(self, sender: str, rejection: Rejection) -> None:
-        self.rejections[rejection.reason.value] += 1
+    def _reject(self, sender: str, rejection: Rejection, s, batch: "_Batch") -> None:
+        batch.rejections[rejection.reason.value] += 1
         log.warning("rejected message from %s: %s", sender, rejection)
-        with self.sessions.begin() as s:
-            store.count_rejection(s, rejection.reason.value, rejection.detail, sender)
+        store.count_rejection(s, rejection.reason.value, rejection.detail, sender)
 
     # ------------------------------------------------------------------ decisions
     def tick(self) -> None:
-        for gone in self.reassembler.expire():
-            self._expired(gone)
+        expired = self.reassembler.expire()
+        if expired:
+            batch = _Batch()
+            with self.sessions.begin() as s:
+                for gone in expired:
+                    self._expired(gone, s, batch)
+            self.rejections.update(batch.rejections)
         if self.strategy.synchronous:
             self._manage_round()
         view = self.pool.view()

@@ -36,6 +36,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from cloud_aggregator.pool import ClientInfo, PooledUpdate
+from gateway.protocol.envelope import decode_envelope
 
 Tensors = dict[str, np.ndarray]
 
@@ -71,7 +72,9 @@ class PoolUpdateRow(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     received_at: Mapped[float] = mapped_column(Float)
     wire_bytes: Mapped[int] = mapped_column(Integer, default=0)
-    delta: Mapped[bytes] = mapped_column(LargeBinary)  # zstd(safetensors) of the decoded delta
+    # the validated wire envelope as received (already compressed: storing it costs no
+    # re-encoding on the intake path; a restart decodes it again)
+    envelope: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class SeenUpdateRow(Base):
@@ -220,13 +223,13 @@ def latest_checkpoint(session: Session) -> CheckpointRow | None:
     return session.scalars(select(CheckpointRow).order_by(CheckpointRow.version.desc()).limit(1)).first()
 
 
-def store_update(session: Session, update: PooledUpdate, client: ClientInfo) -> None:
+def store_update(session: Session, update: PooledUpdate, client: ClientInfo, *, envelope: bytes) -> None:
     """Pool row (replacing the sender's older one), replay key and client counters."""
     session.merge(PoolUpdateRow(
         sender=update.sender, message_id=update.message_id, base_version=update.base_version,
         round=update.round, num_samples=update.num_samples, submissions=update.submissions,
         metrics=dict(update.metrics), received_at=update.received_at, wire_bytes=update.wire_bytes,
-        delta=pack_tensors(update.delta)))
+        envelope=envelope))
     session.add(SeenUpdateRow(sender=update.sender, message_id=update.message_id,
                               received_at=update.received_at, base_version=update.base_version,
                               wire_bytes=update.wire_bytes))
@@ -246,10 +249,12 @@ def remove_pool_updates(session: Session, senders: Iterable[str]) -> None:
 
 
 def load_pool(session: Session) -> list[PooledUpdate]:
+    """The pooled updates, decoded again from their stored envelopes (validated on intake)."""
     return [
         PooledUpdate(sender=r.sender, message_id=r.message_id, base_version=r.base_version, round=r.round,
-                     num_samples=r.num_samples, delta=unpack_tensors(r.delta), received_at=r.received_at,
-                     metrics=dict(r.metrics or {}), submissions=r.submissions, wire_bytes=r.wire_bytes)
+                     num_samples=r.num_samples, delta=decode_envelope(r.envelope).tensors,
+                     received_at=r.received_at, metrics=dict(r.metrics or {}), submissions=r.submissions,
+                     wire_bytes=r.wire_bytes)
         for r in session.scalars(select(PoolUpdateRow).order_by(PoolUpdateRow.sender))
     ]
 

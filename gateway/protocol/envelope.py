@@ -378,8 +378,13 @@ def _load_safetensors(raw: bytes) -> Tensors:
 def decompress_body(body: bytes, *, max_decoded_bytes: int) -> bytes:
     """zstd-decompress with a hard output bound (no decompression bombs)."""
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
-        raw = reader.read(max_decoded_bytes + 1)
+        announced = zstandard.frame_content_size(body)
+        if announced > max_decoded_bytes:
+            raise EnvelopeError(RejectReason.OVERSIZE, f"payload announces {announced} bytes")
+        if announced >= 0:  # size in the frame header: one exact allocation, the fast path
+            raw = zstandard.ZstdDecompressor().decompress(body)
+        else:
+            raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read(max_decoded_bytes + 1)
     except zstandard.ZstdError as exc:
         raise _schema(f"payload is not valid zstd: {exc}") from None
     if len(raw) > max_decoded_bytes:

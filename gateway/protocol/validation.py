@@ -86,12 +86,12 @@ def _check_tensors(tensors: Mapping[str, np.ndarray], expected: TensorSpec | Non
             return _reject(RejectReason.NAMES, f"missing {missing}, unexpected {extra}")
         for name, (shape, dtype) in expected.items():
             arr = tensors[name]
-            if tuple(arr.shape) != tuple(shape):
+            if arr.shape != tuple(shape):
                 return _reject(RejectReason.SHAPES, f"{name}: shape {tuple(arr.shape)} != {tuple(shape)}")
-            if np.dtype(arr.dtype).name != np.dtype(dtype).name:
+            if arr.dtype != np.dtype(dtype):
                 return _reject(RejectReason.DTYPES, f"{name}: dtype {arr.dtype} != {dtype}")
     for name, arr in tensors.items():
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             return _reject(RejectReason.NON_FINITE, f"{name} holds NaN or Inf")
     return None
 
