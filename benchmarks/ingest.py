@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, default=None, help="build the log in this directory and keep it")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    # A piped table (quoted in reports) keeps every column: rich reads COLUMNS.
+    os.environ.setdefault("COLUMNS", "120")
 
     from rich.console import Console
 
