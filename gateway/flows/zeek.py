@@ -1065,12 +1065,10 @@ def _escape(value: str, specials: tuple[str, ...]) -> str:
     return "".join(out)
 
 
-def _needs_escape(value: str, specials: tuple[str, ...]) -> bool:
-    if "\\" in value or any(s in value for s in specials):
-        return True
-    return not value.isprintable() and any(
-        ord(c) < 0x20 or ord(c) == 0x7F or 0xDC80 <= ord(c) <= 0xDCFF for c in value
-    )
+def _escape_finder(specials: tuple[str, ...]) -> Callable[[str], Any]:
+    """``search`` of a pattern that finds what :func:`_escape` must rewrite."""
+    alternatives = [r"[\\\x00-\x1f\x7f\udc80-\udcff]"] + [re.escape(s) for s in specials]
+    return re.compile("|".join(alternatives)).search
 
 
 class ZeekTsvWriter:
@@ -1168,6 +1166,7 @@ class ZeekTsvWriter:
         idx = _RECORD_INDEX[field]
         typ = TYPE_BY_FIELD[field]
         specials = (sep, IOT23_JOINER) if h.joined_tail else (sep,)
+        needs_escape = _escape_finder(specials)
         if typ in ("time", "interval", "double"):
             return lambda rec: unset if rec[idx] is None else "%.6f" % rec[idx]
         if typ in ("count", "port"):
@@ -1176,6 +1175,14 @@ class ZeekTsvWriter:
             return lambda rec: unset if rec[idx] is None else ("T" if rec[idx] else "F")
         if typ == "set[string]":
             set_specials = specials + (set_sep,)
+            element_needs_escape = _escape_finder(set_specials)
+
+            def fmt_element(e: str) -> str:
+                if element_needs_escape(e):
+                    e = _escape(e, set_specials)
+                if e == unset or e == empty:
+                    e = f"\\x{ord(e[0]):02x}" + e[1:]
+                return e
 
             def fmt_set(rec: ConnRecord) -> str:
                 v = rec[idx]
@@ -1183,9 +1190,7 @@ class ZeekTsvWriter:
                     return unset
                 if not v:
                     return empty
-                return set_sep.join(
-                    _escape(e, set_specials) if _needs_escape(e, set_specials) else e for e in v
-                )
+                return set_sep.join(map(fmt_element, v))
 
             return fmt_set
 
@@ -1195,7 +1200,7 @@ class ZeekTsvWriter:
                 return unset
             if v == "":
                 return empty
-            if _needs_escape(v, specials):
+            if needs_escape(v):
                 v = _escape(v, specials)
             if v == unset or v == empty:  # a real value that looks like a placeholder
                 v = f"\\x{ord(v[0]):02x}" + v[1:]

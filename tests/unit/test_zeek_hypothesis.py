@@ -112,19 +112,23 @@ def test_fuzz_bytes_never_raise(junk, cuts):
             st.integers(0, 2**64 - 1),
             st.floats(0, 1e9, allow_nan=False),
             st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+            st.none() | st.lists(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8), max_size=3),
         ),
         min_size=1,
         max_size=10,
     )
 )
 def test_written_values_parse_back(values):
-    """Counts, intervals and arbitrary strings survive the writer and the parser."""
+    """Counts, intervals, arbitrary strings and sets survive the writer and the parser."""
     from gateway.flows.zeek import LogHeader, to_tsv_bytes
 
     base, _, _ = run([(HEADER + LINE_A).encode()])
     records = [
-        base[0]._replace(orig_bytes=n, duration=round(d, 6), history=s, service=s or None)
-        for n, d, s in values
+        base[0]._replace(
+            orig_bytes=n, duration=round(d, 6), history=s, service=s or None,
+            tunnel_parents=None if parents is None else tuple(parents),
+        )  # fmt: skip
+        for n, d, s, parents in values
     ]
     header = LogHeader.zeek_conn()
     data = to_tsv_bytes(records, header=header, open_stamp="a", close_stamp="b")
