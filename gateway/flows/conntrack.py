@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable
 from enum import IntEnum
 
-from gateway.flows.packets import PROTO_ICMP, PROTO_ICMP6, PROTO_TCP, PROTO_UDP, Packet
+from gateway.flows.packets import PROTO_ICMP, PROTO_ICMP6, PROTO_TCP, PROTO_UDP, UDP_TUNNEL_PORTS, Packet
 from gateway.flows.record import ConnRecord
 
 # ---------------------------------------------------------------------------- configuration
@@ -336,7 +336,7 @@ class Conn:
         "history", "hist_mask", "orig_pkts", "orig_ip_bytes", "resp_pkts", "resp_ip_bytes",
         "orig", "resp", "orig_size", "resp_size", "removed", "inactivity_timeout", "service",
         "missed_bytes", "is_partial", "first_packet_seen", "is_active", "app", "app_done",
-        "seq_no", "ip_proto", "tunneled",
+        "seq_no", "ip_proto", "parents", "uid",
     )
 
     def __init__(self, key, proto: int, orig_h: bytes, orig_p: int, resp_h: bytes, resp_p: int, t: float):
@@ -365,7 +365,8 @@ class Conn:
         self.app: str | None = None  # application analyzer guessed from the ports
         self.app_done = False
         self.seq_no = 0
-        self.tunneled = False
+        self.parents: tuple[str, ...] | None = None  # uids of enclosing tunnel connections
+        self.uid: str | None = None
 
     def flip_roles(self) -> None:
         """Swap originator and responder (Zeek's Connection::FlipRoles); appends ``^``."""
@@ -474,6 +475,7 @@ class ConnTracker:
         self._uid_counter = 0
         # FTP data channels announced on control connections: (orig_h, resp_h, resp_p) -> expiry
         self._expected: dict[tuple[bytes, bytes, int], float] = {}
+        self._parent: tuple[str, ...] | None = None  # tunnel parents of the packet being processed
 
     # ------------------------------------------------------------------ public API
     def feed(self, pkt: Packet) -> list[ConnRecord]:
@@ -485,19 +487,34 @@ class ConnTracker:
                 self._run_timers(t)
         # an out-of-order packet keeps its own time for the connection (as in Zeek); only
         # network time, which drives the timers, never goes back
-        proto = pkt.proto
-        if proto == PROTO_TCP:
-            self._tcp(pkt, t)
-        elif proto == PROTO_UDP:
-            self._udp(pkt, t)
-        elif proto == PROTO_ICMP or proto == PROTO_ICMP6:
-            self._icmp(pkt, t)
-        else:
-            self._unknown(pkt, t)
+        self._dispatch(pkt, t)
         if self._out:
             out, self._out = self._out, []
             return out
         return _EMPTY
+
+    def _dispatch(self, pkt: Packet, t: float, parent: tuple[str, ...] | None = None) -> None:
+        if parent is None and pkt.tunnel is not None:
+            parent = (_tunnel_uid(pkt.tunnel),)
+        self._parent = parent
+        proto = pkt.proto
+        if proto == PROTO_TCP:
+            self._tcp(pkt, t)
+        elif proto == PROTO_UDP:
+            outer = self._udp(pkt, t)
+            inner = pkt.inner
+            if inner is not None:
+                # a UDP tunnel (VXLAN, Geneve, Teredo, GTP-U): the carrier is a connection of
+                # its own, and what it carries is tracked with the carrier as parent
+                kind = UDP_TUNNEL_PORTS.get(outer.resp_p) or UDP_TUNNEL_PORTS.get(outer.orig_p)
+                if kind and (self.protocols is None or "tunnels" in self.protocols):
+                    self._add_service(outer, kind)
+                self._dispatch(inner, t, (_uid(outer),))
+        elif proto == PROTO_ICMP or proto == PROTO_ICMP6:
+            self._icmp(pkt, t)
+        else:
+            self._unknown(pkt, t)
+        self._parent = None
 
     def advance(self, now: float) -> list[ConnRecord]:
         """Let time pass without a packet (live capture): fire due timers."""
@@ -574,6 +591,8 @@ class ConnTracker:
             self._skip("connection_table_full")
             self._remove(oldest)
         conn = Conn(key, proto, orig_h, orig_p, resp_h, resp_p, t)
+        if self._parent is not None:
+            conn.parents = self._parent
         self._uid_counter += 1
         conn.seq_no = self._uid_counter
         self.conns[key] = conn
@@ -609,7 +628,6 @@ class ConnTracker:
                     else:
                         flip = True
             conn = self._new_conn(key, PROTO_TCP, src, sport, dst, dport, t)
-            conn.tunneled = pkt.tunneled
             conn.orig = TcpEndpoint(conn, True)
             conn.resp = TcpEndpoint(conn, False)
             conn.orig.peer = conn.resp
@@ -918,7 +936,7 @@ class ConnTracker:
             self._timer(conn.last_time + TCP_SESSION_TIMER, _T_EXPIRE, conn)
 
     # ------------------------------------------------------------------ UDP
-    def _udp(self, pkt: Packet, t: float) -> None:
+    def _udp(self, pkt: Packet, t: float) -> Conn:
         src, dst, sport, dport = pkt.src, pkt.dst, pkt.sport, pkt.dport
         if (src, sport) < (dst, dport):
             key = (17, src, sport, dst, dport)
@@ -929,7 +947,6 @@ class ConnTracker:
             lsp = self.likely_server_ports
             flip = (UDP, sport) in lsp and (UDP, dport) not in lsp and dst != b"\xff\xff\xff\xff"
             conn = self._new_conn(key, PROTO_UDP, src, sport, dst, dport, t)
-            conn.tunneled = pkt.tunneled
             if flip:
                 conn.flip_roles()
             conn.app = self._app_for(UDP, conn.resp_p)
@@ -940,7 +957,7 @@ class ConnTracker:
                 self._conn_check_history(conn, HIST_ORIG_CORRUPT_PKT, "C")
             else:
                 self._conn_check_history(conn, HIST_RESP_CORRUPT_PKT, "c")
-            return
+            return conn
         conn.last_time = t
         ulen = pkt.payload_len
         if is_orig:
@@ -955,6 +972,7 @@ class ConnTracker:
             conn.resp_ip_bytes += pkt.ip_len
         if not conn.app_done and conn.app is not None:
             self._udp_app(conn, pkt, is_orig)
+        return conn
 
     @staticmethod
     def _conn_check_history(conn: Conn, mask: int, code: str) -> None:
@@ -1002,7 +1020,6 @@ class ConnTracker:
         conn = self.conns.get(key)
         if conn is None:
             conn = self._new_conn(key, pkt.proto, src, itype, dst, other, t)
-            conn.tunneled = pkt.tunneled
             conn.inactivity_timeout = ICMP_INACTIVITY
             self._timer(t + ICMP_INACTIVITY, _T_INACTIVITY, conn)
         if not pkt.checksum_ok:
@@ -1144,7 +1161,7 @@ class ConnTracker:
             dur, orig_bytes, resp_bytes, conn_state, local_orig, local_resp,
             conn.missed_bytes if proto == PROTO_TCP or proto == PROTO_UDP or proto in (1, 58) else 0,
             history, conn.orig_pkts, conn.orig_ip_bytes, conn.resp_pkts, conn.resp_ip_bytes,
-            None, conn.ip_proto,
+            conn.parents, conn.ip_proto,
         )
 
 
@@ -1258,10 +1275,19 @@ _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 def _uid(conn: Conn) -> str:
     """A stable Zeek-like uid: 'C' + base62 of a 96-bit hash of the 5-tuple and start time."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(repr((conn.proto, conn.orig_h, conn.orig_p, conn.resp_h, conn.resp_p,
-                   round(conn.start_time, 6))).encode())
-    n = int.from_bytes(h.digest(), "big")
+    if conn.uid is None:
+        conn.uid = _base62_uid(b"%d|%b|%d|%b|%d|%d" % (conn.proto, conn.orig_h, conn.orig_p, conn.resp_h,
+                                                        conn.resp_p, round(conn.start_time * 1e6)))
+    return conn.uid
+
+
+def _tunnel_uid(outer: bytes) -> str:
+    """uid of a GRE/IP-in-IP tunnel, from its outer protocol and addresses."""
+    return _base62_uid(b"tunnel|" + outer)
+
+
+def _base62_uid(data: bytes) -> str:
+    n = int.from_bytes(hashlib.blake2b(data, digest_size=12).digest(), "big")
     out = []
     while n:
         n, r = divmod(n, 62)

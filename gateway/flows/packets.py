@@ -10,7 +10,9 @@ malformed case is a counted reason (see ``PacketDecoder.skipped``), the way Zeek
 Supported link types: Ethernet (1), raw IP (101, 12, 14, 228, 229), BSD null/loopback (0, 108),
 Linux cooked SLL (113) and SLL2 (276).  Inside: 802.1Q/802.1ad/QinQ VLAN tags, MPLS label
 stacks, PPPoE sessions, IPv4 (with fragment reassembly), IPv6 (extension headers, fragments),
-IP-in-IP (4/41) decapsulation.  Checksums (IPv4 header, TCP, UDP, ICMP, ICMPv6) are verified
+and tunnels as Zeek decapsulates them (up to ``Tunnel::max_depth`` = 2): IP-in-IP (4/41) and
+GRE (incl. PPTP and ERSPAN) yield the inner packet; VXLAN, Geneve, Teredo and GTP-U are UDP
+packets of their own that also carry an ``inner`` packet.  Checksums (IPv4 header, TCP, UDP, ICMP, ICMPv6) are verified
 unless ``ignore_checksums`` (Zeek's ``-C``); a bad transport checksum is reported on the packet
 (``checksum_ok=False``) because Zeek still creates the connection and notes ``C``/``c``.
 """
@@ -74,6 +76,10 @@ PROTO_UDP = 17
 PROTO_ICMP6 = 58
 PROTO_IPIP = 4
 PROTO_IPV6_IN_IP = 41
+PROTO_GRE = 47
+# Zeek's Tunnel::max_depth, and the UDP ports its tunnel analyzers are registered for.
+MAX_TUNNEL_DEPTH = 2
+UDP_TUNNEL_PORTS = {4789: "vxlan", 6081: "geneve", 3544: "teredo", 2152: "gtpv1"}
 
 # IPv6 extension headers that chain with a (next header, length) prefix.
 _IPV6_EXT_GENERIC = frozenset({0, 43, 60, 135, 139, 140})
@@ -113,7 +119,8 @@ class Packet(NamedTuple):
     checksum_ok: bool = True
     payload: bytes = b""
     tcp_options: bytes = b""
-    tunneled: bool = False
+    tunnel: bytes | None = None  # for packets inside GRE/IP-in-IP: the outer (src, dst, proto)
+    inner: Packet | None = None  # for a UDP tunnel packet (VXLAN, Geneve, Teredo, GTP): what it carries
 
 
 def ones_complement_ok(total: int) -> bool:
@@ -214,13 +221,14 @@ class PacketDecoder:
             return None
         return self._skip("unsupported_link_type")
 
-    def _ethertype(self, frame: bytes, off: int, etype: int, ts: float, snapped: bool):
+    def _ethertype(self, frame: bytes, off: int, etype: int, ts: float, snapped: bool, depth: int = 0,
+                   outer: bytes | None = None):
         n = len(frame)
         for _ in range(8):  # bounded: QinQ and MPLS stacks of sane depth
             if etype == ETH_IPV4:
-                return self._ipv4(frame, off, ts, snapped)
+                return self._ipv4(frame, off, ts, snapped, depth, outer)
             if etype == ETH_IPV6:
-                return self._ipv6(frame, off, ts, snapped)
+                return self._ipv6(frame, off, ts, snapped, depth, outer)
             if etype in ETH_VLAN:
                 if n < off + 4:
                     return self._skip("truncated_VLAN_header")
@@ -235,34 +243,35 @@ class PacketDecoder:
                     off += 4
                     if bottom:
                         break
-                return self._ip_by_version(frame, off, ts, snapped)
+                return self._ip_by_version(frame, off, ts, snapped, depth, outer)
             if etype == ETH_PPPOE_SESSION:
                 if n < off + 8:
                     return self._skip("truncated_PPPoE_header")
                 ppp = frame[off + 6] << 8 | frame[off + 7]
                 off += 8
                 if ppp == 0x0021:
-                    return self._ipv4(frame, off, ts, snapped)
+                    return self._ipv4(frame, off, ts, snapped, depth, outer)
                 if ppp == 0x0057:
-                    return self._ipv6(frame, off, ts, snapped)
+                    return self._ipv6(frame, off, ts, snapped, depth, outer)
                 self._skip("non_ip_packet")
                 return None
             self._skip("non_ip_packet")
             return None
         return self._skip("too_many_encapsulations")
 
-    def _ip_by_version(self, frame: bytes, off: int, ts: float, snapped: bool):
+    def _ip_by_version(self, frame: bytes, off: int, ts: float, snapped: bool, depth: int = 0,
+                       outer: bytes | None = None):
         if len(frame) <= off:
             return self._skip("truncated_IP")
         version = frame[off] >> 4
         if version == 4:
-            return self._ipv4(frame, off, ts, snapped)
+            return self._ipv4(frame, off, ts, snapped, depth, outer)
         if version == 6:
-            return self._ipv6(frame, off, ts, snapped)
+            return self._ipv6(frame, off, ts, snapped, depth, outer)
         return self._skip("unknown_IP_version")
 
     # ------------------------------------------------------------------ IPv4
-    def _ipv4(self, frame: bytes, off: int, ts: float, snapped: bool, tunneled: bool = False):
+    def _ipv4(self, frame: bytes, off: int, ts: float, snapped: bool, depth: int = 0, outer: bytes | None = None):
         n = len(frame)
         if n < off + 20:
             return self._skip("truncated_IP")
@@ -306,13 +315,13 @@ class PacketDecoder:
                 return whole
             header, payload = whole
             ip_len = len(header) + len(payload)
-            return self._transport(proto, src, dst, payload, len(payload), ip_len, ts, False, tunneled)
+            return self._transport(proto, src, dst, payload, len(payload), ip_len, ts, False, depth, outer)
         return self._transport(
-            proto, src, dst, frame[off + hlen:end], total - hlen, total, ts, snapped, tunneled
+            proto, src, dst, frame[off + hlen:end], total - hlen, total, ts, snapped, depth, outer
         )
 
     # ------------------------------------------------------------------ IPv6
-    def _ipv6(self, frame: bytes, off: int, ts: float, snapped: bool, tunneled: bool = False):
+    def _ipv6(self, frame: bytes, off: int, ts: float, snapped: bool, depth: int = 0, outer: bytes | None = None):
         n = len(frame)
         if n < off + 40:
             return self._skip("truncated_IP")
@@ -360,19 +369,19 @@ class PacketDecoder:
         else:
             return self._skip("too_many_IPv6_ext_headers")
         if nxt == _IPV6_NO_NEXT:
-            return self._transport(nxt, src, dst, b"", 0, ip_len, ts, snapped, tunneled)
+            return self._transport(nxt, src, dst, b"", 0, ip_len, ts, snapped, depth, outer)
         if frag_info is not None:
             frag_off, more, ident, unfrag_header = frag_info
             if frag_off == 0 and not more:  # atomic fragment: nothing to reassemble
-                return self._transport(nxt, src, dst, frame[pos:end], end - pos, ip_len, ts, snapped, tunneled)
+                return self._transport(nxt, src, dst, frame[pos:end], end - pos, ip_len, ts, snapped, depth, outer)
             if snapped:
                 return self._skip("truncated_fragment")
             whole = self._reassemble((6, src, dst, ident, nxt), frag_off, more, frame[pos:end], unfrag_header, ts)
             if whole is None or isinstance(whole, str):
                 return whole
             header, payload = whole
-            return self._transport(nxt, src, dst, payload, len(payload), len(header) + len(payload), ts, False, tunneled)
-        return self._transport(nxt, src, dst, frame[pos:end], end - pos, ip_len, ts, snapped, tunneled)
+            return self._transport(nxt, src, dst, payload, len(payload), len(header) + len(payload), ts, False, depth, outer)
+        return self._transport(nxt, src, dst, frame[pos:end], end - pos, ip_len, ts, snapped, depth, outer)
 
     # ------------------------------------------------------------------ fragments
     def _reassemble(self, key, frag_off: int, more: bool, data: bytes, header: bytes, ts: float):
@@ -429,7 +438,7 @@ class PacketDecoder:
             self._skip("fragment_timeout")
 
     # ------------------------------------------------------------------ transport
-    def _transport(self, proto, src, dst, seg, seg_len, ip_len, ts, snapped, tunneled):
+    def _transport(self, proto, src, dst, seg, seg_len, ip_len, ts, snapped, depth, outer):
         """Decode the transport header from ``seg`` (the IP payload as captured)."""
         captured = len(seg)
         check = not self.ignore_checksums and not snapped and captured >= seg_len
@@ -447,7 +456,7 @@ class PacketDecoder:
                 ok = transport_checksum_ok(src, dst, PROTO_TCP, seg[:seg_len])
             return Packet(
                 ts, src, dst, PROTO_TCP, sport, dport, ip_len, seg_len - thl, flags, seq, ack, win,
-                ok, seg[thl:seg_len], seg[20:thl] if thl > 20 else b"", tunneled,
+                ok, seg[thl:seg_len], seg[20:thl] if thl > 20 else b"", outer,
             )
         if proto == PROTO_UDP:
             if captured < 8:
@@ -456,9 +465,13 @@ class PacketDecoder:
             ok = True
             if check and (csum or len(src) == 16):
                 ok = transport_checksum_ok(src, dst, PROTO_UDP, seg[:seg_len])
+            inner = None
+            if depth < MAX_TUNNEL_DEPTH and ok and (dport in UDP_TUNNEL_PORTS or sport in UDP_TUNNEL_PORTS):
+                kind = UDP_TUNNEL_PORTS.get(dport) or UDP_TUNNEL_PORTS[sport]
+                inner = self._udp_tunnel(kind, seg[8:seg_len], ts, depth + 1)
             return Packet(
                 ts, src, dst, PROTO_UDP, sport, dport, ip_len, ulen - 8, 0, 0, 0, 0, ok,
-                seg[8:seg_len], b"", tunneled,
+                seg[8:seg_len], b"", outer, inner,
             )
         if proto == PROTO_ICMP or proto == PROTO_ICMP6:
             if captured < 8:
@@ -471,11 +484,110 @@ class PacketDecoder:
                     ok = transport_checksum_ok(src, dst, PROTO_ICMP6, seg[:seg_len])
             return Packet(
                 ts, src, dst, proto, seg[0], seg[1], ip_len, seg_len - 8, 0, 0, 0, 0, ok,
-                seg[8:seg_len], b"", tunneled,
+                seg[8:seg_len], b"", outer,
             )
-        if proto == PROTO_IPIP and not tunneled:
-            inner = self._ipv4(seg, 0, ts, snapped, True)
-            return inner
-        if proto == PROTO_IPV6_IN_IP and not tunneled:
-            return self._ipv6(seg, 0, ts, snapped, True)
-        return Packet(ts, src, dst, proto, 0, 0, ip_len, 0, 0, 0, 0, 0, True, b"", b"", tunneled)
+        if proto in (PROTO_IPIP, PROTO_IPV6_IN_IP, PROTO_GRE) and depth < MAX_TUNNEL_DEPTH:
+            parent = bytes([proto]) + src + dst
+            if proto == PROTO_IPIP:
+                return self._ipv4(seg, 0, ts, snapped, depth + 1, parent)
+            if proto == PROTO_IPV6_IN_IP:
+                return self._ipv6(seg, 0, ts, snapped, depth + 1, parent)
+            return self._gre(seg, ts, snapped, depth + 1, parent)
+        if proto == _IPV6_NO_NEXT:
+            self._skip_note("ipv6_no_next_header")
+            return None
+        return Packet(ts, src, dst, proto, 0, 0, ip_len, 0, 0, 0, 0, 0, True, b"", b"", outer)
+
+    # ------------------------------------------------------------------ tunnels
+    def _gre(self, seg: bytes, ts: float, snapped: bool, depth: int, parent: bytes):
+        """GRE (RFC 2784/2890, PPTP's enhanced GRE, ERSPAN): the packet it carries."""
+        if len(seg) < 4:
+            return self._skip("truncated_GRE")
+        flags = seg[0] << 8 | seg[1]
+        version = flags & 7
+        proto = seg[2] << 8 | seg[3]
+        off = 4
+        if version == 0:
+            off += 4 * (bool(flags & 0x8000) or bool(flags & 0x4000)) + 4 * bool(flags & 0x2000) + 4 * bool(flags & 0x1000)
+        elif version == 1:
+            if proto != 0x880B:
+                return self._skip("unsupported_GRE_protocol")
+            off += 4 + 4 * bool(flags & 0x1000) + 4 * bool(flags & 0x0080)
+        else:
+            return self._skip("unknown_GRE_version")
+        if len(seg) < off:
+            return self._skip("truncated_GRE")
+        if proto == 0x880B:  # PPP: optional address/control, then the protocol
+            ppp = seg[off:off + 4]
+            if ppp[:2] == b"\xff\x03":
+                off += 2
+            if len(seg) < off + 2:
+                return self._skip("truncated_GRE")
+            pproto = seg[off] << 8 | seg[off + 1]
+            off += 2
+            if pproto == 0x0021:
+                return self._ipv4(seg, off, ts, snapped, depth, parent)
+            if pproto == 0x0057:
+                return self._ipv6(seg, off, ts, snapped, depth, parent)
+            self._skip_note("non_ip_packet_in_GRE")
+            return None
+        if proto == 0x88BE:  # ERSPAN type II: 8-byte header, then Ethernet
+            off += 8
+            proto = 0x6558
+        elif proto == 0x22EB:  # ERSPAN type III
+            if len(seg) < off + 12:
+                return self._skip("truncated_GRE")
+            off += 12 + (8 if seg[off + 11] & 1 else 0)
+            proto = 0x6558
+        if proto == 0x6558:  # transparent Ethernet bridging
+            if len(seg) < off + 14:
+                return self._skip("truncated_GRE")
+            return self._ethertype(seg, off + 14, seg[off + 12] << 8 | seg[off + 13], ts, snapped, depth, parent)
+        return self._ethertype(seg, off, proto, ts, snapped, depth, parent)
+
+    def _udp_tunnel(self, kind: str, data: bytes, ts: float, depth: int):
+        """The packet inside a VXLAN/Geneve/Teredo/GTP-U payload, or None if it is not one."""
+        inner = None
+        n = len(data)
+        if kind == "vxlan":
+            if n >= 8 + 14 and data[0] & 0x08:
+                inner = self._ethertype(data, 22, data[20] << 8 | data[21], ts, False, depth)
+        elif kind == "geneve":
+            if n >= 8:
+                off = 8 + (data[0] & 0x3F) * 4
+                proto = data[2] << 8 | data[3]
+                if proto == 0x6558 and n >= off + 14:
+                    inner = self._ethertype(data, off + 14, data[off + 12] << 8 | data[off + 13], ts, False, depth)
+                elif proto in (0x0800, 0x86DD):
+                    inner = self._ethertype(data, off, proto, ts, False, depth)
+        elif kind == "teredo":
+            off = 0
+            if data[:2] == b"\x00\x01" and n >= 13:  # authentication indicator
+                off = 4 + data[2] + data[3] + 9
+            if data[off:off + 2] == b"\x00\x00" and n >= off + 8:  # origin indication
+                off += 8
+            if n >= off + 40 and data[off] >> 4 == 6 and (data[off + 4] << 8 | data[off + 5]) + 40 == n - off:
+                inner = self._ipv6(data, off, ts, False, depth)
+        elif kind == "gtpv1":
+            if n >= 8 and data[0] >> 5 == 1 and data[0] & 0x10 and data[1] == 0xFF:
+                off = 8
+                if data[0] & 0x07:
+                    off = 12
+                    ext = data[11] if n >= 12 else 0
+                    while ext and n > off:
+                        length = data[off] * 4
+                        if not length or n < off + length:
+                            ext = 0
+                            off = n
+                            break
+                        ext = data[off + length - 1]
+                        off += length
+                if n > off and data[off] >> 4 in (4, 6):
+                    inner = self._ip_by_version(data, off, ts, False, depth)
+        if isinstance(inner, str):  # the outer packet is fine; note why its payload is not
+            self.skipped[inner] -= 1
+            if not self.skipped[inner]:
+                del self.skipped[inner]
+            self._skip_note(f"{kind}_{inner}")
+            return None
+        return inner

@@ -229,3 +229,42 @@ def test_non_ip_and_malformed_frames_are_counted_not_raised():
     assert decoder.decode(999, b"\x00" * 40, 1.0) == "unsupported_link_type"
     assert decoder.skipped == {"non_ip_packet": 1, "truncated_link_header": 1, "truncated_IP": 1,
                                "unsupported_link_type": 1}
+
+
+def _inner_udp():
+    return IP(src="172.16.0.1", dst="172.16.0.2") / UDP(sport=1000, dport=2000) / b"inner!"
+
+
+def test_vxlan_carrier_and_inner_connection():
+    from scapy.layers.vxlan import VXLAN
+
+    outer = ETH() / IP(src=C, dst=S) / UDP(sport=50000, dport=4789) / VXLAN(vni=42) / ETH() / _inner_udp()
+    recs, stats = records_of(pcap_bytes([(1.0, raw(outer)), (1.5, raw(outer))]))
+    by_port = {r.resp_p: r for r in recs}
+    carrier, inner = by_port[4789], by_port[2000]
+    assert carrier.service == "vxlan" and carrier.orig_pkts == 2
+    assert inner.orig_h == "172.16.0.1" and inner.orig_pkts == 2 and inner.orig_bytes == 12
+    assert inner.orig_ip_bytes == 2 * (20 + 8 + 6)
+    assert inner.tunnel_parents == (carrier.uid,)
+    assert stats.skipped_total == 0
+
+
+def test_gre_and_ip_in_ip_carry_connections_with_a_tunnel_parent():
+    from scapy.layers.l2 import GRE
+
+    gre = ETH() / IP(src=C, dst=S) / GRE() / _inner_udp()
+    ipip = ETH() / IP(src=C, dst=S, proto=4) / _inner_udp()
+    for frame in (gre, ipip):
+        (rec,), stats = records_of(pcap_bytes([(1.0, raw(frame))]))
+        assert (rec.orig_h, rec.resp_p, rec.orig_ip_bytes) == ("172.16.0.1", 2000, 34)
+        assert rec.tunnel_parents and rec.tunnel_parents[0].startswith("C")
+
+
+def test_teredo_carries_ipv6():
+    inner6 = IPv6(src="2001:0:4136:e378::1", dst="2001:db8::2") / UDP(sport=3000, dport=4000) / b"v6"
+    outer = ETH() / IP(src=C, dst=S) / UDP(sport=40000, dport=3544) / raw(inner6)
+    recs, _ = records_of(pcap_bytes([(1.0, raw(outer))]))
+    assert {r.proto for r in recs} == {"udp"}
+    inner = next(r for r in recs if r.resp_p == 4000)
+    assert inner.orig_h == "2001:0:4136:e378::1" and inner.orig_ip_bytes == 40 + 8 + 2
+    assert next(r for r in recs if r.resp_p == 3544).service == "teredo"
