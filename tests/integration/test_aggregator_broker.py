@@ -40,9 +40,10 @@ def broker(tmp_path):
 
 def make_service(tmp_path: Path, port: int, **kw) -> AggregatorService:
     key = kw.pop("signing_key", None)
+    evaluator = kw.pop("evaluator", None)
     cfg = AggregatorConfig(database=str(tmp_path / "agg.db"), mqtt=MqttSettings(client_id="agg", port=port),
                            tick_s=0.05, **kw)
-    svc = AggregatorService(cfg, initial_weights=tiny_model(), signing_key=key).start()
+    svc = AggregatorService(cfg, initial_weights=tiny_model(), signing_key=key, evaluator=evaluator).start()
     assert svc.wait_connected(10)
     return svc
 
@@ -177,7 +178,9 @@ def test_dead_gateway_stops_counting_towards_n(tmp_path, broker):
 
 def test_retained_signed_global_model_survives_broker_restart(tmp_path, broker):
     key = signing.generate_private_key()
-    svc = make_service(tmp_path, broker.port, signing_key=key, strategy_params={"rho": 0.5})
+    # the central evaluator is an injected callable: weights in, metrics out
+    svc = make_service(tmp_path, broker.port, signing_key=key, strategy_params={"rho": 0.5},
+                       evaluator=lambda w: {"bias_mean": float(w["encoder.bias"].mean())})
     gw = FakeGatewayClient("gw1", broker.port).start()
     try:
         gw.update(0.25, base=0)
@@ -201,6 +204,7 @@ def test_retained_signed_global_model_survives_broker_restart(tmp_path, broker):
         assert model.retain
         result = validate_envelope(model.payload, ValidationPolicy(kind=Kind.GLOBAL, verify_key=key.public_key()))
         assert result.header.version == 1
+        assert result.header.metrics == {"bias_mean": pytest.approx(0.25)}  # central metrics travel along
         np.testing.assert_allclose(result.tensors["encoder.bias"], 0.25)
         control = json.loads(got[topics.global_control()].payload)
         assert control["strategy"] == "gsfs" and control["version"] == 1

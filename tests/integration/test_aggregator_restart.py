@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -180,6 +181,18 @@ rho = 0.6
         with store.make_sessions(str(db), create=False)() as s:
             totals = {c.sender: c.total_submissions for c in s.query(store.ClientRow)}
         assert totals == {k: len(v) for k, v in sent.items()}  # each update counted once
+        # what the operator sees
+        from click.testing import CliRunner
+
+        from cloud_aggregator.cli import main as cli_main
+
+        out = CliRunner().invoke(cli_main, ["status", "--database", str(db), "--json"])
+        assert out.exit_code == 0, out.output
+        shown = json.loads(out.output)
+        assert shown["state"]["version"] == db_state(db)[0] and shown["state"]["accepted_updates"] == total
+        assert sorted(c["gateway"] for c in shown["clients"]) == ["gw0", "gw1", "gw2"]
+        table = CliRunner().invoke(cli_main, ["status", "--database", str(db)])
+        assert table.exit_code == 0 and "aggregations" in table.output
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
