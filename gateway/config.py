@@ -446,12 +446,12 @@ def build_section(name: str, table: Mapping[str, Any], *, base: Path | None = No
         if typing.get_origin(hints[key]) is tuple:
             value = tuple(value)
         if base is not None and key in PATH_KEYS.get(name, ()) and isinstance(value, str) and value:
-            value = str(base / value) if not os.path.isabs(value) else value
+            value = os.path.normpath(base / value) if not os.path.isabs(value) else value
         kwargs[key] = value
     if name == "gateway" and base is not None:
         db = kwargs.get("database")
         if isinstance(db, str) and db and "://" not in db and not os.path.isabs(db):
-            kwargs["database"] = str(base / db)
+            kwargs["database"] = os.path.normpath(base / db)
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     for key in required:

@@ -309,7 +309,9 @@ class GatewayService:
 
         cfg = self.config
         self.link = GatewayLink(cfg.mqtt_settings(), gateway_id=cfg.gateway.id, prefix=cfg.gateway.prefix)
-        fl = self._build_fl_client() if (cfg.fl.enabled and self.classifier is not None) else None
+        wants_fl = cfg.fl.enabled and self.classifier is not None and (
+            cfg.gateway.model is not None or self._given_learner is not None)
+        fl = self._build_fl_client() if wants_fl else None
         if fl is not None:
             self.fl_client = fl
             self.outbox = fl.outbox
