@@ -185,6 +185,7 @@ class ConnLogTail:
             self._collect(f.parser)
             self.counters.rotations += 1
             log.info("%s: rotated; finished %s at byte %d", self.path, f.name, f.parser.consumed)
+            self._position()  # the old file's end stands if the new one cannot be opened
             f.close()
             self._file = None
             self._open_fresh()

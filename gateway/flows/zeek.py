@@ -46,6 +46,21 @@ from typing import IO, Any, BinaryIO, NamedTuple
 
 from gateway.flows.record import COLUMN_BY_FIELD, FIELD_BY_COLUMN, TYPE_BY_FIELD, ConnRecord
 
+__all__ = [
+    "LogHeader",
+    "Rejection",
+    "ZeekLogParser",
+    "ZeekParseError",
+    "ZeekTsvWriter",
+    "iter_record_batches",
+    "iter_records",
+    "json_record",
+    "open_log",
+    "read_log",
+    "to_tsv_bytes",
+    "write_tsv",
+]
+
 log = logging.getLogger(__name__)
 
 IOT23_JOINER = "   "  # IoT-23 joins its last three columns with three spaces
