@@ -336,7 +336,7 @@ class Conn:
         "history", "hist_mask", "orig_pkts", "orig_ip_bytes", "resp_pkts", "resp_ip_bytes",
         "orig", "resp", "orig_size", "resp_size", "removed", "inactivity_timeout", "service",
         "missed_bytes", "is_partial", "first_packet_seen", "is_active", "app", "app_done",
-        "seq_no", "ip_proto", "parents", "uid",
+        "seq_no", "ip_proto", "parents", "uid", "chk",
     )
 
     def __init__(self, key, proto: int, orig_h: bytes, orig_p: int, resp_h: bytes, resp_p: int, t: float):
@@ -367,14 +367,16 @@ class Conn:
         self.seq_no = 0
         self.parents: tuple[str, ...] | None = None  # uids of enclosing tunnel connections
         self.uid: str | None = None
+        self.chk: list[int] | None = None  # UDP bad-checksum counters and thresholds
 
     def flip_roles(self) -> None:
         """Swap originator and responder (Zeek's Connection::FlipRoles); appends ``^``."""
         self.orig_h, self.resp_h = self.resp_h, self.orig_h
         self.orig_p, self.resp_p = self.resp_p, self.orig_p
+        # ConnSize swaps its counters; the UDP/ICMP request/reply sizes stay where they are
+        # (Zeek's UDP session adapter has no FlipRoles), TCP sizes move with the endpoints
         self.orig_pkts, self.resp_pkts = self.resp_pkts, self.orig_pkts
         self.orig_ip_bytes, self.resp_ip_bytes = self.resp_ip_bytes, self.orig_ip_bytes
-        self.orig_size, self.resp_size = self.resp_size, self.orig_size
         if self.orig is not None:
             self.orig, self.resp = self.resp, self.orig
             self.orig.is_orig = True
@@ -648,8 +650,9 @@ class ConnTracker:
             endpoint.scaled("C", "chk_cnt", "chk_thresh")
         else:
             self._tcp_process(conn, endpoint, pkt, t)
-            # ConnSize counts every packet the TCP analyzer accepted (roles may have flipped)
-            if endpoint.is_orig:
+            # ConnSize counts every packet the TCP analyzer accepted, under the direction it
+            # had when it arrived (a SYN/SYN-ACK reversal flips the counters first)
+            if is_orig:
                 conn.orig_pkts += 1
                 conn.orig_ip_bytes += pkt.ip_len
             else:
@@ -953,25 +956,35 @@ class ConnTracker:
             self._timer(t + UDP_INACTIVITY, _T_INACTIVITY, conn)
         is_orig = src == conn.orig_h and sport == conn.orig_p
         if not pkt.checksum_ok:
-            if is_orig:
-                self._conn_check_history(conn, HIST_ORIG_CORRUPT_PKT, "C")
-            else:
-                self._conn_check_history(conn, HIST_RESP_CORRUPT_PKT, "c")
+            # UDPSessionAdapter::HandleBadChecksum: C/c on the 1st, 10th, 100th ...
+            chk = conn.chk
+            if chk is None:
+                chk = conn.chk = [0, 1, 0, 1]
+            i = 0 if is_orig else 2
+            chk[i] += 1
+            if chk[i] == chk[i + 1]:
+                conn.history += "C" if is_orig else "c"
+                chk[i + 1] *= 10
             return conn
         conn.last_time = t
         ulen = pkt.payload_len
         if is_orig:
             self._conn_check_history(conn, HIST_ORIG_DATA_PKT, "D")
             conn.orig_size = ulen if conn.orig_size < 0 else conn.orig_size + ulen
-            conn.orig_pkts += 1
-            conn.orig_ip_bytes += pkt.ip_len
         else:
             self._conn_check_history(conn, HIST_RESP_DATA_PKT, "d")
             conn.resp_size = ulen if conn.resp_size < 0 else conn.resp_size + ulen
-            conn.resp_pkts += 1
-            conn.resp_ip_bytes += pkt.ip_len
+        # port-based analyzers (DNS, NTP) see the packet before ConnSize does, so a flip they
+        # make happens before the packet is counted, under its pre-flip direction
         if not conn.app_done and conn.app is not None:
             self._udp_app(conn, pkt, is_orig)
+        if not pkt.flags & 1:  # a datagram cut by the snap length is not counted
+            if is_orig:
+                conn.orig_pkts += 1
+                conn.orig_ip_bytes += pkt.ip_len
+            else:
+                conn.resp_pkts += 1
+                conn.resp_ip_bytes += pkt.ip_len
         return conn
 
     @staticmethod

@@ -77,12 +77,14 @@ PROTO_ICMP6 = 58
 PROTO_IPIP = 4
 PROTO_IPV6_IN_IP = 41
 PROTO_GRE = 47
+PROTO_ESP = 50
+PROTO_MOBILITY = 135
 # Zeek's Tunnel::max_depth, and the UDP ports its tunnel analyzers are registered for.
 MAX_TUNNEL_DEPTH = 2
 UDP_TUNNEL_PORTS = {4789: "vxlan", 6081: "geneve", 3544: "teredo", 2152: "gtpv1"}
 
 # IPv6 extension headers that chain with a (next header, length) prefix.
-_IPV6_EXT_GENERIC = frozenset({0, 43, 60, 135, 139, 140})
+_IPV6_EXT_GENERIC = frozenset({0, 43, 60, 139, 140})
 _IPV6_FRAGMENT = 44
 _IPV6_AH = 51
 _IPV6_NO_NEXT = 59
@@ -283,7 +285,10 @@ class PacketDecoder:
             return self._skip("bad_IP_header_len")
         total = frame[off + 2] << 8 | frame[off + 3]
         if total == 0:
-            # TCP segmentation offload leaves the length zero: Zeek uses what was captured
+            # TCP segmentation offload leaves the length zero: like Zeek, trust what was
+            # captured when checksums are off (-C), drop the packet otherwise
+            if not self.ignore_checksums:
+                return self._skip("ip_hdr_len_zero")
             self._skip_note("ip_hdr_len_zero")
             total = n - off
         if total < hlen:
@@ -463,15 +468,17 @@ class PacketDecoder:
                 return self._skip("truncated_header")
             sport, dport, ulen, csum = _UDP_HDR.unpack_from(seg)
             ok = True
-            if check and (csum or len(src) == 16):
+            if check and (csum or len(src) == 16) and not (dport == 4789 and csum == 0):
                 ok = transport_checksum_ok(src, dst, PROTO_UDP, seg[:seg_len])
             inner = None
             if depth < MAX_TUNNEL_DEPTH and ok and (dport in UDP_TUNNEL_PORTS or sport in UDP_TUNNEL_PORTS):
                 kind = UDP_TUNNEL_PORTS.get(dport) or UDP_TUNNEL_PORTS[sport]
                 inner = self._udp_tunnel(kind, seg[8:seg_len], ts, depth + 1)
+            # flags=1 marks a datagram the capture cut short (snap length): Zeek's UDP
+            # analyzer then keeps it out of the packet counts
             return Packet(
-                ts, src, dst, PROTO_UDP, sport, dport, ip_len, ulen - 8, 0, 0, 0, 0, ok,
-                seg[8:seg_len], b"", outer, inner,
+                ts, src, dst, PROTO_UDP, sport, dport, ip_len, ulen - 8, 1 if captured < seg_len else 0,
+                0, 0, 0, ok, seg[8:seg_len], b"", outer, inner,
             )
         if proto == PROTO_ICMP or proto == PROTO_ICMP6:
             if captured < 8:
@@ -493,8 +500,9 @@ class PacketDecoder:
             if proto == PROTO_IPV6_IN_IP:
                 return self._ipv6(seg, 0, ts, snapped, depth + 1, parent)
             return self._gre(seg, ts, snapped, depth + 1, parent)
-        if proto == _IPV6_NO_NEXT:
-            self._skip_note("ipv6_no_next_header")
+        if proto == _IPV6_NO_NEXT or proto == PROTO_ESP or proto == PROTO_MOBILITY:
+            # Zeek makes no connection of these (IP.cc: ipv6_no_next, esp_packet, mobility)
+            self._skip_note({59: "ipv6_no_next", 50: "esp_packet", 135: "mobility_header"}[proto])
             return None
         return Packet(ts, src, dst, proto, 0, 0, ip_len, 0, 0, 0, 0, 0, True, b"", b"", outer)
 

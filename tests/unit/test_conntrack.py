@@ -211,6 +211,9 @@ def test_dns_reply_from_originator_flips_when_ports_cannot_tell():
     (rec,) = run([udp(1.0, A, 5353, B, 5353, r)])
     assert rec.history == "D^"
     assert rec.orig_h == "93.184.216.34"
+    # as in Zeek: the request/reply sizes do not move with the flip, and ConnSize counts the
+    # packet after the DNS analyzer flipped the roles
+    assert (rec.orig_pkts, rec.resp_pkts, rec.conn_state) == (1, 0, "S0")
 
 
 def test_udp_inactivity_timeout_starts_a_new_record():
@@ -221,6 +224,9 @@ def test_udp_inactivity_timeout_starts_a_new_record():
 def test_udp_bad_checksum():
     (rec,) = run([udp(1.0, A, 1, B, 2, b"zz", ok=False)])
     assert (rec.history, rec.orig_pkts, rec.conn_state) == ("C", 0, "OTH")
+    # scaled like Zeek's HandleBadChecksum: 1st and 10th
+    (rec,) = run([udp(1.0 + i, A, 1, B, 2, b"zz", ok=False) for i in range(12)])
+    assert rec.history == "CC"
 
 
 def test_icmp_echo_pairs_into_one_record():
