@@ -8,6 +8,7 @@ command with one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 import sys
 import time
@@ -86,21 +87,29 @@ def _store(url: str | None) -> Iterator:
         engine.dispose()
 
 
+DEFAULT_MODEL_DIR = Path("models/default")
+
+
 def _load_classifier(model_dir: str | None, no_classify: bool):
     """The classifier replay uses: --model DIR, else models/default when it exists."""
     if no_classify:
         return None
-    try:
-        import gateway.inference as inference  # the model issue's module
-    except ImportError:
+    if importlib.util.find_spec("gateway.inference") is None:
         if model_dir is not None:
-            raise click.ClickException("--model needs gateway.inference, which is not installed") from None
+            raise click.ClickException("--model needs gateway.inference, which this installation lacks")
         return None
-    model = Path(model_dir) if model_dir else Path("models/default")
+    model = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
     if model_dir is None and not model.is_dir():
+        click.echo(f"note: no model at {model}; storing flows without detections "
+                   "(build one with `make model`, or pass --model DIR / --no-classify)", err=True)
         return None
-    # ---- the one place replay gets its model ----
-    return inference.load_classifier(model)
+    from gateway import inference
+
+    try:
+        # ---- the one place replay gets its model ----
+        return inference.load_classifier(model)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot load the model in {model}: {exc}") from None
 
 
 # ---------------------------------------------------------------- replay
