@@ -7,12 +7,12 @@ shipped student preset is ~40k) are combined into a new global model; updates/s 
 clients / seconds, wall and CPU.  Rows:
 
 * fedavg / gsfs / fedopt / median: the strategy maths alone (decoded deltas in memory);
-* pipeline: validate_envelope (digest, zstd, safetensors, shapes, finiteness) + pool
-  offer + GSFS aggregation, i.e. what the service does per update without MQTT and SQL;
-* pipeline+sqlite: the same, each update also stored in the aggregator's SQLite store
-  (WAL) and committed before it would be acknowledged; as in the service, messages
-  already waiting share one transaction (``intake_batch``, 64 here; 1 = a commit per
-  update, ``--intake-batch 1`` shows that worst case).
+* pipeline (no SQL): validate_envelope (digest, zstd, safetensors, shapes,
+  finiteness) + pool offer + GSFS aggregation on one thread;
+* service intake+aggregate: ``AggregatorService.handle_batch`` itself (validation on
+  the decode threads, pool, SQLite WAL commit before the acknowledgement) for every
+  update, then ``aggregate_now`` (checkpoint, sign, publish); with the service defaults
+  (64 messages per transaction, 2 decode threads) and the worst case (1 and 1).
 
 Memory: for each client count, every client sends ``--submissions`` updates (the pool
 keeps only the newest per client), then one aggregation runs.  tracemalloc reports the
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import platform
 import sys
@@ -119,42 +120,62 @@ def row(label: str, updates: int, wall: float, cpu: float) -> dict:
             "goal": GOAL_UPDATES_PER_S, "meets_goal": bool(wall and updates / wall >= GOAL_UPDATES_PER_S)}
 
 
-def bench_pipeline(model, clients: int, *, with_sqlite: bool, intake_batch: int = 64) -> dict:
+def bench_pipeline(model, clients: int) -> dict:
+    """validate_envelope + pool offer + GSFS aggregation, no SQL, one thread."""
     deltas = deltas_for(model, clients)
     envelopes = [encode_update(d, sender=f"gw{i}", base_version=0, num_samples=100).data for i, d in enumerate(deltas)]
     spec = spec_of(model)
     strategy = build_strategy("gsfs")
-    tmp = tempfile.TemporaryDirectory()
-    sessions = store.make_sessions(os.path.join(tmp.name, "agg.db")) if with_sqlite else None
     clock = time.time
-
-    def intake(pool, policy, data, session):
-        env = validate_envelope(data, policy)
-        h = env.header
-        stored = pool.offer(PooledUpdate(sender=h.sender, message_id=h.message_id, base_version=h.base_version,
-                                         round=h.round, num_samples=h.num_samples, delta=env.tensors,
-                                         received_at=clock(), wire_bytes=len(data)))
-        if session is not None:
-            store.store_update(session, stored, pool.clients[h.sender], envelope=data)
 
     def run():
         pool = UpdatePool(clock=clock)
         policy = ValidationPolicy(expected=spec, current_version=0, max_staleness=10, is_replay=pool.is_replay)
-        for start in range(0, len(envelopes), intake_batch):
-            if sessions is None:
-                for data in envelopes[start:start + intake_batch]:
-                    intake(pool, policy, data, None)
-                continue
-            with sessions.begin() as s:
-                for data in envelopes[start:start + intake_batch]:
-                    intake(pool, policy, data, s)
+        for data in envelopes:
+            env = validate_envelope(data, policy)
+            h = env.header
+            pool.offer(PooledUpdate(sender=h.sender, message_id=h.message_id, base_version=h.base_version,
+                                    round=h.round, num_samples=h.num_samples, delta=env.tensors,
+                                    received_at=clock(), wire_bytes=len(data)))
         view = pool.view()
         return strategy.aggregate(model, strategy.eligible(view), version=0)
 
     _, wall, cpu = timed(run)
-    tmp.cleanup()
-    label = f"pipeline+sqlite (batch {intake_batch})" if with_sqlite else "pipeline"
-    return row(label, clients, wall, cpu)
+    return row("pipeline (no SQL)", clients, wall, cpu)
+
+
+def bench_service(model, clients: int, *, intake_batch: int, decode_threads: int) -> dict:
+    """The service's own intake (AggregatorService.handle_batch: validate, pool, SQLite
+    commit, ack) and one aggregation (checkpoint, sign, publish), without a broker:
+    the MQTT link is never connected, so acks and publishes are no-ops."""
+    from cloud_aggregator.service import AggregatorConfig, AggregatorService
+    from gateway.mqtt import Inbound, MqttSettings
+    from gateway.protocol import signing, topics
+
+    deltas = deltas_for(model, clients)
+    messages = [Inbound(topics.gateway_update(f"gw{i}"),
+                        encode_update(d, sender=f"gw{i}", base_version=0, num_samples=100).data, 1, False, i + 1)
+                for i, d in enumerate(deltas)]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = AggregatorConfig(database=os.path.join(tmp, "agg.db"), intake_batch=intake_batch,
+                                  decode_threads=decode_threads, mqtt=MqttSettings(client_id="bench"))
+        service = AggregatorService(config, initial_weights=model, signing_key=signing.generate_private_key())
+        log_level = logging.getLogger("cloud_aggregator").level
+        logging.getLogger("cloud_aggregator").setLevel(logging.ERROR)
+
+        def run():
+            for start in range(0, len(messages), intake_batch):
+                service.handle_batch(messages[start:start + intake_batch])
+            return service.aggregate_now()
+
+        try:
+            done, wall, cpu = timed(run)
+            assert done and service.accepted == clients, "benchmark intake lost updates"
+        finally:
+            logging.getLogger("cloud_aggregator").setLevel(log_level)
+            service.stop()
+    return row(f"service intake+aggregate (SQLite, batch {intake_batch}, {decode_threads} decode threads)",
+               clients, wall, cpu)
 
 
 def bench_memory(model, client_counts, submissions: int) -> list[dict]:
@@ -194,6 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-clients", default="10,50,200", help="client counts for the memory table")
     ap.add_argument("--submissions", type=int, default=3, help="updates each client sends in the memory table")
     ap.add_argument("--intake-batch", type=int, default=64, help="updates per SQLite transaction (default 64)")
+    ap.add_argument("--decode-threads", type=int, default=2, help="service decode threads (default 2)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = ap.parse_args(argv)
 
@@ -204,11 +226,12 @@ def main(argv=None) -> int:
         task = progress.add_task("aggregation benchmarks", total=5)
         throughput = bench_strategies(model, args.clients)
         progress.advance(task)
-        throughput.append(bench_pipeline(model, args.clients, with_sqlite=False))
+        throughput.append(bench_pipeline(model, args.clients))
         progress.advance(task)
-        throughput.append(bench_pipeline(model, args.clients, with_sqlite=True, intake_batch=args.intake_batch))
+        throughput.append(bench_service(model, args.clients, intake_batch=args.intake_batch,
+                                        decode_threads=args.decode_threads))
         progress.advance(task)
-        throughput.append(bench_pipeline(model, args.clients, with_sqlite=True, intake_batch=1))
+        throughput.append(bench_service(model, args.clients, intake_batch=1, decode_threads=1))
         progress.advance(task)
         memory = bench_memory(model, [int(c) for c in args.memory_clients.split(",")], args.submissions)
         progress.advance(task)

@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 import tomllib
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -66,6 +67,7 @@ class AggregatorConfig:
     tick_s [0.2]: how often the worker checks deadlines when idle.
     checkpoints_kept [5]: old checkpoints pruned beyond this many.
     intake_batch [64]: most messages stored in one transaction (then acknowledged).
+    decode_threads [2]: threads validating the update envelopes of a batch (1: inline).
     evaluator [None]: "module:function" returning a callable weights -> metrics.
     local [{}]: local-training settings published on the control topic.
     mqtt: broker connection (:class:`gateway.mqtt.MqttSettings`).
@@ -89,6 +91,7 @@ class AggregatorConfig:
     tick_s: float = 0.2
     checkpoints_kept: int = 5
     intake_batch: int = 64
+    decode_threads: int = 2
     evaluator: str | None = None
     local: Mapping[str, Any] = field(default_factory=dict)
     mqtt: MqttSettings = field(default_factory=lambda: MqttSettings(client_id="fedgate-aggregator"))
@@ -102,8 +105,8 @@ class AggregatorConfig:
             raise ValueError("chunk_bytes must be 0 or at least 1024")
         if self.max_update_bytes < 1024 or self.chunk_timeout_s <= 0 or self.tick_s <= 0:
             raise ValueError("max_update_bytes >= 1024, chunk_timeout_s > 0 and tick_s > 0 required")
-        if self.checkpoints_kept < 1 or self.intake_batch < 1:
-            raise ValueError("checkpoints_kept and intake_batch must be >= 1")
+        if self.checkpoints_kept < 1 or self.intake_batch < 1 or self.decode_threads < 1:
+            raise ValueError("checkpoints_kept, intake_batch and decode_threads must be >= 1")
         if self.known_senders is not None:
             object.__setattr__(self, "known_senders", frozenset(topics.check_gateway_id(s) for s in self.known_senders))
         LocalSettings(**dict(self.local))  # validates names
@@ -212,6 +215,8 @@ class AggregatorService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._changed = threading.Condition()
+        self._decoder = (ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="decode")
+                         if config.decode_threads > 1 else None)
         self._load(initial_weights)
 
     # ------------------------------------------------------------------ state
@@ -302,6 +307,8 @@ class AggregatorService:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.link.stop()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
 
     def wait_connected(self, timeout: float) -> bool:
         return self.link.mqtt.wait_connected(timeout)
@@ -351,10 +358,11 @@ class AggregatorService:
         in-memory pool is rebuilt from the store, so memory never runs ahead of disk.
         """
         batch = _Batch()
+        decoded = self._decode_ahead(messages)
         try:
             with self.sessions.begin() as s:
-                for msg in messages:
-                    self._handle_one(msg, s, batch)
+                for i, msg in enumerate(messages):
+                    self._handle_one(msg, s, batch, decoded.get(i))
         except Exception:
             log.exception("storing %s messages failed; reloading state from the store", len(messages))
             self._reload()
@@ -364,11 +372,28 @@ class AggregatorService:
         for msg in messages:
             self.link.ack(msg)
 
+    def _decode_ahead(self, messages: list[Inbound]) -> dict[int, Future]:
+        """Validate whole update envelopes of a batch on the decode threads (hashing,
+        zstd and the finiteness scan release the GIL); the results are then used in
+        message order.  The policy is fixed for the batch (same version); a replay
+        within the batch is still caught by the pool when the updates are offered."""
+        if self._decoder is None or len(messages) < 2:
+            return {}
+        ahead = {}
+        for i, msg in enumerate(messages):
+            if msg.topic.endswith("/update") and not chunking.is_chunk(msg.payload):
+                try:
+                    sender, _ = topics.parse_gateway_topic(msg.topic, self.config.prefix)
+                except topics.TopicError:
+                    continue
+                ahead[i] = self._decoder.submit(validate_envelope, msg.payload, self.policy(sender))
+        return ahead
+
     def handle(self, msg: Inbound) -> None:
         """One received message (status or update, whole or chunk); acks after storing."""
         self.handle_batch([msg])
 
-    def _handle_one(self, msg: Inbound, s, batch: "_Batch") -> None:
+    def _handle_one(self, msg: Inbound, s, batch: "_Batch", decoded: Future | None = None) -> None:
         try:
             sender, kind = topics.parse_gateway_topic(msg.topic, self.config.prefix)
         except topics.TopicError:
@@ -382,7 +407,7 @@ class AggregatorService:
             if chunking.is_chunk(msg.payload):
                 self._handle_chunk(sender, msg, s, batch)
             else:
-                self._intake(sender, msg.payload, s, batch)
+                self._intake(sender, msg.payload, s, batch, decoded.result() if decoded else None)
 
     def _handle_chunk(self, sender: str, msg: Inbound, s, batch: "_Batch") -> None:
         try:
@@ -411,8 +436,9 @@ class AggregatorService:
                                 current_version=self.pool.version, max_staleness=self.config.max_staleness,
                                 is_replay=self.pool.is_replay)
 
-    def _intake(self, sender: str, data: bytes, s, batch: "_Batch") -> None:
-        result = validate_envelope(data, self.policy(sender))
+    def _intake(self, sender: str, data: bytes, s, batch: "_Batch", result: Envelope | Rejection | None = None) -> None:
+        if result is None:
+            result = validate_envelope(data, self.policy(sender))
         if isinstance(result, Rejection):
             self._reject(sender, result, s, batch)
             return
