@@ -128,6 +128,7 @@ class Client:
         self.port = port
         self.connected = threading.Event()
         self.closed = threading.Event()
+        self.settled = threading.Event()  # CONNACK or connection closed, whichever first
         self.connect_reason: str | None = None
         self.disconnect_reason: str | None = None
         self.error: str | None = None
@@ -158,10 +159,12 @@ class Client:
             self.connected.set()
         else:
             self.closed.set()
+        self.settled.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.disconnect_reason = str(reason_code)
         self.closed.set()
+        self.settled.set()
 
     def _on_message(self, client, userdata, msg):
         self.messages.put(Received(msg.topic, bytes(msg.payload), bool(msg.retain)))
@@ -183,14 +186,8 @@ class Client:
             self.error = f"{type(exc).__name__}: {exc}"
             return False
         self.client.loop_start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.connected.is_set():
-                return True
-            if self.closed.is_set():
-                return False
-            time.sleep(0.02)
-        return False
+        self.settled.wait(timeout)
+        return self.connected.is_set()
 
     def subscribe(self, topic: str, timeout: float = 5.0) -> list[int]:
         self.client.subscribe(topic, qos=1)
