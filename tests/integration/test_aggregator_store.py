@@ -1,0 +1,134 @@
+"""The aggregator's durable state on real databases (SQLite file; PostgreSQL when it
+runs at 127.0.0.1:5432), driven through the service's own intake without a broker:
+the MQTT link is never connected, so acknowledgements and publishes are no-ops."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from aggregator_helpers import tiny_delta, tiny_model
+from cloud_aggregator import store
+from cloud_aggregator.service import AggregatorConfig, AggregatorService
+from gateway.mqtt import Inbound, MqttSettings
+from gateway.protocol import chunking, topics
+from gateway.protocol.envelope import encode_update
+
+pytestmark = pytest.mark.integration
+
+
+def service(url: str, **kw) -> AggregatorService:
+    cfg = AggregatorConfig(database=url, mqtt=MqttSettings(client_id="agg-store-test"),
+                           strategy_params=kw.pop("strategy_params", {"rho": 1.0, "deadline_s": 3600}), **kw)
+    return AggregatorService(cfg, initial_weights=tiny_model())
+
+
+def msg(sender: str, payload: bytes, mid: int = 1) -> Inbound:
+    return Inbound(topics.gateway_update(sender), payload, 1, False, mid)
+
+
+def status(sender: str, state: str) -> Inbound:
+    return Inbound(topics.gateway_status(sender), f'{{"state": "{state}"}}'.encode(), 1, True, 99)
+
+
+def test_restart_restores_pool_counts_replay_and_chunks(tmp_path):
+    url = str(tmp_path / "agg.db")
+    first = service(url)
+    rng = np.random.default_rng(0)
+    a1 = encode_update(tiny_delta(0.1), sender="gw1", base_version=0, num_samples=3)
+    a2 = encode_update(tiny_delta(0.2), sender="gw1", base_version=0, num_samples=4)
+    big = encode_update({k: rng.normal(size=v.shape).astype(np.float32) for k, v in tiny_delta(0).items()},
+                        sender="gw2", base_version=0, num_samples=5)
+    frames = chunking.split_message(big.data, max_chunk_bytes=1024)
+    first.handle_batch([status("gw1", "online"), status("gw2", "online"), status("gw3", "online"),
+                        msg("gw1", a1.data), msg("gw1", a2.data), msg("gw2", frames[0])])
+    assert first.accepted == 2 and len(first.reassembler) == 1
+    first.stop()
+
+    second = service(url)  # a new process on the same store
+    assert second.version == 0 and second.accepted == 2
+    (pooled,) = second.pool.updates()
+    assert pooled.message_id == a2.message_id and pooled.submissions == 2  # newest, s_i = 2
+    np.testing.assert_allclose(pooled.delta["encoder.bias"], 0.2)
+    assert second.pool.live_clients() == {"gw1", "gw2", "gw3"}
+    second.handle_batch([msg("gw1", a1.data)])  # redelivery of something stored before
+    assert second.rejections["replay"] == 1 and second.accepted == 2
+    second.handle_batch([msg("gw2", f) for f in frames[1:]])  # the rest of the chunked update
+    assert second.accepted == 3 and len(second.reassembler) == 0
+    with second.sessions() as s:
+        assert store.load_chunks(s) == []
+    assert second.aggregate_now() and second.version == 1
+    second.stop()
+
+    third = service(url)
+    assert third.version == 1 and len(third.pool) == 0
+    np.testing.assert_allclose(third.weights["encoder.weight"], second.weights["encoder.weight"])
+    third.stop()
+
+
+def test_replay_inside_one_batch_is_counted_once(tmp_path):
+    svc = service(str(tmp_path / "agg.db"), decode_threads=2)
+    enc = encode_update(tiny_delta(0.1), sender="gw1", base_version=0, num_samples=3)
+    svc.handle_batch([msg("gw1", enc.data, 1), msg("gw1", enc.data, 2), msg("gw1", b"junk", 3)])
+    assert svc.accepted == 1 and svc.rejections == {"replay": 1, "schema": 1}
+    svc.stop()
+
+
+def test_fedopt_state_survives_restart(tmp_path):
+    url = str(tmp_path / "agg.db")
+    svc = service(url, strategy="fedopt", strategy_params={"eta": 0.1})
+    svc.pool.set_status("gw1", True)
+    svc.tick()  # opens round 1 for gw1
+    assert svc.pool.round == 1
+    svc.handle_batch([msg("gw1", encode_update(tiny_delta(0.1), sender="gw1", base_version=0, num_samples=3,
+                                               round=1).data)])
+    svc.tick()
+    assert svc.version == 1 and svc.state.adam.t == 1
+    m = svc.state.adam.m["encoder.weight"].copy()
+    svc.stop()
+    again = service(url, strategy="fedopt", strategy_params={"eta": 0.1})
+    assert again.version == 1 and again.state.adam.t == 1
+    np.testing.assert_array_equal(again.state.adam.m["encoder.weight"], m)
+    again.stop()
+
+
+def _postgres_url() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=2,
+                             autocommit=True) as conn:
+            name = f"fedgate_agg_{uuid.uuid4().hex[:8]}"
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    except Exception:
+        return None
+
+
+def test_the_same_store_on_postgresql():
+    url = _postgres_url()
+    if url is None:
+        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
+    try:
+        svc = service(url, strategy_params={"rho": 0.5})
+        enc = encode_update(tiny_delta(0.3), sender="gw1", base_version=0, num_samples=3)
+        svc.handle_batch([status("gw1", "online"), msg("gw1", enc.data)])
+        svc.tick()
+        assert svc.version == 1
+        svc.stop()
+        again = service(url, strategy_params={"rho": 0.5})
+        assert again.version == 1 and again.accepted == 1
+        np.testing.assert_allclose(again.weights["encoder.bias"], 0.3)
+        again.handle_batch([msg("gw1", enc.data)])
+        assert again.rejections["replay"] == 1
+        again.stop()
+        again.sessions.kw["bind"].dispose()
+        svc.sessions.kw["bind"].dispose()
+    finally:
+        import psycopg
+
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
