@@ -203,10 +203,15 @@ class PacketDecoder:
         if linktype == LINKTYPE_ETHERNET:
             if n < 14:
                 return self._skip("truncated_link_header")
-            if n >= 54 and frame[12] == 8 and frame[13] == 0 and frame[14] == 0x45 and not snapped:
-                fast = self._fast_ipv4(frame, ts, n)
-                if fast is not None:
-                    return fast
+            if n >= 54 and not snapped:
+                if frame[12] == 8 and frame[13] == 0 and frame[14] == 0x45:
+                    fast = self._fast_ipv4(frame, ts, n)
+                    if fast is not None:
+                        return fast
+                elif frame[12] == 0x86 and frame[13] == 0xDD and frame[14] >> 4 == 6 and n >= 62:
+                    fast = self._fast_ipv6(frame, ts, n)
+                    if fast is not None:
+                        return fast
             return self._ethertype(frame, 14, frame[12] << 8 | frame[13], ts, snapped)
         if linktype in (LINKTYPE_RAW, LINKTYPE_RAW_BSD_12, LINKTYPE_RAW_BSD_14, LINKTYPE_IPV4, LINKTYPE_IPV6):
             return self._ip_by_version(frame, 0, ts, snapped)
@@ -269,6 +274,42 @@ class PacketDecoder:
             ok = (cs + 17 + seg_len) % 0xFFFF == 0
         return Packet(ts, frame[26:30], frame[30:34], 17, sport, dport, total, ulen - 8, 0, 0, 0, 0, ok,
                       frame[42:end])
+
+    def _fast_ipv6(self, frame: bytes, ts: float, n: int):
+        """Ethernet + IPv6 without extension headers + TCP/UDP; None for anything else."""
+        seg_len = frame[18] << 8 | frame[19]
+        proto = frame[20]
+        end = 54 + seg_len
+        if end > n or proto not in (6, 17):
+            return None
+        check = not self.ignore_checksums
+        if proto == 6:
+            thl = (frame[66] >> 4) * 4 if n > 66 else 0
+            if seg_len < 20 or thl < 20 or thl > seg_len:
+                return None
+            ok = True
+            if check:
+                cs = int.from_bytes(frame[22:end], "big")
+                if seg_len & 1:
+                    cs <<= 8
+                ok = (cs + 6 + seg_len) % 0xFFFF == 0
+            sport, dport, seq, ack, _off, flags, win, _c, _u = _TCP_HDR.unpack_from(frame, 54)
+            pstart = 54 + thl
+            return Packet(ts, frame[22:38], frame[38:54], 6, sport, dport, seg_len + 40, seg_len - thl, flags,
+                          seq, ack, win, ok, frame[pstart:end], frame[74:pstart] if thl > 20 else b"")
+        if seg_len < 8:
+            return None
+        sport, dport, ulen, _csum = _UDP_HDR.unpack_from(frame, 54)
+        if dport in UDP_TUNNEL_PORTS or sport in UDP_TUNNEL_PORTS:
+            return None
+        ok = True
+        if check:
+            cs = int.from_bytes(frame[22:end], "big")
+            if seg_len & 1:
+                cs <<= 8
+            ok = (cs + 17 + seg_len) % 0xFFFF == 0
+        return Packet(ts, frame[22:38], frame[38:54], 17, sport, dport, seg_len + 40, ulen - 8, 0, 0, 0, 0, ok,
+                      frame[62:end])
 
     def _ethertype(self, frame: bytes, off: int, etype: int, ts: float, snapped: bool, depth: int = 0,
                    outer: bytes | None = None):

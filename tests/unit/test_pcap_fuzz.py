@@ -7,6 +7,7 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 from hypothesis import strategies as st
@@ -97,3 +98,31 @@ def test_seed_frame_takes_the_fast_path():
     decoder = PacketDecoder()
     pkt = decoder._fast_ipv4(SEED_FRAME, 1.0, len(SEED_FRAME))
     assert isinstance(pkt, Packet) and pkt.checksum_ok and pkt.payload == b"payload-bytes"
+
+
+SEED_FRAME6 = raw(
+    Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    / IPv6(src="2001:db8::1", dst="2001:db8::2")
+    / TCP(sport=40000, dport=80, seq=100, flags="PA", window=65535)
+    / b"odd-payload"
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.integers(14, len(SEED_FRAME6) - 1), st.integers(0, 255)), max_size=6),
+    udp=st.booleans(),
+    checks=st.booleans(),
+)
+def test_ipv6_fast_path_agrees_with_general_path(edits, udp, checks):
+    frame = bytearray(SEED_FRAME6)
+    if udp:
+        frame[20] = 17
+    for pos, value in edits:
+        frame[pos] = value
+    frame = bytes(frame)
+    fast = PacketDecoder(ignore_checksums=checks).decode(1, frame, 1.0, len(frame))
+    general = PacketDecoder(ignore_checksums=checks)._ethertype(frame, 14, frame[12] << 8 | frame[13], 1.0, False)
+    if isinstance(fast, Packet) or isinstance(general, Packet):
+        assert fast == general
+    assert PacketDecoder()._fast_ipv6(SEED_FRAME6, 1.0, len(SEED_FRAME6)).checksum_ok
