@@ -1,0 +1,79 @@
+"""Aggregator settings: TOML parsing and keyword-only validation (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloud_aggregator.service import AggregatorConfig
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "agg.toml"
+    p.write_text(text)
+    return p
+
+
+def test_from_toml_resolves_paths_and_sections(tmp_path):
+    cfg = AggregatorConfig.from_toml(write(tmp_path, """
+[aggregator]
+database = "state/agg.db"
+initial_model = "models/init.safetensors"
+signing_key = "keys/agg.key"
+known_senders = ["gw-a", "gw-b"]
+max_staleness = 3
+
+[mqtt]
+host = "broker.example"
+port = 8883
+ca_file = "certs/ca.pem"
+cert_file = "certs/agg.pem"
+key_file = "certs/agg.key"
+
+[strategy]
+name = "fedopt"
+eta = 0.02
+beta1 = 0.8
+
+[strategy.robust]
+method = "trimmed_mean"
+trim_fraction = 0.2
+
+[strategy.dp]
+clip_norm = 1.0
+noise_multiplier = 0.5
+
+[local]
+epochs = 2
+compression = "int8"
+"""))
+    assert cfg.database == str(tmp_path / "state/agg.db")
+    assert cfg.initial_model == str(tmp_path / "models/init.safetensors")
+    assert cfg.known_senders == frozenset({"gw-a", "gw-b"}) and cfg.max_staleness == 3
+    assert cfg.mqtt.tls.ca_file == str(tmp_path / "certs/ca.pem") and cfg.mqtt.tls.check_hostname
+    assert cfg.mqtt.port == 8883 and cfg.mqtt.client_id == "aggregator"
+    strategy = cfg.build_strategy()
+    assert strategy.name == "fedopt" and strategy.inner.inner.beta1 == 0.8  # dp(robust(fedopt))
+    assert cfg.local == {"epochs": 2, "compression": "int8"}
+
+
+@pytest.mark.parametrize("text", [
+    "[aggregator]\nmax_staleness = -1\n",
+    "[aggregator]\nchunk_bytes = 10\n",
+    "[aggregator]\nprefix = \"a/#\"\n",
+    "[aggregator]\nknown_senders = [\"bad id\"]\n",
+    "[aggregator]\nno_such_setting = 1\n",
+    "[strategy]\nname = \"fedsgd\"\n",
+    "[strategy]\nname = \"gsfs\"\nrho = 2\n",
+    "[local]\nepochs = 1\nflavour = 3\n",
+    "[mqtt]\nport = 0\n",
+    "[mqtt]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\n",
+    "[extra]\nx = 1\n",
+])
+def test_bad_settings_are_refused_with_an_error(tmp_path, text):
+    with pytest.raises((ValueError, TypeError)):
+        AggregatorConfig.from_toml(write(tmp_path, text))
+
+
+def test_defaults_are_valid():
+    cfg = AggregatorConfig()
+    assert cfg.strategy == "gsfs" and cfg.intake_batch == 64 and cfg.mqtt.host == "127.0.0.1"
