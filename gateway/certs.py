@@ -39,6 +39,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
@@ -54,6 +55,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.protocol.topics import TopicError, check_gateway_id
+
+log = logging.getLogger(__name__)
 
 AGGREGATOR_IDENTITY = "@aggregator"
 """CN (and so MQTT username) of the aggregator; not a valid gateway id by construction."""
@@ -316,6 +319,11 @@ def describe(cert: x509.Certificate, *, bundle: str, kind: IdentityKind) -> Issu
     )
 
 
+def _public_bytes(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -374,8 +382,15 @@ class CertificateAuthority:
                 f"no CA in {self.directory} (expected {CA_CERT} and {CA_KEY}); "
                 f"run `fedgate certs init-ca --dir {self.directory}` first"
             )
-        self.cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        self.key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        try:
+            self.cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            self.key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:
+            raise CertError(f"unreadable CA in {self.directory}: {exc}") from None
+        if _public_bytes(self.key.public_key()) != _public_bytes(self.cert.public_key()):
+            raise CertError(f"{key_path} is not the key of {cert_path}")
+        if os.stat(key_path).st_mode & 0o077:
+            log.warning("%s is readable by group or others; chmod 0600 it", key_path)
 
     # ---- creation
 
@@ -416,9 +431,27 @@ class CertificateAuthority:
         return self.directory / CA_CERT
 
     def _load_index(self) -> dict:
-        if not self.index_path.exists():
-            return {"crl_number": 0, "certificates": []}
-        return json.loads(self.index_path.read_text())
+        # a missing or damaged index is an error, never an empty one: the CRL is rebuilt
+        # from it, and an empty index would silently un-revoke every certificate
+        try:
+            index = json.loads(self.index_path.read_text())
+            rows = index["certificates"]
+            for row in rows:
+                entry = IssuedCert(**row)
+                int(entry.serial, 16)
+                for when in (entry.not_before, entry.not_after, entry.revoked_at):
+                    if when is not None:
+                        dt.datetime.fromisoformat(when)
+                if entry.reason is not None and entry.reason not in REVOCATION_REASONS:
+                    raise ValueError(f"unknown revocation reason {entry.reason!r}")
+            int(index.get("crl_number", 0))
+        except FileNotFoundError:
+            raise CertError(f"{self.index_path} is missing; restore it from the CA backup "
+                            "(revocations are recorded there)") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CertError(f"{self.index_path} is damaged ({type(exc).__name__}: {exc}); "
+                            "restore it from the CA backup") from None
+        return index
 
     @staticmethod
     def _save_index(directory: Path, index: dict) -> None:

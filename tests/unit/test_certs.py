@@ -333,3 +333,64 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path):
 def test_every_command_has_help_with_examples(cmd):
     result = run(cmd, "--help")
     assert result.exit_code == 0 and "Examples:" in result.output
+
+
+# --------------------------------------------------------------------------- damaged CA directory
+
+
+def test_missing_index_is_an_error_not_an_empty_crl(ca):
+    issued = ca.issue_gateway("g1", now=NOW)
+    ca.revoke(issued.bundle, now=NOW)
+    ca.index_path.unlink()
+    with pytest.raises(CertError, match="missing"):
+        ca.write_crl()
+    # the last CRL still lists the revoked certificate
+    assert int(issued.serial, 16) in crl_serials(ca)
+
+
+def test_key_that_does_not_match_the_ca_certificate_is_refused(ca, tmp_path):
+    other = CertificateAuthority.init(tmp_path / "other", now=NOW)
+    (ca.directory / "ca.key").write_bytes((other.directory / "ca.key").read_bytes())
+    with pytest.raises(CertError, match="is not the key of"):
+        CertificateAuthority(ca.directory)
+    (ca.directory / "ca.key").write_bytes(b"garbage")
+    with pytest.raises(CertError, match="unreadable CA"):
+        CertificateAuthority(ca.directory)
+
+
+def test_group_readable_ca_key_is_logged(ca, caplog):
+    (ca.directory / "ca.key").chmod(0o640)
+    with caplog.at_level("WARNING", logger="gateway.certs"):
+        CertificateAuthority(ca.directory)
+    assert "readable by group or others" in caplog.text
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
+    JSONISH.map(json.dumps),
+    st.lists(st.fixed_dictionaries({
+        "bundle": st.text(max_size=10), "kind": st.text(max_size=10),
+        "common_name": st.text(max_size=10), "serial": st.text(max_size=12),
+        "not_before": st.text(max_size=30), "not_after": st.text(max_size=30),
+        "sha256": st.text(max_size=5),
+        "revoked_at": st.none() | st.text(max_size=30), "reason": st.none() | st.text(max_size=15),
+    }), max_size=3).map(lambda rows: json.dumps({"crl_number": 1, "certificates": rows})),
+))
+def test_hostile_index_contents_give_a_clear_error_or_work(tmp_path_factory, text):
+    ca = CertificateAuthority.init(tmp_path_factory.mktemp("pki") / "ca", now=NOW)
+    ca.index_path.write_text(text)
+    try:
+        rows = ca.certificates()
+        ca.write_crl(now=NOW)  # whatever loads must also make a CRL
+    except CertError as exc:
+        assert str(ca.index_path) in str(exc)
+        return
+    assert isinstance(rows, list)
