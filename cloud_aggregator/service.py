@@ -397,8 +397,13 @@ class AggregatorService:
         try:
             sender, kind = topics.parse_gateway_topic(msg.topic, self.config.prefix)
         except topics.TopicError:
+            if msg.topic.endswith("/update"):  # '+' matched a level that is no gateway id
+                self._reject("?", Rejection(RejectReason.UNKNOWN_SENDER, f"topic {msg.topic[:120]!r}"), s, batch)
             return
         if kind == "status":
+            if self.config.known_senders is not None and sender not in self.config.known_senders:
+                log.warning("status of unknown gateway %s ignored (it does not count towards N)", sender)
+                return
             online, status = parse_status(msg.payload)
             self.pool.set_status(sender, online, status)
             store.save_client(s, sender, self.pool.clients[sender])

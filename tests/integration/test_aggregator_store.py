@@ -132,3 +132,13 @@ def test_the_same_store_on_postgresql():
         name = url.rsplit("/", 1)[1]
         with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_unknown_gateways_do_not_count_and_bad_topics_are_rejected(tmp_path):
+    svc = service(str(tmp_path / "agg.db"), known_senders=frozenset({"gw1"}))
+    enc = encode_update(tiny_delta(0.1), sender="gw1", base_version=0, num_samples=3)
+    svc.handle_batch([status("gw1", "online"), status("intruder", "online"),
+                      Inbound("fedgate/v1/gw/bad id/update", enc.data, 1, False, 5)])
+    assert svc.pool.live_clients() == {"gw1"}  # an unknown gateway cannot inflate N
+    assert svc.rejections == {"unknown_sender": 1}
+    svc.stop()
