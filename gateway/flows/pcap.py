@@ -434,15 +434,8 @@ def live_records(
     stats = stats if stats is not None else CaptureStats()
     factory = socket_factory or conf.L2listen
     sock = factory(iface=iface, filter=bpf)
-    linktype = getattr(sock, "LL", None)
-    dlt = 1
-    if linktype is not None:
-        from scapy.data import l2types
-
-        try:
-            dlt = l2types.layer2num[linktype]
-        except (KeyError, AttributeError):
-            dlt = 1
+    # the socket's link-layer class (Ether, CookedLinux, ...) -> its pcap link type
+    dlt = conf.l2types.layer2num.get(getattr(sock, "LL", None), 1)
     tracker = ConnTracker(local_nets=DEFAULT_LOCAL_NETS if local_nets is None else tuple(local_nets))
     decoder = PacketDecoder(ignore_checksums=ignore_checksums)
     try:
