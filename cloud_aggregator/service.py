@@ -68,7 +68,10 @@ class AggregatorConfig:
     checkpoints_kept [5]: old checkpoints pruned beyond this many.
     intake_batch [64]: most messages stored in one transaction (then acknowledged).
     decode_threads [2]: threads validating the update envelopes of a batch (1: inline).
-    evaluator [None]: "module:function" returning a callable weights -> metrics.
+    evaluator [None]: "module:factory"; factory(**evaluator_args) returns a callable
+      weights -> metrics (the central validation set), e.g.
+      "cloud_aggregator.experiment:CentralEvaluator" with model_dir and test_log.
+    evaluator_args [{}]: keyword arguments of the factory (paths relative to the TOML).
     local [{}]: local-training settings published on the control topic.
     mqtt: broker connection (:class:`gateway.mqtt.MqttSettings`).
     """
@@ -93,6 +96,7 @@ class AggregatorConfig:
     intake_batch: int = 64
     decode_threads: int = 2
     evaluator: str | None = None
+    evaluator_args: Mapping[str, Any] = field(default_factory=dict)
     local: Mapping[str, Any] = field(default_factory=dict)
     mqtt: MqttSettings = field(default_factory=lambda: MqttSettings(client_id="fedgate-aggregator"))
 
@@ -142,6 +146,9 @@ class AggregatorConfig:
         for key in ("initial_model", "signing_key"):
             if agg.get(key):
                 agg[key] = rel(agg[key])
+        if agg.get("evaluator_args"):
+            agg["evaluator_args"] = {k: (rel(v) if isinstance(v, str) and k.endswith(("_dir", "_log", "_path", "_file"))
+                                         else v) for k, v in agg["evaluator_args"].items()}
         db = agg.get("database")
         if db and "://" not in db:
             agg["database"] = rel(db)
@@ -154,12 +161,20 @@ class AggregatorConfig:
                    mqtt=mqtt, **agg)
 
 
-def load_evaluator(spec: str | None) -> Evaluator | None:
-    """``"package.module:factory"`` -> factory(); the factory returns weights -> metrics."""
+def load_evaluator(spec: str | None, args: Mapping[str, Any] | None = None) -> Evaluator | None:
+    """``"package.module:factory"`` -> factory(**args), a callable weights -> metrics.
+
+    For the central validation set of the model the gateways run::
+
+        evaluator = "cloud_aggregator.experiment:CentralEvaluator"
+        evaluator_args = { model_dir = "models/default", test_log = "data/val/conn.log.labeled" }
+    """
     if not spec:
         return None
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)()
+    module, sep, attr = spec.partition(":")
+    if not sep:
+        raise ValueError(f"evaluator {spec!r} must look like 'package.module:factory'")
+    return getattr(importlib.import_module(module), attr)(**dict(args or {}))
 
 
 def load_or_create_key(path: str | None) -> signing.Ed25519PrivateKey | None:
@@ -196,7 +211,8 @@ class AggregatorService:
         self.config = config
         self.clock = clock
         self.strategy = config.build_strategy()
-        self.evaluator = evaluator if evaluator is not None else load_evaluator(config.evaluator)
+        self.evaluator = (evaluator if evaluator is not None
+                          else load_evaluator(config.evaluator, config.evaluator_args))
         self.signing_key = signing_key if signing_key is not None else load_or_create_key(config.signing_key)
         self.sessions = store.make_sessions(config.database)
         self.pool = UpdatePool(clock=clock)

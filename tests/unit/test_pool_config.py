@@ -77,3 +77,18 @@ def test_bad_settings_are_refused_with_an_error(tmp_path, text):
 def test_defaults_are_valid():
     cfg = AggregatorConfig()
     assert cfg.strategy == "gsfs" and cfg.intake_batch == 64 and cfg.mqtt.host == "127.0.0.1"
+
+
+def test_evaluator_factory_is_loaded_with_its_arguments(tmp_path):
+    from cloud_aggregator.service import load_evaluator
+
+    cfg = AggregatorConfig.from_toml(write(tmp_path, """
+[aggregator]
+evaluator = "collections:Counter"
+evaluator_args = { model_dir = "m", red = 2 }
+"""))
+    assert cfg.evaluator_args == {"model_dir": str(tmp_path / "m"), "red": 2}
+    made = load_evaluator("collections:Counter", {"red": 2})
+    assert made == {"red": 2}
+    with pytest.raises(ValueError):
+        load_evaluator("collections.Counter")
