@@ -111,3 +111,46 @@ def test_restore_rebuilds_the_same_pool():
 def test_invalid_settings():
     with pytest.raises(ValueError):
         UpdatePool(clock=Clock(), replay_window=0)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("offer"), st.sampled_from("abcd"), st.integers(0, 5)),
+    st.tuples(st.just("status"), st.sampled_from("abcd"), st.booleans()),
+    st.tuples(st.just("aggregate"), st.sets(st.sampled_from("abcd")), st.just(0)),
+), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops)
+def test_pool_invariants_under_any_sequence(sequence):
+    clock = Clock()
+    pool = UpdatePool(clock=clock)
+    accepted: dict[str, int] = {}
+    window: dict[str, int] = {}
+    for op, who, arg in sequence:
+        clock.t += 1
+        if op == "offer":
+            result = pool.offer(pu(who, f"m{arg}", at=clock.t))
+            if isinstance(result, Rejection):
+                assert result.reason is RejectReason.REPLAY
+            else:
+                accepted[who] = accepted.get(who, 0) + 1
+                window[who] = window.get(who, 0) + 1
+                assert result.submissions == window[who]
+        elif op == "status":
+            pool.set_status(who, arg)
+        else:
+            pool.aggregated(sorted(who), pool.version + 1)
+            for s in who:
+                window[s] = 0
+        # invariants
+        senders = [u.sender for u in pool.updates()]
+        assert len(senders) == len(set(senders))  # one (the newest) update per client
+        assert {k: c.total_submissions for k, c in pool.clients.items() if c.total_submissions} == {
+            k: v for k, v in accepted.items() if v}
+        for u in pool.updates():
+            assert u.submissions == window[u.sender] > 0
+        assert pool.live_clients() <= set(pool.clients)
