@@ -304,3 +304,47 @@ def test_client_factory_checks_the_broker_host_name(pki, tmp_path):
         assert attempt(False)
     finally:
         impostor.stop()
+
+
+def test_gateway_link_status_will_and_refusals_through_the_acl(broker, pki):
+    """The gateway's FL link (gateway.fl.link) over mTLS: its status and last will pass
+    the ACL (a gateway that dies is seen offline), and a publish the ACL refuses comes
+    back to the gateway as a PUBACK event with reason 0x87, which its outbox can count."""
+    import json
+
+    from gateway.fl.link import Acked, GatewayLink
+
+    watcher = Client(broker.port, client_id="status-watcher", ca=pki.ca_file(),
+                     cert=pki.cert("aggregator"), key=pki.key("aggregator"))
+    settings = MqttSettings(
+        host="localhost", port=broker.port, client_id="fedgate-gw-edge1", session_expiry_s=0,
+        tls=TlsSettings(ca_file=str(pki.ca_file()), cert_file=str(pki.cert("gateway-edge1")),
+                        key_file=str(pki.key("gateway-edge1"))))
+    gw = GatewayLink(settings, gateway_id="edge1", prefix=PREFIX).start()
+    try:
+        assert watcher.connect()
+        assert watcher.subscribe(topics.all_statuses(PREFIX)) == [1]
+        assert gw.mqtt.wait_connected(10)
+        gw.publish_status("online")
+        online = watcher.wait_for(lambda m: m.topic.endswith("/edge1/status")
+                                  and json.loads(m.payload)["state"] == "online", timeout=5)
+        assert online is not None
+
+        own = gw.publish(gw.update_topic, b"update bytes")
+        foreign = gw.publish(topics.gateway_update("edge2", PREFIX), b"update bytes")
+        acks: dict[int, int] = {}
+        deadline = time.monotonic() + 5
+        while not {own, foreign} <= set(acks) and time.monotonic() < deadline:
+            event = gw.events.get(timeout=max(0.05, deadline - time.monotonic()))
+            if isinstance(event, Acked):
+                acks[event.mid] = event.reason_code
+        assert acks[own] < 0x80 and acks[foreign] == 0x87
+
+        # die without DISCONNECT: the broker publishes the retained "offline" will
+        gw.mqtt.client.loop_stop()
+        gw.mqtt.client.socket().close()
+        offline = watcher.wait_for(lambda m: m.topic.endswith("/edge1/status")
+                                   and json.loads(m.payload)["state"] == "offline", timeout=10)
+        assert offline is not None and offline.topic == topics.gateway_status("edge1", PREFIX)
+    finally:
+        watcher.close()  # gw: its loop is stopped and its socket closed above
