@@ -106,7 +106,8 @@ def flows(pcaps, output, fmt, ignore_checksums, local_nets, bare, loaded, json_s
     summary = stats.as_dict()
     if not json_summary:
         summary.pop("warnings")
-        summary["skipped_by_reason"] = ", ".join(f"{k}={v}" for k, v in summary["skipped_by_reason"].items()) or "-"
+        for key in ("skipped_by_reason", "weird_by_reason"):
+            summary[key] = ", ".join(f"{k}={v}" for k, v in summary[key].items()) or "-"
     if to_stdout:
         # the log owns stdout: the summary goes to stderr
         saved, sys.stdout = sys.stdout, sys.stderr

@@ -617,7 +617,7 @@ class ConnTracker:
             key = (6, dst, dport, src, sport)
         flags = pkt.flags
         conn = self.conns.get(key)
-        if conn is not None and flags & SYN and self._tcp_is_reuse(conn, pkt, t):
+        if conn is not None and flags & SYN and pkt.payload_len >= 0 and self._tcp_is_reuse(conn, pkt, t):
             self._remove(conn)
             conn = None
         if conn is None:
@@ -646,7 +646,9 @@ class ConnTracker:
             new = False
         is_orig = src == conn.orig_h and sport == conn.orig_p
         endpoint = conn.orig if is_orig else conn.resp
-        if not pkt.checksum_ok:
+        if pkt.payload_len < 0:
+            pass  # unusable TCP header: the connection exists, the packet counts nowhere
+        elif not pkt.checksum_ok:
             endpoint.scaled("C", "chk_cnt", "chk_thresh")
         else:
             self._tcp_process(conn, endpoint, pkt, t)

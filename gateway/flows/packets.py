@@ -540,10 +540,12 @@ class PacketDecoder:
                 return self._skip("truncated_header")
             sport, dport, seq, ack, off_byte, flags, win, _csum, _urg = _TCP_HDR.unpack_from(seg)
             thl = (off_byte >> 4) * 4
-            if thl < 20 or thl > seg_len:
-                return self._skip("bad_TCP_header_len")
-            if captured < thl:
-                return self._skip("truncated_header")
+            if thl < 20 or thl > seg_len or captured < thl:
+                # Zeek has already made the connection when its TCP analyzer rejects the
+                # header: the packet still opens a (packet-less) record; payload_len -1 says so
+                self._skip_note("bad_TCP_header_len" if thl < 20 else "truncated_header")
+                return Packet(ts, src, dst, PROTO_TCP, sport, dport, ip_len, -1, flags, seq, ack, win,
+                              True, b"", b"", outer)
             ok = True
             if check:
                 ok = transport_checksum_ok(src, dst, PROTO_TCP, seg[:seg_len])

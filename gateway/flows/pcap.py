@@ -72,6 +72,7 @@ class CaptureStats:
     bytes: int = 0
     flows: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    weird: dict[str, int] = field(default_factory=dict)  # oddities in packets that were still used
     truncated: bool = False
     warnings: list[str] = field(default_factory=list)
     first_ts: float | None = None
@@ -86,6 +87,10 @@ class CaptureStats:
         for reason, n in counts.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + n
 
+    def merge_weird(self, counts: dict[str, int]) -> None:
+        for reason, n in counts.items():
+            self.weird[reason] = self.weird.get(reason, 0) + n
+
     def as_dict(self) -> dict:
         return {
             "packets": self.packets,
@@ -93,6 +98,8 @@ class CaptureStats:
             "flows": self.flows,
             "skipped": self.skipped_total,
             "skipped_by_reason": dict(sorted(self.skipped.items())),
+            "weird": sum(self.weird.values()),
+            "weird_by_reason": dict(sorted(self.weird.items())),
             "truncated": self.truncated,
             "seconds": round(self.elapsed, 3),
             "packets_per_second": round(self.packets / self.elapsed) if self.elapsed > 0 else None,
@@ -381,6 +388,7 @@ def records_from_frames(
         if last_ts is not None:
             stats.last_ts = last_ts
         stats.merge_skipped(decoder.skipped)
+        stats.merge_weird(decoder.notes)
         stats.merge_skipped(tracker.skipped)
 
 
@@ -465,6 +473,7 @@ def live_records(
         yield from rest
     finally:
         stats.merge_skipped(decoder.skipped)
+        stats.merge_weird(decoder.notes)
         stats.merge_skipped(tracker.skipped)
         sock.close()
 

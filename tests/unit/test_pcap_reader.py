@@ -268,3 +268,10 @@ def test_teredo_carries_ipv6():
     inner = next(r for r in recs if r.resp_p == 4000)
     assert inner.orig_h == "2001:0:4136:e378::1" and inner.orig_ip_bytes == 40 + 8 + 2
     assert next(r for r in recs if r.resp_p == 3544).service == "teredo"
+
+
+def test_bad_tcp_header_length_opens_an_empty_record_like_zeek():
+    bad = ETH() / IP(src=C, dst=S) / TCP(sport=40000, dport=80, flags="S", dataofs=2)
+    (rec,), stats = records_of(pcap_bytes([(1.0, raw(bad))]))
+    assert (rec.orig_pkts, rec.resp_pkts, rec.history, rec.conn_state) == (0, 0, None, "OTH")
+    assert stats.weird == {"bad_TCP_header_len": 1} and stats.skipped_total == 0
