@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,6 +43,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 # Score at or above which a flow counts as "malicious" when scoring against labels.
 MALICIOUS_THRESHOLD = 0.5
 MAX_RETRY_WAIT = 30.0  # seconds between retries of a failing database, at most
+_UID = repository.FLOW_INSERT_COLUMNS.index("uid")
 
 
 @runtime_checkable
@@ -188,6 +189,12 @@ def score_against_labels(
 # ---------------------------------------------------------------- one transaction per batch
 
 
+class BatchResult(NamedTuple):
+    stored: int  # new flows
+    detections: int  # new detections
+    refused: list[repository.RefusedRow]  # records the database could not take
+
+
 def commit_batch(
     session_factory: sessionmaker[Session],
     records: Sequence[ConnRecord],
@@ -196,27 +203,45 @@ def commit_batch(
     classifier: FlowClassifier | None = None,
     verdicts: Sequence[tuple[str, float]] | None = None,
     offset: tuple[str, int, str | None] | None = None,
-) -> tuple[int, int]:
+) -> BatchResult:
     """Store ``records`` (+ their verdicts, + the ingest offset) in one transaction.
 
-    ``offset`` is ``(file_identity, offset, header)``.  Returns (flows stored, detections stored).
+    ``offset`` is ``(file_identity, offset, header)``.  If the database refuses a value
+    in the batch (NUL bytes, an integer beyond the column), the transaction is rolled
+    back and the batch sent again cleaned: text escaped, such records refused.
+    Anything else the database raises becomes a ``StoreError``.
     """
-    try:
-        with session_factory.begin() as session:
-            stored = repository.insert_flows(session, records, source=source)
-            dets = 0
-            if classifier is not None and verdicts is not None:
-                dets = repository.insert_detections(
-                    session,
-                    ((source, r.uid, lab, score) for r, (lab, score) in zip(records, verdicts)),
-                    model_version=classifier.model_version,
-                )
-            if offset is not None:
-                ident, off, header = offset
-                repository.save_offset(session, source, file_identity=ident, offset=off, header=header)
-    except SQLAlchemyError as exc:
-        raise StoreError(describe_db_error(session_factory.kw["bind"], exc)) from exc
-    return stored, dets
+    now = time.time()
+    rows: list[tuple | None] = repository.flow_rows(records, source, now)
+    refused: list[repository.RefusedRow] = []
+    for attempt in ("bulk", "cleaned"):
+        if attempt == "cleaned":
+            rows, refused = repository.clean_flow_rows(rows)
+            for r in refused:
+                log.warning("%s: flow %r refused: %s", source, r.uid, r.reason)
+        try:
+            with session_factory.begin() as session:
+                kept = [r for r in rows if r is not None]
+                stored = repository.insert_flow_rows(session, kept)
+                dets = 0
+                if classifier is not None and verdicts is not None:
+                    # the uid as stored (escaped when cleaned), only for flows kept
+                    dets = repository.insert_detections(
+                        session,
+                        ((source, row[_UID], lab, score) for row, (lab, score) in zip(rows, verdicts) if row is not None),
+                        model_version=classifier.model_version,
+                    )
+                if offset is not None:
+                    ident, off, header = offset
+                    repository.save_offset(session, source, file_identity=ident, offset=off, header=header)
+            return BatchResult(stored, dets, refused)
+        except repository.ROW_VALUE_ERRORS as exc:
+            if attempt == "cleaned":
+                raise StoreError(describe_db_error(session_factory.kw["bind"], exc)) from exc
+            log.info("%s: batch refused (%s); sending it again cleaned", source, str(exc).splitlines()[0][:200])
+        except SQLAlchemyError as exc:
+            raise StoreError(describe_db_error(session_factory.kw["bind"], exc)) from exc
+    raise AssertionError("unreachable")
 
 
 def _classify(classifier: FlowClassifier | None, records: Sequence[ConnRecord]):
@@ -443,11 +468,13 @@ def _replay_file(
 
     def account(records: list[ConnRecord], offset: tuple | None, done_bytes: int) -> None:
         verdicts = _classify(classifier, records)
-        stored, dets = commit_batch(
+        stored, dets, refused = commit_batch(
             session_factory, records, source=fsum.source,
             classifier=classifier, verdicts=verdicts, offset=offset,
         )
-        n = len(records)
+        for r in refused:
+            _count_rejection(summary, fsum, r.reason)
+        n = len(records) - len(refused)
         fsum.records += n
         fsum.stored += stored
         fsum.duplicates += n - stored
@@ -576,10 +603,11 @@ def follow(
                     log.debug("follow %s:%d: rejected: %s", rej.source, rej.line_no, rej.reason)
                 if records or pos != committed:
                     verdicts = _classify(classifier, records)
-                    stored, dets = commit_batch(
+                    stored, dets, refused = commit_batch(
                         session_factory, records, source=src, classifier=classifier, verdicts=verdicts,
                         offset=(pos.identity, pos.offset, pos.to_json()),
                     )
+                    counters.rejected += len(refused)
                     committed = pos
                     counters.commits += 1
                     counters.records += len(records)

@@ -47,28 +47,32 @@ class Base(DeclarativeBase):
 
 
 class Flow(Base):
-    """One Zeek conn record as stored; columns mirror ``gateway.flows.record.ConnRecord``."""
+    """One Zeek conn record as stored; columns mirror ``gateway.flows.record.ConnRecord``.
+
+    Text columns have no length limit: a hostile log must not make PostgreSQL refuse a
+    whole batch for one over-long value.
+    """
 
     __tablename__ = "flows"
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    source: Mapped[str] = mapped_column(String(512))
-    uid: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)
+    uid: Mapped[str] = mapped_column(Text)
     ts: Mapped[float] = mapped_column(Float)
-    orig_h: Mapped[str] = mapped_column(String(64))
+    orig_h: Mapped[str] = mapped_column(Text)
     orig_p: Mapped[int] = mapped_column(Integer)
-    resp_h: Mapped[str] = mapped_column(String(64))
+    resp_h: Mapped[str] = mapped_column(Text)
     resp_p: Mapped[int] = mapped_column(Integer)
-    proto: Mapped[str] = mapped_column(String(16))
-    service: Mapped[str | None] = mapped_column(String(128))
+    proto: Mapped[str] = mapped_column(Text)
+    service: Mapped[str | None] = mapped_column(Text)
     duration: Mapped[float | None] = mapped_column(Float)
     orig_bytes: Mapped[int | None] = mapped_column(BigInteger)
     resp_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    conn_state: Mapped[str | None] = mapped_column(String(16))
+    conn_state: Mapped[str | None] = mapped_column(Text)
     local_orig: Mapped[bool | None] = mapped_column(Boolean)
     local_resp: Mapped[bool | None] = mapped_column(Boolean)
     missed_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    history: Mapped[str | None] = mapped_column(String(256))
+    history: Mapped[str | None] = mapped_column(Text)
     orig_pkts: Mapped[int | None] = mapped_column(BigInteger)
     orig_ip_bytes: Mapped[int | None] = mapped_column(BigInteger)
     resp_pkts: Mapped[int | None] = mapped_column(BigInteger)
@@ -76,8 +80,8 @@ class Flow(Base):
     # Zeek set[string], comma-joined ("" for an empty set, NULL for unset).
     tunnel_parents: Mapped[str | None] = mapped_column(Text)
     ip_proto: Mapped[int | None] = mapped_column(Integer)
-    label: Mapped[str | None] = mapped_column(String(64))
-    detailed_label: Mapped[str | None] = mapped_column(String(128))
+    label: Mapped[str | None] = mapped_column(Text)
+    detailed_label: Mapped[str | None] = mapped_column(Text)
     # Columns beyond Zeek's standard set, as a JSON list of [name, raw text] pairs.
     extra: Mapped[str | None] = mapped_column(Text)
     ingested_at: Mapped[float] = mapped_column(Float)
@@ -99,11 +103,11 @@ class Detection(Base):
     __tablename__ = "detections"
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    source: Mapped[str] = mapped_column(String(512))
-    uid: Mapped[str] = mapped_column(String(64))
-    label: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(Text)
+    uid: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(Text)
     score: Mapped[float] = mapped_column(Float)
-    model_version: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (
@@ -122,9 +126,9 @@ class Feedback(Base):
     __tablename__ = "feedback"
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    source: Mapped[str] = mapped_column(String(512))
-    uid: Mapped[str] = mapped_column(String(64))
-    label: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(Text)
+    uid: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(Text)
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
 
@@ -149,7 +153,7 @@ class IngestOffset(Base):
 
     __tablename__ = "ingest_offsets"
 
-    source: Mapped[str] = mapped_column(String(512), primary_key=True)
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
     # What the offset is valid for (e.g. device:inode:size-prefix digest of the file).
     file_identity: Mapped[str] = mapped_column(Text)
     offset: Mapped[int] = mapped_column(BigInteger)

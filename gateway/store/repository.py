@@ -12,12 +12,14 @@ for a million flows would cost more than parsing them.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, and_, case, delete, func, or_, select, update
+from sqlalchemy import BigInteger, Integer, Select, and_, case, delete, func, or_, select, update
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway.flows.record import ConnRecord
@@ -77,6 +79,67 @@ def flow_rows(records: Iterable[ConnRecord], source: str, ingested_at: float) ->
         else:
             append(flow_row(r, source, ingested_at))
     return out
+
+
+# ---------------------------------------------------------------- values a database refuses
+
+# What a database may refuse in a row: NUL in text (PostgreSQL), lone surrogates (the
+# parser keeps undecodable bytes that way; no driver can encode them), integers beyond
+# the column type.  Bulk inserts send rows unchecked (checking costs as much as
+# inserting); a batch that fails with one of these is cleaned and sent again.
+ROW_VALUE_ERRORS: tuple[type[BaseException], ...] = (DataError, IntegrityError, ValueError, OverflowError)
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _int_limits() -> dict[int, tuple[int, int]]:
+    limits = {}
+    for i, name in enumerate(FLOW_INSERT_COLUMNS):
+        col_type = Flow.__table__.c[name].type
+        if isinstance(col_type, BigInteger):
+            limits[i] = _INT64
+        elif isinstance(col_type, Integer):
+            limits[i] = _INT32
+    return limits
+
+
+_FLOW_INT_LIMITS = _int_limits()
+_UNSAFE_TEXT = re.compile("[\x00\udc80-\udcff]")
+
+
+def zeek_escape(text: str) -> str:
+    """NUL and undecodable bytes written as Zeek writes them: ``\\xNN``."""
+    return _UNSAFE_TEXT.sub(lambda m: f"\\x{ord(m.group()) & 0xFF:02x}", text)
+
+
+class RefusedRow(NamedTuple):
+    uid: str
+    reason: str
+
+
+def clean_flow_rows(rows: Sequence[tuple]) -> tuple[list[tuple | None], list[RefusedRow]]:
+    """Rows every database takes: text escaped; a row with an out-of-range integer is
+    refused (None in its place, and a RefusedRow saying why)."""
+    out: list[tuple | None] = []
+    refused: list[RefusedRow] = []
+    uid_idx = FLOW_INSERT_COLUMNS.index("uid")
+    for row in rows:
+        bad = next(
+            (FLOW_INSERT_COLUMNS[i] for i, (lo, hi) in _FLOW_INT_LIMITS.items()
+             if isinstance(row[i], int) and not lo <= row[i] <= hi),
+            None,
+        )
+        if bad is not None:
+            out.append(None)
+            refused.append(RefusedRow(str(row[uid_idx]), f"{bad} out of range for the database"))
+            continue
+        out.append(tuple(zeek_escape(v) if isinstance(v, str) and _UNSAFE_TEXT.search(v) else v for v in row))
+    return out, refused
+
+
+def insert_flow_rows(session: Session, rows: list[tuple]) -> int:
+    """Insert ready rows (``flow_rows``/``clean_flow_rows`` output); existing flows skipped."""
+    return _bulk_insert_ignore(session, "flows", FLOW_INSERT_COLUMNS, ("uid", "source"), rows)
 
 
 def record_from_row(row: Any) -> ConnRecord:
@@ -180,7 +243,7 @@ def insert_flows(
 ) -> int:
     """Store ``records`` under ``source``; flows already stored are skipped.  Returns new rows."""
     now = time.time() if ingested_at is None else ingested_at
-    return _bulk_insert_ignore(session, "flows", FLOW_INSERT_COLUMNS, ("uid", "source"), flow_rows(records, source, now))
+    return insert_flow_rows(session, flow_rows(records, source, now))
 
 
 def insert_detections(

@@ -287,3 +287,51 @@ def test_same_file_under_another_name_resumes_nothing_but_stores_nothing_twice(s
     assert one.stored == len(parsed(src))
     assert two.files[0].resumed_from == one.files[0].resumed_from == 0 or two.records == 0
     assert two.stored == 0
+
+
+HOSTILE = [
+    ConnRecord(1.0, "Cnul\x00uid", "10.0.0.1", 1, "10.0.0.2", 2, "tcp"),
+    ConnRecord(2.0, "Csurrogate", "10.0.0.1", 1, "10.0.0.2", 2, "tcp",
+               history=b"Sh\xff".decode("utf-8", "surrogateescape")),
+    ConnRecord(3.0, "Chuge", "10.0.0.1", 1, "10.0.0.2", 2, "tcp", orig_bytes=2**64 - 1),
+    ConnRecord(4.0, "Clong" + "x" * 5000, "10.0.0.1", 1, "10.0.0.2", 2, "tcp", service="s" * 10_000),
+]
+
+
+def test_values_a_database_refuses_cost_only_their_records(store):
+    from gateway.ingest import commit_batch
+
+    good = [ConnRecord(10.0 + i, f"Cgood{i}", "10.0.0.1", 1, "10.0.0.2", 2, "tcp") for i in range(5)]
+    batch = good[:2] + HOSTILE + good[2:]
+    result = commit_batch(store, batch, source="hostile", classifier=RuleClassifier(),
+                          verdicts=RuleClassifier().classify(batch), offset=("id", 123, None))
+    assert [r.uid for r in result.refused] == ["Chuge"]
+    assert result.stored == len(batch) - 1 == result.detections
+    with store() as s:
+        uids = {r.uid for r in repo.load_records(s, source="hostile")}
+        assert repo.load_offset(s, "hostile").offset == 123
+    # every database stores text the same way: NUL and undecodable bytes escaped as Zeek writes them
+    assert {"Cnul\\x00uid", "Csurrogate", "Clong" + "x" * 5000} <= uids
+    with store() as s:
+        (hist,) = [r.history for r in repo.load_records(s, source="hostile") if r.uid == "Csurrogate"]
+    assert hist == "Sh\\xff"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.builds(
+    ConnRecord,
+    ts=st.floats(0, 2e9),
+    uid=st.text(min_size=1, max_size=30),
+    orig_h=st.text(max_size=50), orig_p=st.integers(-(2**70), 2**70),
+    resp_h=st.text(max_size=50), resp_p=st.integers(0, 65535),
+    proto=st.text(max_size=10),
+    history=st.none() | st.text(max_size=40),
+    orig_bytes=st.none() | st.integers(0, 2**64 - 1),
+), max_size=20))
+def test_commit_batch_never_fails_on_hostile_values(sqlite_store, records):
+    from gateway.ingest import commit_batch
+
+    result = commit_batch(sqlite_store, records, source="fuzz")
+    assert result.stored + len(result.refused) <= len(records)
+    for r in result.refused:
+        assert "out of range" in r.reason

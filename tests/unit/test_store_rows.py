@@ -15,7 +15,15 @@ from gateway.ingest import (
     score_against_labels,
     sniff_kind,
 )
-from gateway.store.repository import FLOW_INSERT_COLUMNS, FlowQuery, flow_row, flow_rows, record_from_row
+from gateway.store.repository import (
+    FLOW_INSERT_COLUMNS,
+    FlowQuery,
+    clean_flow_rows,
+    flow_row,
+    flow_rows,
+    record_from_row,
+    zeek_escape,
+)
 
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
 opt_int = st.none() | st.integers(min_value=0, max_value=2**62)
@@ -155,3 +163,21 @@ def test_score_against_labels_counts_only_labelled_records():
 def test_score_against_labels_needs_one_verdict_per_record():
     with pytest.raises(ValueError):
         score_against_labels([_rec("benign")], [])
+
+
+def test_zeek_escape_writes_nul_and_undecodable_bytes_like_zeek():
+    assert zeek_escape("plain") == "plain"
+    assert zeek_escape("a\x00b") == "a\\x00b"
+    raw = b"S\xffh\x80".decode("utf-8", "surrogateescape")
+    assert zeek_escape(raw) == "S\\xffh\\x80"
+
+
+def test_clean_flow_rows_escapes_text_and_refuses_out_of_range_integers():
+    ok = ConnRecord(1.0, "C1", "10.0.0.1", 1, "10.0.0.2", 2, "tcp", history="S\x00")
+    big = ConnRecord(1.0, "C2", "10.0.0.1", 1, "10.0.0.2", 2, "tcp", orig_bytes=2**64 - 1)
+    port = ConnRecord(1.0, "C3", "10.0.0.1", 2**40, "10.0.0.2", 2, "tcp")
+    rows, refused = clean_flow_rows(flow_rows([ok, big, port], "s", 0.0))
+    assert rows[1] is None and rows[2] is None
+    assert dict(zip(FLOW_INSERT_COLUMNS, rows[0]))["history"] == "S\\x00"
+    assert refused == [("C2", "orig_bytes out of range for the database"),
+                       ("C3", "orig_p out of range for the database")]

@@ -2,7 +2,7 @@
 
 Revision ID: 0001_initial
 Revises: 
-Create Date: 2026-11-24 14:39:49.962470
+Create Date: 2026-11-24 14:58:26.175289
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ depends_on = None
 def upgrade() -> None:
     op.create_table('feedback',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
-    sa.Column('source', sa.String(length=512), nullable=False),
-    sa.Column('uid', sa.String(length=64), nullable=False),
-    sa.Column('label', sa.String(length=128), nullable=False),
+    sa.Column('source', sa.Text(), nullable=False),
+    sa.Column('uid', sa.Text(), nullable=False),
+    sa.Column('label', sa.Text(), nullable=False),
     sa.Column('note', sa.Text(), nullable=True),
     sa.Column('created_at', sa.Float(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_feedback'))
@@ -32,31 +32,31 @@ def upgrade() -> None:
 
     op.create_table('flows',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
-    sa.Column('source', sa.String(length=512), nullable=False),
-    sa.Column('uid', sa.String(length=64), nullable=False),
+    sa.Column('source', sa.Text(), nullable=False),
+    sa.Column('uid', sa.Text(), nullable=False),
     sa.Column('ts', sa.Float(), nullable=False),
-    sa.Column('orig_h', sa.String(length=64), nullable=False),
+    sa.Column('orig_h', sa.Text(), nullable=False),
     sa.Column('orig_p', sa.Integer(), nullable=False),
-    sa.Column('resp_h', sa.String(length=64), nullable=False),
+    sa.Column('resp_h', sa.Text(), nullable=False),
     sa.Column('resp_p', sa.Integer(), nullable=False),
-    sa.Column('proto', sa.String(length=16), nullable=False),
-    sa.Column('service', sa.String(length=128), nullable=True),
+    sa.Column('proto', sa.Text(), nullable=False),
+    sa.Column('service', sa.Text(), nullable=True),
     sa.Column('duration', sa.Float(), nullable=True),
     sa.Column('orig_bytes', sa.BigInteger(), nullable=True),
     sa.Column('resp_bytes', sa.BigInteger(), nullable=True),
-    sa.Column('conn_state', sa.String(length=16), nullable=True),
+    sa.Column('conn_state', sa.Text(), nullable=True),
     sa.Column('local_orig', sa.Boolean(), nullable=True),
     sa.Column('local_resp', sa.Boolean(), nullable=True),
     sa.Column('missed_bytes', sa.BigInteger(), nullable=True),
-    sa.Column('history', sa.String(length=256), nullable=True),
+    sa.Column('history', sa.Text(), nullable=True),
     sa.Column('orig_pkts', sa.BigInteger(), nullable=True),
     sa.Column('orig_ip_bytes', sa.BigInteger(), nullable=True),
     sa.Column('resp_pkts', sa.BigInteger(), nullable=True),
     sa.Column('resp_ip_bytes', sa.BigInteger(), nullable=True),
     sa.Column('tunnel_parents', sa.Text(), nullable=True),
     sa.Column('ip_proto', sa.Integer(), nullable=True),
-    sa.Column('label', sa.String(length=64), nullable=True),
-    sa.Column('detailed_label', sa.String(length=128), nullable=True),
+    sa.Column('label', sa.Text(), nullable=True),
+    sa.Column('detailed_label', sa.Text(), nullable=True),
     sa.Column('extra', sa.Text(), nullable=True),
     sa.Column('ingested_at', sa.Float(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_flows')),
@@ -68,7 +68,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_flows_ts', ['ts'], unique=False)
 
     op.create_table('ingest_offsets',
-    sa.Column('source', sa.String(length=512), nullable=False),
+    sa.Column('source', sa.Text(), nullable=False),
     sa.Column('file_identity', sa.Text(), nullable=False),
     sa.Column('offset', sa.BigInteger(), nullable=False),
     sa.Column('header', sa.Text(), nullable=True),
@@ -101,11 +101,11 @@ def upgrade() -> None:
 
     op.create_table('detections',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
-    sa.Column('source', sa.String(length=512), nullable=False),
-    sa.Column('uid', sa.String(length=64), nullable=False),
-    sa.Column('label', sa.String(length=128), nullable=False),
+    sa.Column('source', sa.Text(), nullable=False),
+    sa.Column('uid', sa.Text(), nullable=False),
+    sa.Column('label', sa.Text(), nullable=False),
     sa.Column('score', sa.Float(), nullable=False),
-    sa.Column('model_version', sa.String(length=128), nullable=False),
+    sa.Column('model_version', sa.Text(), nullable=False),
     sa.Column('created_at', sa.Float(), nullable=False),
     sa.ForeignKeyConstraint(['source', 'uid'], ['flows.source', 'flows.uid'], name=op.f('fk_detections_source_uid_flows'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_detections')),
