@@ -86,6 +86,7 @@ ICMP_INACTIVITY = 60.0
 UNKNOWN_INACTIVITY = 60.0
 # scripts/base/protocols/conn/inactivity.zeek: long-lived interactive services.
 PORT_INACTIVITY = {21: 3600.0, 22: 3600.0, 23: 3600.0, 513: 3600.0}
+ANALYZER_INACTIVITY = {"ssh": 3600.0, "ftp": 3600.0}
 
 
 def likely_server_ports_for(protocols: Iterable[str] | None) -> frozenset[tuple[int, int]]:
@@ -1000,22 +1001,24 @@ class ConnTracker:
         payload = pkt.payload
         if app == "dns":
             if len(payload) < 12:
-                return
+                return  # DNS_truncated_len_lt_hdr_len: still waiting for a first message
             conn.app_done = True
-            if not _dns_plausible(payload):
-                return
-            qr = payload[2] & 0x80
-            if qr and is_orig and not _is_multicast(conn.resp_h):
+            # DNS_Interpreter::ParseMessage: a first message that is a reply from the
+            # originator flips the connection (unless the responder is multicast)
+            if payload[2] & 0x80 and is_orig and not _is_multicast(conn.resp_h):
                 conn.flip_roles()
-            self._add_service(conn, "dns")
+            if _dns_plausible(payload):
+                self._add_service(conn, "dns")
         elif app == "ntp":
             if len(payload) < 48:
                 return
-            conn.app_done = True
+            self._add_service(conn, "ntp")
             mode = payload[0] & 7
+            # ntp-analyzer.pac: a server message from the originator or a client message
+            # from the responder flips the connection, once
             if (mode == 4 and is_orig) or (mode == 3 and not is_orig):
                 conn.flip_roles()
-            self._add_service(conn, "ntp")
+                conn.app_done = True
         elif app == "dhcp":
             conn.app_done = True
             if len(payload) >= 240 and payload[236:240] == b"\x63\x82\x53\x63":
@@ -1114,6 +1117,8 @@ class ConnTracker:
                 found = app
         if found is not None and (self.protocols is None or found in self.protocols):
             self._add_service(conn, found)
+            if found in ANALYZER_INACTIVITY:  # inactivity.zeek, on analyzer confirmation
+                conn.inactivity_timeout = ANALYZER_INACTIVITY[found]
             if conn.app != "ftp":  # FTP control keeps announcing data channels
                 conn.app_done = True
 
