@@ -18,7 +18,7 @@ class TopicError(ValueError):
 
 
 def check_gateway_id(gateway_id: str) -> str:
-    if not _GATEWAY_ID.match(gateway_id):
+    if not _GATEWAY_ID.fullmatch(gateway_id):  # fullmatch: "$" alone lets "id\n" through
         raise TopicError(
             f"invalid gateway id {gateway_id!r}: 1-64 of A-Z a-z 0-9 _ . -, starting alphanumeric"
         )
