@@ -141,7 +141,7 @@ def gateway_common_name(gateway_id: str) -> str:
 
 
 def check_host(host: str) -> str:
-    if not _HOST.match(host):
+    if not _HOST.fullmatch(host):  # fullmatch: "$" alone would accept "name\n"
         raise CertError(f"invalid broker host name {host!r}")
     return host.rstrip(".")
 
@@ -341,31 +341,30 @@ def pem_key(key) -> bytes:
 # --------------------------------------------------------------------------- file helpers
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret: created 0600 from the start (never world-readable for a moment)."""
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Write via a temporary file in the same directory, created with ``mode`` from the
+    start and renamed into place: readers never see a partial file, and a secret is
+    never world-readable for a moment."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A secret (private key): mode 0600."""
+    _atomic_write(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A certificate, CRL or index: mode 0644."""
+    _atomic_write(path, data, 0o644)
 
 
 # --------------------------------------------------------------------------- the CA on disk

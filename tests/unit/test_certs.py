@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import stat
 
 import pytest
@@ -137,7 +138,7 @@ def test_every_valid_gateway_id_is_its_own_cn_and_never_the_aggregator(gateway_i
     assert gateway_id != AGGREGATOR_IDENTITY
 
 
-@given(st.text(max_size=80))
+@given(st.text(max_size=80) | GATEWAY_IDS.map(lambda s: s + "\n"))
 def test_hostile_gateway_ids_are_refused_or_safe_in_a_topic_level(text):
     # whatever is accepted can be substituted for %u in the ACL without changing the
     # topic structure (no separators, no wildcards, no NUL, not the aggregator's name)
@@ -145,12 +146,11 @@ def test_hostile_gateway_ids_are_refused_or_safe_in_a_topic_level(text):
         name = gateway_common_name(text)
     except CertError:
         return
-    assert not set(name) & set("/+#\x00@ ")
-    assert 1 <= len(name) <= 64
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name)  # no "/+#@", no whitespace
 
 
-@settings(max_examples=50)
-@given(st.text(max_size=300))
+@settings(max_examples=80)
+@given(st.text(max_size=300) | st.from_regex(r"\A[a-z0-9]{1,10}\Z").map(lambda s: s + "\n"))
 def test_hostile_host_names_are_refused_or_dns_like(text):
     try:
         host = certs.check_host(text)
