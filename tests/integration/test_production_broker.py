@@ -174,6 +174,7 @@ def _body(envelope: bytes) -> bytes:
     return envelope[8 + header_len:]
 
 
+@pytest.mark.slow
 def test_oversize_publish_is_refused_and_not_delivered(broker, pki):
     """max_packet_size (8 MiB) holds: a few-MB model passes, a larger packet is refused
     (its sender disconnected) and never reaches a subscriber."""
@@ -204,6 +205,7 @@ def test_oversize_publish_is_refused_and_not_delivered(broker, pki):
         sub.close()
 
 
+@pytest.mark.slow
 def test_aggregator_and_gateway_run_over_mutual_tls(broker, pki, tmp_path):
     """The real aggregator service, configured from TOML with the CA/cert/key paths,
     and a gateway over the production broker: the gateway's update is pooled and
