@@ -590,11 +590,13 @@ def follow(
             log.error("follow %s: saved position unusable (%s); starting at the beginning", path, exc)
     tail = ConnLogTail(path, position=committed)
     counters = counters if counters is not None else FollowCounters()  # a caller's: live figures
+    polls = 0  # this call's polls (a caller's counters may carry earlier runs')
     failures = 0  # consecutive store errors, for the back-off
     try:
         while not stop.is_set():
-            if max_polls is not None and counters.polls >= max_polls:
+            if max_polls is not None and polls >= max_polls:
                 break
+            polls += 1
             counters.polls += 1
             try:
                 records, pos = tail.poll()
@@ -627,7 +629,7 @@ def follow(
                 stop.wait(wait)
                 continue
             failures = 0
-            if tail.caught_up and (max_polls is None or counters.polls < max_polls):
+            if tail.caught_up and (max_polls is None or polls < max_polls):
                 stop.wait(interval)
     finally:
         tail.close()

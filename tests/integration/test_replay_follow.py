@@ -98,3 +98,13 @@ def test_follow_survives_a_failing_database_and_loses_nothing(store, tmp_path, l
     c = result["c"]
     assert c.store_errors >= 1
     assert count(factory) == 600 and c.stored == 600
+
+
+def test_follow_updates_given_counters(store, tmp_path, log_lines):
+    _, factory = store
+    header, data = log_lines
+    live = tmp_path / "conn.log"
+    live.write_bytes(b"".join(header + data[:50]))
+    counters = follow(live, session_factory=factory, max_polls=1, interval=0.01)
+    same = follow(live, session_factory=factory, max_polls=2, interval=0.01, counters=counters)
+    assert same is counters and (counters.polls, counters.stored) == (3, 50)
