@@ -171,6 +171,9 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
             click.echo(f"error: {exc}", err=True)
             click.echo("batches before this line are stored; fix the input or run without --strict", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: every committed batch is stored; the same command resumes", err=True)
+            sys.exit(130)
     data = summary.as_dict()
     if as_json:
         emit_json(data)
