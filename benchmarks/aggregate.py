@@ -58,7 +58,9 @@ GOAL_UPDATES_PER_S = 500
 def opt_shaped_model(target_params: int, *, seed: int = 0) -> dict[str, np.ndarray]:
     """Tensors laid out like a small OPT classifier (embeddings, layers, head) with about
     ``target_params`` float32 parameters (vocabulary sized to hit the target)."""
-    hidden, ffn, layers, positions, labels = 64, 256, 2, 64, 12
+    # the shipped student preset (hidden 32, ffn 64) below ~120k, a wider one above
+    hidden, ffn = (32, 64) if target_params < 120_000 else (64, 256)
+    layers, positions, labels = 2, 64, 12
     per_layer = 4 * hidden * hidden + 4 * hidden + 2 * hidden * ffn + hidden + ffn + 4 * hidden
     fixed = layers * per_layer + positions * hidden + 2 * hidden + hidden * labels
     vocab = max(16, (target_params - fixed) // hidden)

@@ -29,6 +29,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     select,
 )
 from sqlalchemy.engine import Engine
@@ -223,23 +224,55 @@ def latest_checkpoint(session: Session) -> CheckpointRow | None:
     return session.scalars(select(CheckpointRow).order_by(CheckpointRow.version.desc()).limit(1)).first()
 
 
+_UPSERTS: dict[tuple[str, str], Any] = {}
+_SEEN_INSERT = insert(SeenUpdateRow.__table__)
+
+
+def _upsert_statement(dialect: str, model: type[Base]):
+    """INSERT ... ON CONFLICT (primary key) DO UPDATE of every other column, built once
+    per (dialect, table) and executed with parameters."""
+    key = (dialect, model.__tablename__)
+    if key not in _UPSERTS:
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        table = model.__table__
+        pk = [c.name for c in table.primary_key.columns]
+        stmt = dialect_insert(table)
+        _UPSERTS[key] = stmt.on_conflict_do_update(
+            index_elements=pk, set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name not in pk})
+    return _UPSERTS[key]
+
+
+def _upsert(session: Session, model: type[Base], values: dict[str, Any]) -> None:
+    """One statement per row, no ORM merge round trip (the intake path runs this for
+    every update); other databases fall back to the portable ORM merge."""
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        session.execute(_upsert_statement(dialect, model), values)
+    else:
+        session.merge(model(**values))
+
+
 def store_update(session: Session, update: PooledUpdate, client: ClientInfo, *, envelope: bytes) -> None:
     """Pool row (replacing the sender's older one), replay key and client counters."""
-    session.merge(PoolUpdateRow(
+    _upsert(session, PoolUpdateRow, dict(
         sender=update.sender, message_id=update.message_id, base_version=update.base_version,
         round=update.round, num_samples=update.num_samples, submissions=update.submissions,
         metrics=dict(update.metrics), received_at=update.received_at, wire_bytes=update.wire_bytes,
         envelope=envelope))
-    session.add(SeenUpdateRow(sender=update.sender, message_id=update.message_id,
-                              received_at=update.received_at, base_version=update.base_version,
-                              wire_bytes=update.wire_bytes))
+    session.execute(_SEEN_INSERT, dict(
+        sender=update.sender, message_id=update.message_id, received_at=update.received_at,
+        base_version=update.base_version, wire_bytes=update.wire_bytes))
     save_client(session, update.sender, client)
 
 
 def save_client(session: Session, sender: str, info: ClientInfo) -> None:
-    session.merge(ClientRow(sender=sender, online=info.online, status=info.status, status_at=info.status_at,
-                            last_update_at=info.last_update_at, total_submissions=info.total_submissions,
-                            window_submissions=info.window_submissions))
+    _upsert(session, ClientRow, dict(
+        sender=sender, online=info.online, status=info.status, status_at=info.status_at,
+        last_update_at=info.last_update_at, total_submissions=info.total_submissions,
+        window_submissions=info.window_submissions))
 
 
 def remove_pool_updates(session: Session, senders: Iterable[str]) -> None:
