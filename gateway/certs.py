@@ -50,6 +50,7 @@ from enum import Enum
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -565,6 +566,63 @@ class CertificateAuthority:
         write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
         self._save_index(self.directory, index)
         return self.crl_path
+
+    def verify(self, path: Path | str, *, now: dt.datetime | None = None) -> dict:
+        """Check a certificate the way the broker will: signed by this CA, within its
+        validity, not on the current crl.pem, the right key usage, and (for a bundle
+        directory) that tls.key belongs to tls.crt.  Returns the findings; ``ok`` is
+        True when there is no problem."""
+        path = Path(path)
+        if not path.is_dir() and not path.is_file():
+            candidate = self.bundle_dir(str(path))
+            path = candidate if candidate.is_dir() else path
+        cert_path = path / BUNDLE_CERT if path.is_dir() else path
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise CertError(f"cannot read a certificate from {cert_path}: {exc}") from None
+        now = now or _utcnow()
+        problems: list[str] = []
+        try:
+            cert.verify_directly_issued_by(self.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            problems.append("not issued by this CA")
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            problems.append(f"outside its validity ({cert.not_valid_before_utc.isoformat()} .. "
+                            f"{cert.not_valid_after_utc.isoformat()})")
+        crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            problems.append("revoked (listed in crl.pem)")
+        if crl.next_update_utc is not None and crl.next_update_utc < now:
+            problems.append("crl.pem is past its nextUpdate: the broker refuses everyone")
+        try:
+            usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        except x509.ExtensionNotFound:
+            usages = []
+        usage = ("client" if ExtendedKeyUsageOID.CLIENT_AUTH in usages else
+                 "server" if ExtendedKeyUsageOID.SERVER_AUTH in usages else "none")
+        if usage == "none":
+            problems.append("no clientAuth/serverAuth extended key usage")
+        key_path = path / BUNDLE_KEY if path.is_dir() else None
+        if key_path is not None:
+            try:
+                key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+                if _public_bytes(key.public_key()) != _public_bytes(cert.public_key()):
+                    problems.append(f"{BUNDLE_KEY} is not the key of {BUNDLE_CERT}")
+                elif os.stat(key_path).st_mode & 0o077:
+                    problems.append(f"{BUNDLE_KEY} is readable by group or others")
+            except (OSError, ValueError, TypeError) as exc:
+                problems.append(f"cannot read {BUNDLE_KEY}: {exc}")
+        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return {
+            "certificate": str(cert_path),
+            "common_name": str(cn[0].value) if cn else None,
+            "serial": format(cert.serial_number, "x"),
+            "usage": usage,
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "ok": not problems,
+            "problems": problems,
+        }
 
     def crl_info(self) -> dict:
         crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())

@@ -56,6 +56,7 @@ def certs() -> None:
       fedgate certs signing-key --dir pki
       fedgate certs revoke gateway-edge-berlin-1 --reason key-compromise --dir pki
       fedgate certs list --dir pki --json
+      fedgate certs verify gateway-edge-berlin-1 --dir pki
     """
 
 
@@ -234,6 +235,35 @@ def list_(directory: Path, as_json: bool) -> None:
         return
     emit_rows(rows, CERT_COLUMNS, title=f"certificates of {directory}")
     emit_mapping(ca.crl_info(), as_json=False, title="CRL")
+
+
+@certs.command("verify")
+@click.argument("target")
+@DIR_OPTION
+@JSON_OPTION
+def verify(target: str, directory: Path, as_json: bool) -> None:
+    """Check a certificate as the broker will (CA, validity, CRL, key usage, key match).
+
+    TARGET is a bundle name (gateway-<ID>), a bundle directory (with tls.crt and
+    tls.key) or a certificate file.  Exit status 1 when there is a problem: the first
+    thing to run when a gateway is refused by the broker.
+
+    \b
+    Examples:
+      fedgate certs verify gateway-edge-berlin-1 --dir pki
+      fedgate certs verify /etc/fedgate/tls/site1 --dir pki --json
+    """
+    try:
+        result = svc.CertificateAuthority(directory).verify(target)
+    except svc.CertError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        emit_json(result)
+    else:
+        emit_mapping({**result, "problems": "; ".join(result["problems"]) or "none"},
+                     as_json=False, title="certificate check")
+    if not result["ok"]:
+        raise SystemExit(1)
 
 
 @certs.command("signing-key")

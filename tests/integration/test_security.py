@@ -138,9 +138,12 @@ def test_refused_at_tls_handshake(broker, pki, bundle, why):
     }[bundle]
     assert expected_alert in alert.lower(), alert
     if bundle in ("gateway-gwRevoked", "gateway-gwExpired"):
-        # OpenSSL, given the broker's CA and CRL, names the same reason
+        # OpenSSL, given the broker's CA and CRL, names the same reason, and so does
+        # `fedgate certs verify`, the operator's first check when a gateway is refused
+        word = "revoked" if "Revoked" in bundle else "validity"
         reason = openssl_verify(pki, bundle)
         assert ("revoked" if "Revoked" in bundle else "expired") in reason, reason
+        assert any(word in p for p in pki.ca.verify(pki.bundles[bundle])["problems"])
 
 
 def openssl_verify(pki: Pki, bundle: str) -> str:

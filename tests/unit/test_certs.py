@@ -329,7 +329,7 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path):
     assert bad.exit_code == 1 and "invalid gateway id" in bad.output
 
 
-@pytest.mark.parametrize("cmd", ["init-ca", "issue", "revoke", "crl", "list", "signing-key"])
+@pytest.mark.parametrize("cmd", ["init-ca", "issue", "revoke", "crl", "list", "signing-key", "verify"])
 def test_every_command_has_help_with_examples(cmd):
     result = run(cmd, "--help")
     assert result.exit_code == 0 and "Examples:" in result.output
@@ -394,3 +394,43 @@ def test_hostile_index_contents_give_a_clear_error_or_work(tmp_path_factory, tex
         assert str(ca.index_path) in str(exc)
         return
     assert isinstance(rows, list)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def test_verify_reports_what_the_broker_would_refuse(ca, tmp_path):
+    good = ca.issue_gateway("g1", now=NOW)
+    assert ca.verify(good.bundle, now=NOW)["ok"]
+    assert ca.verify(ca.bundle_dir(good.bundle), now=NOW)["usage"] == "client"
+    broker = ca.issue_broker("mqtt.example.org", now=NOW)
+    assert ca.verify(ca.bundle_dir(broker.bundle) / "tls.crt", now=NOW)["usage"] == "server"
+
+    late = NOW + dt.timedelta(days=certs.LEAF_DAYS + 1)
+    assert any("validity" in p for p in ca.verify(good.bundle, now=late)["problems"])
+
+    other = CertificateAuthority.init(tmp_path / "other", now=NOW)
+    stranger = other.issue_gateway("g1", now=NOW)
+    assert "not issued by this CA" in ca.verify(other.bundle_dir(stranger.bundle), now=NOW)["problems"]
+
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    (swapped / "tls.crt").write_bytes((ca.bundle_dir(good.bundle) / "tls.crt").read_bytes())
+    certs.write_private(swapped / "tls.key", (other.bundle_dir(stranger.bundle) / "tls.key").read_bytes())
+    assert "tls.key is not the key of tls.crt" in ca.verify(swapped, now=NOW)["problems"]
+
+    ca.revoke(good.bundle, now=NOW)
+    assert "revoked (listed in crl.pem)" in ca.verify(good.bundle, now=NOW)["problems"]
+    with pytest.raises(CertError, match="cannot read"):
+        ca.verify(tmp_path / "nothing-here.crt")
+
+
+def test_cli_verify_exit_status(tmp_path):
+    d = str(tmp_path / "pki")
+    run("init-ca", "--dir", d)
+    run("issue", "--gateway", "gw1", "--dir", d)
+    ok = run("verify", "gateway-gw1", "--dir", d, "--json")
+    assert ok.exit_code == 0 and json.loads(ok.output)["ok"] is True
+    run("revoke", "gateway-gw1", "--dir", d)
+    bad = run("verify", "gateway-gw1", "--dir", d)
+    assert bad.exit_code == 1 and "revoked" in bad.output
