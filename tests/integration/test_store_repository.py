@@ -257,3 +257,15 @@ def test_unwritable_sqlite_file_gives_store_error(tmp_path):
     path.write_bytes(b"this is not a sqlite database" * 100)
     with pytest.raises(StoreError, match="is not usable"):
         open_store(f"sqlite:///{path}")
+
+
+def test_portable_insert_ignore_fallback(tmp_path):
+    """The path for dialects without an insert-or-ignore form, exercised on SQLite."""
+    engine, factory = open_store(f"sqlite:///{tmp_path / 'portable.db'}")
+    rows = repo.flow_rows([rec("P1"), rec("P2"), rec("P1")], "src", 1.0)
+    with factory.begin() as s:
+        assert repo._portable_insert_ignore(s, "flows", repo.FLOW_INSERT_COLUMNS, ("uid", "source"), rows) == 2
+        assert repo._portable_insert_ignore(s, "flows", repo.FLOW_INSERT_COLUMNS, ("uid", "source"), rows) == 0
+    with factory() as s:
+        assert sorted(r.uid for r in repo.load_records(s)) == ["P1", "P2"]
+    engine.dispose()
