@@ -70,6 +70,10 @@ class StoreUnavailable(click.ClickException):
     exit_code = 2
 
 
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @contextlib.contextmanager
 def _store(url: str | None) -> Iterator:
     """Open the store; turn its errors into one clean message and exit status 2."""
@@ -230,11 +234,23 @@ def query(since, until, host, port, label, min_score, source, limit, fmt, db_url
     with _store(db_url) as factory, factory() as session:
         rows = query_flows(session, q)
     if fmt == "table":
-        for r in rows:
-            r["ts"] = _iso(r["ts"])
-        columns = ["ts", "uid", "orig_h", "orig_p", "resp_h", "resp_p", "proto", "conn_state",
-                   "label", "detailed_label", "detection", "score", "feedback"]
-        emit_rows(rows, columns, fmt="table", title=f"{len(rows)} flows")
+        # a narrower view for terminals; json/csv carry every column
+        view = [
+            {
+                "time (UTC)": datetime.fromtimestamp(r["ts"], tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+                "uid": r["uid"],
+                "orig": _endpoint(r["orig_h"], r["orig_p"]),
+                "resp": _endpoint(r["resp_h"], r["resp_p"]),
+                "proto": r["proto"],
+                "state": r["conn_state"],
+                "label": r["detailed_label"] if r["detailed_label"] not in (None, "-") else r["label"],
+                "detection": None if r["detection"] is None else f"{r['detection']} {r['score']:.2f}",
+                "feedback": r["feedback"],
+            }
+            for r in rows
+        ]
+        columns = ["time (UTC)", "uid", "orig", "resp", "proto", "state", "label", "detection", "feedback"]
+        emit_rows(view, columns, fmt="table", title=f"{len(rows)} flows")
     else:
         emit_rows(rows, QUERY_COLUMNS, fmt=fmt)
 
