@@ -1,0 +1,114 @@
+"""OPT sequence classifiers built from configs: presets for the teacher and the student.
+
+No weights are downloaded: models are built from an ``OPTConfig`` (random init, seeded)
+or loaded from a local checkpoint directory (``--base-model``), whose vocabulary and
+head are then resized to the flow tokenizer and label set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import OPTConfig, OPTForSequenceClassification
+
+from gateway.model.labels import LabelSet
+from gateway.model.prompt import END
+from gateway.model.tokenizer import FlowTokenizer
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Architecture and training defaults of a model size."""
+
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    dropout: float
+    epochs: int
+    lr: float
+    batch_size: int
+
+
+PRESETS: dict[str, Preset] = {
+    # ~0.5M parameters (>= 10x the student): trained centrally, never shipped to gateways.
+    "teacher": Preset(hidden=96, layers=4, heads=4, ffn=384, dropout=0.1, epochs=25, lr=1e-3, batch_size=128),
+    # ~40k parameters: what gateways run (ONNX) and what federated learning trains.
+    "student": Preset(hidden=32, layers=2, heads=2, ffn=64, dropout=0.0, epochs=60, lr=3e-3, batch_size=128),
+}
+
+
+def opt_config(preset: Preset, tokenizer: FlowTokenizer, labels: LabelSet) -> OPTConfig:
+    end_id = tokenizer.vocab[END]
+    return OPTConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=preset.hidden,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        ffn_dim=preset.ffn,
+        word_embed_proj_dim=preset.hidden,
+        max_position_embeddings=tokenizer.length,
+        dropout=preset.dropout,
+        attention_dropout=preset.dropout,
+        activation_function="relu",
+        do_layer_norm_before=True,
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=end_id,
+        eos_token_id=end_id,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels.names)),
+        label2id={n: i for i, n in enumerate(labels.names)},
+        problem_type="single_label_classification",
+    )
+
+
+def build_model(preset: Preset | str, tokenizer: FlowTokenizer, labels: LabelSet, *, seed: int) -> OPTForSequenceClassification:
+    """A freshly initialised classifier (same seed -> same weights)."""
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    torch.manual_seed(seed)
+    model = OPTForSequenceClassification(opt_config(preset, tokenizer, labels))
+    model.eval()
+    return model
+
+
+def from_base_model(base_dir: str | Path, tokenizer: FlowTokenizer, labels: LabelSet, *, seed: int) -> OPTForSequenceClassification:
+    """Start from a local pretrained OPT checkpoint: keep its transformer layers, resize
+    the word embeddings to the flow vocabulary and put a fresh head on the label set."""
+    base_dir = Path(base_dir)
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{base_dir / 'config.json'}: base model directory has no config.json")
+    base_config = OPTConfig.from_pretrained(base_dir)
+    if base_config.model_type != "opt":
+        raise ValueError(f"{base_dir / 'config.json'}: model_type {base_config.model_type!r} is not 'opt'")
+    torch.manual_seed(seed)
+    end_id = tokenizer.vocab[END]
+    model = OPTForSequenceClassification.from_pretrained(
+        base_dir,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels.names)),
+        label2id={n: i for i, n in enumerate(labels.names)},
+        ignore_mismatched_sizes=True,
+        problem_type="single_label_classification",
+    )
+    if model.config.max_position_embeddings < tokenizer.length:
+        raise ValueError(
+            f"{base_dir / 'config.json'}: max_position_embeddings "
+            f"{model.config.max_position_embeddings} < prompt length {tokenizer.length}"
+        )
+    model.resize_token_embeddings(tokenizer.vocab_size)
+    model.config.vocab_size = tokenizer.vocab_size
+    model.config.pad_token_id = tokenizer.pad_id
+    model.config.bos_token_id = end_id
+    model.config.eos_token_id = end_id
+    model.eval()
+    return model
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def preset_dict(name: str) -> dict:
+    return {"name": name, **asdict(PRESETS[name])}

@@ -1,0 +1,225 @@
+"""Model building jobs: train, distill, build the default model.
+
+These are the service functions behind ``fedgate model train|distill|build-default``:
+they read data directories, split, train, pick the alert threshold on the validation
+part and write a model directory.  Progress goes to an optional ``Progress`` (rich) so
+the command shows it and tests stay quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gateway.model.data import FlowDataset, data_digest, encode, load_scenarios, paper_split
+from gateway.model.labels import LabelSet, record_label
+from gateway.model.metrics import malicious_score, softmax, choose_threshold
+from gateway.model.modeldir import ModelInfo, load_student, save_model_dir
+from gateway.model.opt import PRESETS, build_model, from_base_model, parameter_count
+from gateway.model.prompt import DEFAULT_TEMPLATE, get_template
+from gateway.model.tokenizer import FlowTokenizer
+from gateway.model.train import evaluate, predict_logits, train_epochs
+
+log = logging.getLogger(__name__)
+DEFAULT_SEED = 23
+
+
+@dataclass
+class PreparedData:
+    """Pooled labelled flows of some data directories and their paper split."""
+
+    records: list
+    names: list[str]
+    scenario_of: np.ndarray  # scenario name per record
+    split: tuple[np.ndarray, np.ndarray, np.ndarray]  # train, validation, test indices
+    digest: str
+    seed: int
+    paths: list[str]
+
+
+def prepare(paths: Sequence[str | Path], *, seed: int) -> PreparedData:
+    scenarios = load_scenarios(paths)
+    records = [r for s in scenarios for r in s.records]
+    names = [record_label(r) for r in records]
+    scen = np.array([s.name for s in scenarios for _ in s.records], dtype=object)
+    return PreparedData(
+        records=records,
+        names=names,
+        scenario_of=scen,
+        split=paper_split(names, seed=seed),
+        digest=data_digest(s.path for s in scenarios),
+        seed=seed,
+        paths=[str(p) for p in paths],
+    )
+
+
+def _take(records: list, index: np.ndarray) -> list:
+    return [records[i] for i in index]
+
+
+class _Epochs:
+    """Adapts train_epochs' on_epoch to a rich progress task (or nothing)."""
+
+    def __init__(self, progress, description: str, total: int):
+        self.progress = progress
+        self.task = progress.add_task(description, total=total) if progress is not None else None
+
+    def __call__(self, epoch: int, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=epoch, description=f"{self.progress.tasks[self.task].description.split(' loss')[0]} loss {loss:.4f}")
+
+
+def fit_threshold(model, val: FlowDataset) -> tuple[float, dict]:
+    """The alert threshold that maximises binary F1 on ``val``, and val metrics at it."""
+    if len(val) == 0:
+        return 0.5, {}
+    probs = softmax(predict_logits(model, val.ids).astype(np.float64))
+    threshold = choose_threshold(val.y != 0, malicious_score(probs), val.weight)
+    metrics = evaluate(model, val, threshold=threshold)
+    return threshold, _summary(metrics)
+
+
+def _summary(metrics: dict) -> dict:
+    keys = ("accuracy", "precision", "recall", "f1", "label_accuracy", "macro_f1", "flows")
+    return {k: round(float(metrics[k]), 6) for k in keys if k in metrics}
+
+
+def train_model(
+    data: Sequence[str | Path] | PreparedData,
+    out: str | Path,
+    *,
+    preset: str = "student",
+    base_model: str | Path | None = None,
+    epochs: int | None = None,
+    seed: int = DEFAULT_SEED,
+    lr: float | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    int8: bool = False,
+    train_index: np.ndarray | None = None,
+    val_index: np.ndarray | None = None,
+    progress=None,
+) -> ModelInfo:
+    """Train a classifier with cross-entropy on the train part of the paper split
+    (or ``train_index``), choose its threshold on the validation part, save it."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    prepared = data if isinstance(data, PreparedData) else prepare(data, seed=seed)
+    tr_idx = prepared.split[0] if train_index is None else train_index
+    va_idx = prepared.split[1] if val_index is None else val_index
+    train_records = _take(prepared.records, tr_idx)
+    tokenizer = FlowTokenizer.build(train_records, get_template(template))
+    labels = LabelSet.from_labels(prepared.names[i] for i in tr_idx)
+    train_ds = encode(train_records, tokenizer, labels).dedupe()
+    val_ds = encode(_take(prepared.records, va_idx), tokenizer, labels).dedupe()
+    if base_model is not None:
+        model = from_base_model(base_model, tokenizer, labels, seed=seed)
+    else:
+        model = build_model(p, tokenizer, labels, seed=seed)
+    n_epochs = p.epochs if epochs is None else epochs
+    started = time.perf_counter()
+    train_epochs(
+        model, train_ds, epochs=n_epochs, lr=lr or p.lr, seed=seed, batch_size=p.batch_size,
+        on_epoch=_Epochs(progress, f"train {preset}", n_epochs),
+    )
+    threshold, val_metrics = fit_threshold(model, val_ds)
+    return save_model_dir(
+        model, tokenizer, labels, out,
+        threshold=threshold,
+        metrics={"validation": val_metrics},
+        data_digest=prepared.digest,
+        int8=int8,
+        extra={
+            "preset": preset,
+            "kind": "teacher" if preset == "teacher" else "student",
+            "base_model": str(base_model) if base_model else None,
+            "training": {
+                "loss": "cross-entropy", "epochs": n_epochs, "seed": seed, "lr": lr or p.lr,
+                "split": "paper", "split_seed": prepared.seed, "train_rows": len(train_ds),
+                "train_flows": int(train_ds.flows), "seconds": round(time.perf_counter() - started, 1),
+                "data": prepared.paths,
+            },
+            "parameters_by_preset": parameter_count(model),
+        },
+    )
+
+
+def distill_model(
+    teacher_dir: str | Path,
+    data: Sequence[str | Path] | PreparedData,
+    out: str | Path,
+    *,
+    preset: str = "student",
+    epochs: int | None = None,
+    seed: int | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.7,
+    lr: float | None = None,
+    int8: bool = True,
+    train_index: np.ndarray | None = None,
+    val_index: np.ndarray | None = None,
+    progress=None,
+) -> ModelInfo:
+    """Distil a student from a teacher directory on the same split the teacher used
+    (its split seed), with the teacher's tokenizer and labels."""
+    teacher, tokenizer, labels, t_meta = load_student(teacher_dir)
+    split_seed = int(t_meta.get("training", {}).get("split_seed", DEFAULT_SEED))
+    seed = split_seed if seed is None else seed
+    prepared = data if isinstance(data, PreparedData) else prepare(data, seed=split_seed)
+    if prepared.digest != t_meta.get("data_digest"):
+        log.warning("distilling on other data than the teacher was trained on (digest differs)")
+    tr_idx = prepared.split[0] if train_index is None else train_index
+    va_idx = prepared.split[1] if val_index is None else val_index
+    train_ds = encode(_take(prepared.records, tr_idx), tokenizer, labels).dedupe()
+    val_ds = encode(_take(prepared.records, va_idx), tokenizer, labels).dedupe()
+    t_logits = predict_logits(teacher, train_ds.ids)
+    p = PRESETS[preset]
+    student = build_model(p, tokenizer, labels, seed=seed)
+    ratio = parameter_count(student) / parameter_count(teacher)
+    if ratio > 0.1:
+        log.warning("student has %.0f%% of the teacher's parameters (target <= 10%%)", 100 * ratio)
+    n_epochs = p.epochs if epochs is None else epochs
+    started = time.perf_counter()
+    train_epochs(
+        student, train_ds, epochs=n_epochs, lr=lr or p.lr, seed=seed, batch_size=p.batch_size,
+        teacher_logits=t_logits, temperature=temperature, alpha=alpha,
+        on_epoch=_Epochs(progress, f"distill {preset}", n_epochs),
+    )
+    threshold, val_metrics = fit_threshold(student, val_ds)
+    return save_model_dir(
+        student, tokenizer, labels, out,
+        parent=str(t_meta["version"]),
+        threshold=threshold,
+        metrics={"validation": val_metrics},
+        data_digest=prepared.digest,
+        int8=int8,
+        extra={
+            "preset": preset,
+            "kind": "student",
+            "teacher": {"version": t_meta["version"], "parameters": parameter_count(teacher)},
+            "training": {
+                "loss": "distillation", "temperature": temperature, "alpha": alpha,
+                "epochs": n_epochs, "seed": seed, "lr": lr or p.lr, "split": "paper",
+                "split_seed": split_seed, "train_rows": len(train_ds),
+                "train_flows": int(train_ds.flows), "seconds": round(time.perf_counter() - started, 1),
+                "data": prepared.paths,
+            },
+            "parameters_by_preset": parameter_count(student),
+        },
+    )
+
+
+def build_default(
+    data: Sequence[str | Path], out: str | Path, *, teacher_out: str | Path, seed: int = DEFAULT_SEED, progress=None
+) -> tuple[ModelInfo, ModelInfo]:
+    """Teacher then distilled student (with int8), reproducibly from ``data``."""
+    prepared = prepare(data, seed=seed)
+    teacher = train_model(prepared, teacher_out, preset="teacher", seed=seed, progress=progress)
+    student = distill_model(teacher.path, prepared, out, seed=seed, int8=True, progress=progress)
+    return teacher, student

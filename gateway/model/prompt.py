@@ -1,0 +1,190 @@
+"""Flow prompts: named, registered templates that turn a conn record into words.
+
+A template is a pure function ``ConnRecord -> tuple[str, ...]`` of a fixed length, so
+that every prompt has the same number of tokens and the model needs no padding (the
+last word is always ``[END]``, whose hidden state the OPT classifier head reads).  The
+words are mapped to ids by a Hugging Face WordLevel ``tokenizer.json`` (see
+``gateway.model.tokenizer``); a word never seen in training becomes ``[UNK]``.
+
+Numbers are log-bucketed (``quarter-octaves``: four buckets per doubling) so that a flow
+of 1,000 bytes and one of 1,010 bytes read the same word, while small counts, which are
+distinctive in IoT traffic (a 48-byte NTP packet, a 1-packet SYN probe), stay exact.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from gateway.flows.record import ConnRecord
+
+END = "[END]"
+UNK = "[UNK]"
+PAD = "[PAD]"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, END)
+
+# Ports that name a service IoT malware and devices use; any other port reads as its
+# IANA range (wk < 1024 <= reg < 49152 <= dyn).
+KNOWN_PORTS: frozenset[int] = frozenset(
+    {
+        0, 1, 7, 20, 21, 22, 23, 25, 37, 53, 67, 68, 69, 80, 81, 88, 110, 111, 123, 135,
+        136, 137, 138, 139, 143, 161, 162, 389, 443, 445, 465, 502, 554, 587, 993, 995,
+        1080, 1194, 1723, 1883, 1900, 2323, 2375, 3074, 3306, 3389, 3478, 4433, 4567, 4975,
+        5000, 5060, 5222, 5353, 5355, 5358, 5683, 5900, 6379, 6667, 6668, 6697, 7547, 8000,
+        8008, 8080, 8081, 8088, 8443, 8883, 9000, 9527, 37215, 49152, 52869, 60001,
+    }
+)
+EXACT_BELOW = 64  # counts below this keep their exact value
+HISTORY_LETTERS = 6  # positional history letters after the whole-history word
+HISTORY_MAX = 16  # longer histories are cut (the tail is mostly repeated letters)
+
+
+def port_word(port: int | None) -> str:
+    if port is None:
+        return "-"
+    if port in KNOWN_PORTS:
+        return str(port)
+    if port < 1024:
+        return "wk"
+    if port < 49152:
+        return "reg"
+    return "dyn"
+
+
+def count_bucket(value: int | float | None) -> str:
+    """Exact below ``EXACT_BELOW``, else quarter-octave bucket ``q<n>`` (n = floor(4*log2 v))."""
+    if value is None:
+        return "-"
+    if value < 0:
+        return "neg"
+    if value < EXACT_BELOW:
+        return str(int(value))
+    return f"q{int(4 * math.log2(value))}"
+
+
+def duration_bucket(seconds: float | None) -> str:
+    """Half-octave buckets of the duration in milliseconds (0 for under 1 ms)."""
+    if seconds is None:
+        return "-"
+    if not math.isfinite(seconds) or seconds < 0:
+        return "bad"
+    ms = seconds * 1000.0
+    if ms < 1.0:
+        return "0"
+    return str(1 + int(2 * math.log2(ms)))
+
+
+@lru_cache(maxsize=4096)
+def host_class(addr: str | None) -> str:
+    if not addr:
+        return "-"
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return "bad"
+    if addr == "255.255.255.255" or (ip.version == 4 and addr.endswith(".255")):
+        return "bcast"
+    if ip.is_multicast:
+        return "mcast"
+    if ip.is_unspecified:
+        return "unspec"
+    if ip.is_loopback:
+        return "loop"
+    if ip.is_link_local:
+        return "ll"
+    if ip.is_private:
+        return "priv"
+    return "pub"
+
+
+def compact_words(r: ConnRecord) -> tuple[str, ...]:
+    """The edge template: 24 words describing one flow without naming its hosts."""
+    history = (r.history or "")[:HISTORY_MAX]
+    letters = [f"h:{c}" for c in history[:HISTORY_LETTERS]]
+    letters += ["h:."] * (HISTORY_LETTERS - len(letters))
+    return (
+        f"p:{r.proto or '-'}",
+        f"s:{r.service or '-'}",
+        f"c:{r.conn_state or '-'}",
+        f"H:{history or '-'}",
+        *letters,
+        f"rp:{port_word(r.resp_p)}",
+        f"op:{port_word(r.orig_p)}",
+        f"rh:{host_class(r.resp_h)}",
+        f"oh:{host_class(r.orig_h)}",
+        f"d:{duration_bucket(r.duration)}",
+        f"ob:{count_bucket(r.orig_bytes)}",
+        f"rb:{count_bucket(r.resp_bytes)}",
+        f"opk:{count_bucket(r.orig_pkts)}",
+        f"rpk:{count_bucket(r.resp_pkts)}",
+        f"oib:{count_bucket(r.orig_ip_bytes)}",
+        f"rib:{count_bucket(r.resp_ip_bytes)}",
+        f"mb:{count_bucket(r.missed_bytes)}",
+        f"lo:{_flag(r.local_orig)}{_flag(r.local_resp)}",
+        END,
+    )
+
+
+def _flag(value: bool | None) -> str:
+    return "-" if value is None else ("T" if value else "F")
+
+
+# The record fields a template reads: records equal on these give the same words, which
+# is what lets the tokenizer cache by key.
+COMPACT_FIELDS: tuple[str, ...] = (
+    "proto", "service", "conn_state", "history", "resp_p", "orig_p", "resp_h", "orig_h",
+    "duration", "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts", "orig_ip_bytes",
+    "resp_ip_bytes", "missed_bytes", "local_orig", "local_resp",
+)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A registered prompt template: a name, a version and a fixed length."""
+
+    name: str
+    version: int
+    length: int
+    words: Callable[[ConnRecord], tuple[str, ...]]
+    key_fields: tuple[str, ...]
+    description: str
+
+    @property
+    def ident(self) -> str:
+        return f"{self.name}/v{self.version}"
+
+
+TEMPLATES: dict[str, Template] = {}
+
+
+def register(template: Template) -> Template:
+    if template.name in TEMPLATES:
+        raise ValueError(f"template {template.name!r} is already registered")
+    TEMPLATES[template.name] = template
+    return template
+
+
+def get_template(name: str) -> Template:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown prompt template {name!r}; registered: {', '.join(sorted(TEMPLATES))}"
+        ) from None
+
+
+COMPACT = register(
+    Template(
+        name="edge-compact",
+        version=1,
+        length=24,
+        words=compact_words,
+        key_fields=COMPACT_FIELDS,
+        description="protocol, service, state, history, port and host classes, "
+        "log-bucketed duration/bytes/packets; no addresses",
+    )
+)
+DEFAULT_TEMPLATE = COMPACT.name

@@ -1,0 +1,239 @@
+"""Training loops for the OPT flow classifiers (torch): supervised, distillation, FL.
+
+Everything here takes the model and a :class:`~gateway.model.data.FlowDataset` as
+values and returns results; no files, no global state beyond torch's RNG, which each
+call seeds itself (same seed, same data -> same weights).
+
+Loss per row is weighted by the row's ``weight`` (a deduplicated row stands for that
+many flows), compressed so that a prompt repeated 10,000 times does not drown a
+3-flow label: each class gets a total mass of ``flows ** class_power`` shared by its rows
+in proportion to ``weight ** weight_power`` (both 1.0 = the plain empirical risk).
+
+Training runs torch on one thread by default: on a small shared CPU, more intra-op
+threads than free cores makes these tiny matrix products many times slower.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gateway.model.data import FlowDataset
+from gateway.model.metrics import classification_report, malicious_score, softmax
+
+StepCallback = Callable[[int, dict[str, float], float], None]
+"""``on_step(step, per_layer_grad_norms, loss)``; called after every optimiser step."""
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+def _seed_all(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def layer_of(param_name: str) -> str:
+    """The layer a parameter belongs to, for per-layer gradient norms.
+
+    ``model.decoder.layers.3.fc1.weight`` -> ``layers.3``; embeddings, the final layer
+    norm and the score head are layers of their own.
+    """
+    parts = param_name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        return f"layers.{parts[i + 1]}"
+    if "embed_tokens" in parts or "embed_positions" in parts:
+        return "embeddings"
+    if "final_layer_norm" in parts:
+        return "final_layer_norm"
+    if parts[0] == "score":
+        return "score"
+    return parts[-2] if len(parts) > 1 else parts[0]
+
+
+def grad_norms_by_layer(model: torch.nn.Module) -> dict[str, float]:
+    sq: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            key = layer_of(name)
+            sq[key] = sq.get(key, 0.0) + float(p.grad.detach().pow(2).sum())
+    return {k: math.sqrt(v) for k, v in sq.items()}
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    dataset: FlowDataset,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch_size: int = 128,
+    weight_decay: float = 0.01,
+    weight_power: float = 0.5,
+    class_power: float = 0.5,
+    threads: int | None = 1,
+    teacher_logits: np.ndarray | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.7,
+    on_step: StepCallback | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``epochs`` passes over ``dataset`` (AdamW).
+
+    With ``teacher_logits`` (``float[N, C]``, rows aligned with ``dataset``) the loss is
+    distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``.
+    ``on_step`` receives per-layer gradient norms (for the GSFS gradient trigger);
+    ``on_epoch(epoch, mean_loss)`` drives progress bars.  ``threads`` sets torch's
+    intra-op threads for the call (``None``: leave as is).  The model is left in eval mode.
+    """
+    if epochs < 0 or lr <= 0 or batch_size < 1:
+        raise ValueError("epochs must be >= 0, lr > 0 and batch_size >= 1")
+    if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+        raise ValueError("alpha must be in [0, 1] and temperature > 0")
+    if teacher_logits is not None and len(teacher_logits) != len(dataset):
+        raise ValueError("teacher_logits must have one row per dataset row")
+    result = TrainResult()
+    if len(dataset) == 0 or epochs == 0:
+        model.eval()
+        return result
+    with torch_threads(threads):
+        return _train(
+            model, dataset, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
+            weight_decay=weight_decay, weights=row_weights(dataset, weight_power, class_power),
+            teacher_logits=teacher_logits, temperature=temperature, alpha=alpha,
+            on_step=on_step, on_epoch=on_epoch, result=result,
+        )
+
+
+def row_weights(dataset: FlowDataset, weight_power: float, class_power: float) -> np.ndarray:
+    """Per-row loss weights: class c gets mass ``flows_c ** class_power`` shared by its
+    rows in proportion to ``weight ** weight_power``."""
+    w = np.clip(dataset.weight.astype(np.float64), 0, None)
+    shaped = w**weight_power
+    out = np.zeros_like(shaped)
+    for c in np.unique(dataset.y):
+        rows = dataset.y == c
+        denom = shaped[rows].sum()
+        if denom > 0:
+            out[rows] = shaped[rows] / denom * w[rows].sum() ** class_power
+    return out.astype(np.float32)
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weights, teacher_logits,
+           temperature, alpha, on_step, on_epoch, result) -> TrainResult:
+    gen = _seed_all(seed)
+    ids = torch.from_numpy(dataset.ids)
+    mask = torch.ones_like(ids)
+    y = torch.from_numpy(dataset.y)
+    w = torch.from_numpy(weights)
+    t_logits = None if teacher_logits is None else torch.from_numpy(np.asarray(teacher_logits, np.float32))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total_steps = epochs * math.ceil(len(dataset) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.1)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(dataset), generator=gen)
+        losses = []
+        for start in range(0, len(order), batch_size):
+            b = order[start : start + batch_size]
+            logits = model(input_ids=ids[b], attention_mask=mask[b]).logits
+            wb = w[b]
+            ce = F.cross_entropy(logits, y[b], reduction="none")
+            if t_logits is not None:
+                log_s = F.log_softmax(logits / temperature, dim=-1)
+                p_t = F.softmax(t_logits[b] / temperature, dim=-1)
+                kl = (p_t * (torch.log(p_t.clamp_min(1e-12)) - log_s)).sum(-1) * temperature**2
+                per_row = alpha * kl + (1 - alpha) * ce
+            else:
+                per_row = ce
+            loss = (per_row * wb).sum() / wb.sum().clamp_min(1e-12)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            norms = grad_norms_by_layer(model) if on_step is not None else None
+            opt.step()
+            sched.step()
+            result.steps += 1
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(result.steps, norms, losses[-1])
+        mean = float(np.mean(losses))
+        result.epoch_losses.append(mean)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, mean)
+    model.eval()
+    return result
+
+
+def predict_logits(model: torch.nn.Module, ids: np.ndarray, *, batch_size: int = 1024, threads: int | None = 1) -> np.ndarray:
+    """Torch logits ``float32[N, C]`` for token id rows."""
+    model.eval()
+    out = []
+    with torch_threads(threads), torch.inference_mode():
+        for start in range(0, len(ids), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(ids[start : start + batch_size]))
+            out.append(model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits.float().numpy())
+    if not out:
+        n_labels = getattr(getattr(model, "config", None), "num_labels", 0)
+        return np.zeros((0, n_labels), np.float32)
+    return np.concatenate(out)
+
+
+def evaluate(model: torch.nn.Module, dataset: FlowDataset, *, threshold: float = 0.5, labels: list[str] | None = None) -> dict:
+    """Metrics of the torch model on ``dataset`` (weighted by row weight):
+    ``accuracy``, ``precision``, ``recall``, ``f1`` (binary, malicious = positive),
+    ``label_accuracy``, ``macro_f1``, ``per_label``, ``confusion``."""
+    logits = predict_logits(model, dataset.ids)
+    names = labels or [model.config.id2label[i] for i in range(model.config.num_labels)]
+    probs = softmax(logits.astype(np.float64))
+    return classification_report(
+        dataset.y, probs.argmax(-1), malicious_score(probs), names, threshold=threshold, weight=dataset.weight
+    )
+
+
+def state_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Every parameter and buffer as float32 numpy copies, keyed by torch name."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_numpy_state(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load arrays from :func:`state_to_numpy` (names, shapes and dtypes must match)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(arrays))
+    extra = sorted(set(arrays) - set(own))
+    if missing or extra:
+        raise ValueError(f"state mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, v in own.items():
+        a = np.asarray(arrays[k])
+        if tuple(a.shape) != tuple(v.shape):
+            raise ValueError(f"state mismatch: {k} has shape {a.shape}, model expects {tuple(v.shape)}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"state mismatch: {k} holds non-finite values")
+    model.load_state_dict({k: torch.from_numpy(np.asarray(arrays[k], dtype=np.float32).copy()).to(own[k].dtype) for k in own})
+    model.eval()
