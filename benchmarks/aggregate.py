@@ -7,6 +7,7 @@ shipped student preset is ~40k) are combined into a new global model; updates/s 
 clients / seconds, wall and CPU.  Rows:
 
 * fedavg / gsfs / fedopt / median: the strategy maths alone (decoded deltas in memory);
+  per_s = updates per wall second, per_cpu_s = per CPU second of this process;
 * pipeline (no SQL): validate_envelope (digest, zstd, safetensors, shapes,
   finiteness) + pool offer + GSFS aggregation on one thread;
 * service intake+aggregate: ``AggregatorService.handle_batch`` itself (validation on
@@ -116,10 +117,10 @@ def bench_strategies(model, clients: int) -> list[dict]:
 
 
 def row(label: str, updates: int, wall: float, cpu: float) -> dict:
-    return {"phase": label, "updates": updates, "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
-            "updates_per_s": round(updates / wall, 1) if wall else None,
-            "updates_per_cpu_s": round(updates / cpu, 1) if cpu else None,
-            "goal": GOAL_UPDATES_PER_S, "meets_goal": bool(wall and updates / wall >= GOAL_UPDATES_PER_S)}
+    return {"phase": label, "n": updates, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+            "per_s": round(updates / wall) if wall else None,
+            "per_cpu_s": round(updates / cpu) if cpu else None,
+            "goal_met": bool(wall and updates / wall >= GOAL_UPDATES_PER_S)}
 
 
 def bench_pipeline(model, clients: int) -> dict:
@@ -176,8 +177,7 @@ def bench_service(model, clients: int, *, intake_batch: int, decode_threads: int
         finally:
             logging.getLogger("cloud_aggregator").setLevel(log_level)
             service.stop()
-    return row(f"service intake+aggregate (SQLite, batch {intake_batch}, {decode_threads} decode threads)",
-               clients, wall, cpu)
+    return row(f"service (SQLite, batch {intake_batch}, {decode_threads} thr)", clients, wall, cpu)
 
 
 def bench_memory(model, client_counts, submissions: int) -> list[dict]:
@@ -202,9 +202,9 @@ def bench_memory(model, client_counts, submissions: int) -> list[dict]:
         strategy.aggregate(model, strategy.eligible(view), version=0)
         peak = tracemalloc.get_traced_memory()[1] - t0
         tracemalloc.stop()
-        rows.append({"clients": clients, "submissions_each": submissions, "model_mb": round(model_mb, 3),
-                     "pool_mb": round(after_intake / 2**20, 2), "aggregation_peak_mb": round(peak / 2**20, 2),
-                     "pool_per_client_model": round(after_intake / 2**20 / (clients * model_mb), 3)})
+        rows.append({"clients": clients, "sent_each": submissions, "model_mb": round(model_mb, 3),
+                     "pool_mb": round(after_intake / 2**20, 2), "peak_mb": round(peak / 2**20, 2),
+                     "pool/(clients*model)": round(after_intake / 2**20 / (clients * model_mb), 3)})
         del pool, view
     return rows
 
