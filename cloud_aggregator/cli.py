@@ -51,7 +51,9 @@ def main(verbose: int) -> None:
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="TOML file with [aggregator], [mqtt], [strategy] (and [strategy.robust], [strategy.dp], [local]).")
-def run(config_path: str) -> None:
+@click.option("--http", "http_listen", default=None, metavar="HOST:PORT",
+              help="Serve the status page, /api/status and Prometheus /metrics here (e.g. 127.0.0.1:9109).")
+def run(config_path: str, http_listen: str | None) -> None:
     """Run the aggregator until SIGINT/SIGTERM.
 
     \b
@@ -70,6 +72,7 @@ def run(config_path: str) -> None:
     \b
     Example:
       fedgate-aggregator -v run --config agg.toml
+      fedgate-aggregator run --config agg.toml --http 127.0.0.1:9109
     """
     from cloud_aggregator.service import AggregatorConfig
     from cloud_aggregator.service import run as run_service
@@ -83,10 +86,23 @@ def run(config_path: str) -> None:
         signal.signal(sig, lambda *_: stop.set())
     click.echo(f"aggregator running ({config.strategy}, broker {config.mqtt.host}:{config.mqtt.port}, "
                f"db {config.database}); Ctrl-C stops", err=True)
+    page = None
+    if http_listen:
+        from cloud_aggregator.web import serve
+        from gateway.config import ConfigError, parse_listen
+
+        try:
+            page = serve(config.database, parse_listen(http_listen, "--http"))
+        except (ConfigError, OSError) as exc:
+            raise click.ClickException(f"--http {http_listen}: {exc}") from None
+        click.echo(f"status page {page.url}/", err=True)
     try:
         run_service(config, stop=stop)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        if page is not None:
+            page.stop()
 
 
 def _when(ts: float | None) -> str | None:

@@ -1,0 +1,3 @@
+from cloud_aggregator.web import main
+
+raise SystemExit(main())
