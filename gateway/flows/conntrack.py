@@ -478,6 +478,7 @@ class ConnTracker:
         self._uid_counter = 0
         # FTP data channels announced on control connections: (orig_h, resp_h, resp_p) -> expiry
         self._expected: dict[tuple[bytes, bytes, int], float] = {}
+        self._expected_limit = 10_000
         self._parent: tuple[str, ...] | None = None  # tunnel parents of the packet being processed
 
     # ------------------------------------------------------------------ public API
@@ -1094,8 +1095,10 @@ class ConnTracker:
             line = line.strip()
             found = _ftp_data_channel(line, is_orig, conn.orig_h, conn.resp_h)
             if found is not None:
-                if len(self._expected) > 10_000:
+                if len(self._expected) >= self._expected_limit:
+                    # drop expired announcements; amortised: the limit doubles if they are live
                     self._expected = {k: v for k, v in self._expected.items() if v >= t}
+                    self._expected_limit = max(10_000, 2 * len(self._expected))
                 self._expected[found] = t + 300.0
 
     def _detect_service(self, conn: Conn, pkt: Packet, is_orig: bool) -> None:
