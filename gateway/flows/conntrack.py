@@ -491,7 +491,10 @@ class ConnTracker:
                 self._run_timers(t)
         # an out-of-order packet keeps its own time for the connection (as in Zeek); only
         # network time, which drives the timers, never goes back
-        self._dispatch(pkt, t)
+        if pkt.proto == PROTO_TCP and pkt.tunnel is None:
+            self._tcp(pkt, t)  # the common case, without the dispatch layer
+        else:
+            self._dispatch(pkt, t)
         if self._out:
             out, self._out = self._out, []
             return out
@@ -613,7 +616,7 @@ class ConnTracker:
     # ------------------------------------------------------------------ TCP
     def _tcp(self, pkt: Packet, t: float) -> None:
         src, dst, sport, dport = pkt.src, pkt.dst, pkt.sport, pkt.dport
-        if (src, sport) < (dst, dport):
+        if src < dst or (src == dst and sport < dport):
             key = (6, src, sport, dst, dport)
         else:
             key = (6, dst, dport, src, sport)
@@ -945,7 +948,7 @@ class ConnTracker:
     # ------------------------------------------------------------------ UDP
     def _udp(self, pkt: Packet, t: float) -> Conn:
         src, dst, sport, dport = pkt.src, pkt.dst, pkt.sport, pkt.dport
-        if (src, sport) < (dst, dport):
+        if src < dst or (src == dst and sport < dport):
             key = (17, src, sport, dst, dport)
         else:
             key = (17, dst, dport, src, sport)
