@@ -45,12 +45,15 @@ def _local_nets(text: str | None) -> tuple[str, ...] | None:
 @click.option("--local-nets", metavar="CIDR,...", default=None,
               help="Networks for local_orig/local_resp (default: Zeek's private address space; 'none' leaves them unset).")
 @click.option("-b", "--bare", is_flag=True,
-              help="Zeek bare mode (zeek -b): only protocols named with --load orient flows and set service.")
+              help="Zeek bare mode (zeek -b): with --load, only those protocols orient flows and set service.")
 @click.option("--load", "loaded", multiple=True, type=click.Choice(PROTOCOL_CHOICES),
               help="With --bare: a protocol script that is loaded (repeatable), e.g. --load http.")
+@click.option("-f", "--filter", "bpf", metavar="FILTER",
+              help="Capture filter, tcpdump syntax subset (host, net, port, portrange, tcp/udp/icmp, ip/ip6, "
+                   "and/or/not), e.g. -f 'udp port 53'.")
 @click.option("--json-summary", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def flows(pcaps, output, fmt, ignore_checksums, local_nets, bare, loaded, json_summary, progress):
+def flows(pcaps, output, fmt, ignore_checksums, local_nets, bare, loaded, bpf, json_summary, progress):
     """Turn pcap/pcapng files (also .gz) into a Zeek conn.log.
 
     Connections are tracked the way Zeek does (history, conn_state, byte counts from TCP
@@ -63,12 +66,22 @@ def flows(pcaps, output, fmt, ignore_checksums, local_nets, bare, loaded, json_s
       fedgate flows a.pcapng b.pcap.gz --format json -o conn.json
       fedgate flows trace.pcap -C --local-nets 10.0.0.0/8,192.168.0.0/16 --json-summary
       fedgate flows trace.pcap -b --load http -o conn.log
+      fedgate flows trace.pcap -f 'udp port 53 or icmp' -o dns.log
     """
     from gateway.flows.conntrack import likely_server_ports_for
     from gateway.flows.pcap import CaptureError, convert_captures
 
+    from gateway.flows.bpf import FilterSyntaxError, compile_filter
+
     nets = _local_nets(local_nets)
-    protocols = tuple(loaded) if bare else None
+    if bpf:
+        try:
+            compile_filter(bpf)
+        except FilterSyntaxError as exc:
+            raise click.BadParameter(str(exc), param_hint="--filter") from None
+    # -b alone keeps every protocol's ports: the scripts a bare run loads are unknown here,
+    # and they are usually those of the protocol in the trace
+    protocols = tuple(loaded) if bare and loaded else None
     lsp = likely_server_ports_for(protocols)
     to_stdout = output == "-"
     show_progress = sys.stderr.isatty() if progress is None else progress
@@ -77,10 +90,11 @@ def flows(pcaps, output, fmt, ignore_checksums, local_nets, bare, loaded, json_s
         if to_stdout:
             return convert_captures(pcaps, sys.stdout.buffer, fmt=fmt, ignore_checksums=ignore_checksums,
                                     local_nets=nets, likely_server_ports=lsp, protocols=protocols,
-                                    on_progress=on_progress)
+                                    bpf=bpf, on_progress=on_progress)
         with open(output, "wb") as out:
             return convert_captures(pcaps, out, fmt=fmt, ignore_checksums=ignore_checksums, local_nets=nets,
-                                    likely_server_ports=lsp, protocols=protocols, on_progress=on_progress)
+                                    likely_server_ports=lsp, protocols=protocols, bpf=bpf,
+                                    on_progress=on_progress)
 
     try:
         if show_progress:

@@ -73,6 +73,7 @@ class CaptureStats:
     flows: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     weird: dict[str, int] = field(default_factory=dict)  # oddities in packets that were still used
+    filtered: int = 0  # packets a capture filter left out
     truncated: bool = False
     warnings: list[str] = field(default_factory=list)
     first_ts: float | None = None
@@ -98,6 +99,7 @@ class CaptureStats:
             "flows": self.flows,
             "skipped": self.skipped_total,
             "skipped_by_reason": dict(sorted(self.skipped.items())),
+            "filtered": self.filtered,
             "weird": sum(self.weird.values()),
             "weird_by_reason": dict(sorted(self.weird.items())),
             "truncated": self.truncated,
@@ -351,8 +353,12 @@ def records_from_frames(
     tracker: ConnTracker | None = None,
     flush: bool = True,
     progress: Callable[[int], None] | None = None,
+    packet_filter: Callable[[object], bool] | None = None,
 ) -> Iterator[ConnRecord]:
-    """Decode frames and track connections; yield records as connections end."""
+    """Decode frames and track connections; yield records as connections end.
+
+    ``packet_filter`` (see :func:`gateway.flows.bpf.compile_filter`) drops packets before
+    tracking, as a capture filter would."""
     stats = stats if stats is not None else CaptureStats()
     decoder = PacketDecoder(ignore_checksums=ignore_checksums)
     if tracker is None:
@@ -371,6 +377,9 @@ def records_from_frames(
             last_ts = ts
             pkt = decode(linktype, frame, ts, wire_len)
             if pkt is None or pkt.__class__ is str:
+                continue
+            if packet_filter is not None and not packet_filter(pkt):
+                stats.filtered += 1
                 continue
             done = feed(pkt)
             if done:
@@ -400,6 +409,7 @@ def pcap_records(
     stats: CaptureStats | None = None,
     likely_server_ports: frozenset[tuple[int, int]] | None = None,
     progress: Callable[[int], None] | None = None,
+    bpf: str | None = None,
 ) -> Iterator[ConnRecord]:
     """Conn records of one pcap/pcapng (optionally gzip'd) file object.
 
@@ -412,9 +422,15 @@ def pcap_records(
         local_nets=DEFAULT_LOCAL_NETS if local_nets is None else tuple(local_nets),
         **({} if likely_server_ports is None else {"likely_server_ports": likely_server_ports}),
     )
+    packet_filter = None
+    if bpf:
+        from gateway.flows.bpf import compile_filter
+
+        packet_filter = compile_filter(bpf)
     frames = iter_frames(fileobj, stats)
     yield from records_from_frames(
-        frames, ignore_checksums=ignore_checksums, stats=stats, tracker=tracker, progress=progress
+        frames, ignore_checksums=ignore_checksums, stats=stats, tracker=tracker, progress=progress,
+        packet_filter=packet_filter,
     )
 
 
@@ -533,6 +549,7 @@ def convert_captures(
     local_nets: Iterable[str] | None = None,
     likely_server_ports: frozenset[tuple[int, int]] | None = None,
     protocols: Iterable[str] | None = None,
+    bpf: str | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> CaptureStats:
     """Turn capture files into one conn log on ``out`` (Zeek TSV or Zeek JSON lines).
@@ -549,6 +566,11 @@ def convert_captures(
 
     if fmt not in ("zeek", "json"):
         raise ValueError(f"unknown format {fmt!r}; choose zeek or json")
+    packet_filter = None
+    if bpf:
+        from gateway.flows.bpf import compile_filter
+
+        packet_filter = compile_filter(bpf)  # a bad filter fails before anything is written
     paths = list(paths)
     for path in paths:  # fail before writing anything if an input is not a capture
         with open(path, "rb") as f:
@@ -572,7 +594,8 @@ def convert_captures(
                     protocols=protocols,
                 )
                 records = records_from_frames(
-                    iter_frames(f, stats), ignore_checksums=ignore_checksums, stats=stats, tracker=tracker
+                    iter_frames(f, stats), ignore_checksums=ignore_checksums, stats=stats, tracker=tracker,
+                    packet_filter=packet_filter,
                 )
                 if writer is not None:
                     writer.write(records)
