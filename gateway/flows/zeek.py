@@ -90,8 +90,8 @@ _ADDR_TEXT = re.compile(r"[0-9a-fA-F.:\n]*")  # checked on a whole column joined
 _GZIP_MAGIC = b"\x1f\x8b"
 _NUMBER_TEXT = re.compile(r"[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?")
 _NUMBER_COLUMN = re.compile(r"[-+0-9.eE\n]*")
-_LONG_DIGITS = re.compile(r"[0-9]{20}")
-_ODD_FOR_NUMBERS = re.compile(r"[_ \x0b\x0c\x1c-\x1f]")
+# Characters int()/float() skip or accept (" 1", "1_0"); one memchr each beats a regex.
+_ODD_FOR_NUMBERS = ("_", " ", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")
 _BLOCK_BYTES = 64 << 10  # lines are parsed in blocks of about this size
 
 
@@ -291,13 +291,11 @@ def _number_column(col, ctx, name, required, kind):
             present = list(filter(None, vals))
         else:
             vals = present = list(map(base, col))
-        if present:  # range checks, skipped where the block's text rules them out
+        if present:
             if base is float:
-                if not math.isfinite(sum(present)) or (ctx.signed and min(present) < lo):
+                if not math.isfinite(sum(present)) or min(present) < lo:
                     raise ValueError
-            elif (ctx.signed and min(present) < lo) or (
-                (kind == "port" or ctx.long_digits) and max(present) > hi
-            ):
+            elif min(present) < lo or max(present) > hi:
                 raise ValueError
         return vals, None
     except (ValueError, TypeError):
@@ -306,7 +304,7 @@ def _number_column(col, ctx, name, required, kind):
 
 def _string_column(col, ctx, name, required, kind):
     unset, empty = ctx.unset, ctx.empty
-    if ctx.blank_fields and "" in col:
+    if "" in col:
         return _slow(col, partial(_string_value, ctx=ctx, required=required, kind=kind), name)
     has_unset = unset in col
     if required and has_unset:
@@ -370,7 +368,7 @@ def _set_column(col, ctx, name, required, kind):
             return ()
         return tuple(_unescape_hex(p) for p in v.split(sep))
 
-    if (ctx.blank_fields and "" in col) or (ctx.escaped and any("\\x" in v for v in col)):
+    if "" in col or (ctx.escaped and any("\\x" in v for v in col)):
         return _slow(col, one, name)
     return [None if v == unset else () if v == empty else tuple(v.split(sep)) for v in col], None
 
@@ -395,10 +393,7 @@ class _Context(NamedTuple):
     empty: str
     set_separator: str
     escaped: bool  # the block holds a backslash: undo \x escapes in strings
-    blank_fields: bool  # the block may hold a zero-length field
     odd_text: bool  # the block holds characters int()/float() skip or accept oddly
-    signed: bool  # some field may start with a minus sign
-    long_digits: bool  # some run of 20+ digits: a count may exceed 2**64 - 1
 
 
 @dataclass
@@ -409,7 +404,6 @@ class _Plan:
     width: int  # TSV columns per line after IoT-23 tails are split
     columns: list[tuple[int, str, Callable, str, bool]]  # (text col, field, conv, kind, required)
     extra: list[tuple[int, str]]  # (text col, column name) kept raw
-    signed_field: re.Pattern  # finds a field that starts with "-" and a digit or "."
     error: str | None = None
 
 
@@ -433,10 +427,7 @@ def _compile(header: LogHeader) -> _Plan:
         error = f"not a conn log (#path {header.path[:40]})"
     elif missing:
         error = f"header lacks required column(s): {', '.join(missing)}"
-    signed = re.compile(f"(?:^|{re.escape(header.separator)})-[0-9.]", re.M)
-    return _Plan(
-        header=header, width=len(header.fields), columns=columns, extra=extra, signed_field=signed, error=error
-    )
+    return _Plan(header=header, width=len(header.fields), columns=columns, extra=extra, error=error)
 
 
 # --------------------------------------------------------------------------- parser
@@ -647,7 +638,7 @@ class ZeekLogParser:
         if "\x00" in text:  # binary junk: keep it from reaching anything downstream
             text = text.replace("\x00", "\ufffd")
         out: list[ConnRecord] = []
-        if not (text.startswith("#") or "\n#" in text):
+        if "#" not in text or not (text.startswith("#") or "\n#" in text):
             self._parse_data(text, first, out)
             return out
         # Split into runs of data lines and single header lines.
@@ -708,38 +699,29 @@ class ZeekLogParser:
 
     def _parse_data(self, text: str, first: int, out: list[ConnRecord]) -> None:
         header = self._header
-        if header is None or header.format == "json":
-            if text.lstrip().startswith("{") or header is not None:
-                if header is None:
-                    self._header = LogHeader(format="json")
-                self._parse_json(text, first, out)
-                return
+        if header is None and (text.lstrip().startswith("{") or "\n{" in text):
+            header = self._header = LogHeader(format="json")  # no header: JSON lines
+        if header is not None and header.format == "json":
+            self._parse_json(text, first, out)
+            return
         if self._plan is None:
             self._plan = _compile(header if header is not None else LogHeader())
         plan = self._plan
-        lines = text.split("\n")
         if plan.error is not None:
-            for i, line in enumerate(lines):
+            for i, line in enumerate(text.split("\n")):
                 if line.strip():
                     self._reject(first + i, plan.error, line)
             return
         sep = plan.header.separator
-        if plan.header.joined_tail and sep != " " and IOT23_JOINER in text:
+        if plan.header.joined_tail and sep != " ":
             text = text.replace(IOT23_JOINER, sep)
-            lines = text.split("\n")
+        lines = text.split("\n")
         width = plan.width
         if set(map(str.count, lines, repeat(sep))) == {width - 1}:
             # Every line has the header's width: split the block once and slice columns.
             flat = text.replace("\n", sep).split(sep)
             cols = [flat[k::width] for k in range(width)]
-            blank = (  # can a field be zero-length?  (one scan of the text, not 22)
-                sep + sep in text
-                or text.startswith(sep)
-                or text.endswith(sep)
-                or "\n" + sep in text
-                or sep + "\n" in text
-            )
-            self._convert(plan, cols, len(lines), lines, None, first, text, blank, out)
+            self._convert(plan, cols, len(lines), lines, None, first, text, out)
             return
         rows, line_nos, kept_lines = [], [], []
         for i, line in enumerate(lines):
@@ -752,16 +734,14 @@ class ZeekLogParser:
                 self._reject(first + i, f"{len(row)} fields, header has {width}", line)
         if rows:
             cols = list(zip(*rows))
-            self._convert(plan, cols, len(rows), kept_lines, line_nos, first, text, True, out)
+            self._convert(plan, cols, len(rows), kept_lines, line_nos, first, text, out)
 
-    def _convert(self, plan, cols, n, lines, line_nos, first, text, blank, out) -> None:
+    def _convert(self, plan, cols, n, lines, line_nos, first, text, out) -> None:
         """Columns (one sequence of raw texts per TSV column) -> records."""
         h = plan.header
         escaped = "\\" in text
-        odd = not text.isascii() or _ODD_FOR_NUMBERS.search(text) is not None
-        signed = plan.signed_field.search(text) is not None
-        long_digits = _LONG_DIGITS.search(text) is not None
-        ctx = _Context(h.unset_field, h.empty_field, h.set_separator, escaped, blank, odd, signed, long_digits)
+        odd = not text.isascii() or any(c in text for c in _ODD_FOR_NUMBERS)
+        ctx = _Context(h.unset_field, h.empty_field, h.set_separator, escaped, odd)
         record_cols: list[Any] = [repeat(None)] * _N_RECORD_FIELDS
         record_cols[_EXTRA_INDEX] = repeat(())
         bad: dict[int, str] = {}

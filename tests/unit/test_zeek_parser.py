@@ -244,6 +244,13 @@ def test_json_bad_values(obj, reason):
         json_record(json.dumps(obj))
 
 
+def test_json_log_whose_first_line_is_junk():
+    good = json.dumps({"ts": 1, "uid": "C", "id.orig_h": "1.1.1.1", "id.orig_p": 1,
+                       "id.resp_h": "1.1.1.2", "id.resp_p": 2, "proto": "tcp"})  # fmt: skip
+    records, rejections = parse(f"\x00junk\n{good}\n{good}\n")
+    assert len(records) == 2 and [r.line_no for r in rejections] == [1]
+
+
 def test_json_junk_between_good_lines():
     good = json.dumps({"ts": 1, "uid": "C", "id.orig_h": "1.1.1.1", "id.orig_p": 1,
                        "id.resp_h": "1.1.1.2", "id.resp_p": 2, "proto": "tcp"})  # fmt: skip
