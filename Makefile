@@ -9,12 +9,15 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# Services the integration tests start themselves (mosquitto, openssl); installed only
-# when missing, so this is a no-op on a prepared box.
+# Services the integration tests start themselves (mosquitto, openssl) and the headless
+# browser of the status-page tests (chromium, chromium-driver); installed only when
+# missing, so this is a no-op on a prepared box.
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \

@@ -66,7 +66,7 @@ def dashboard_figures(session: Session, *, last_rounds: int = 50) -> dict:
         "clients_alive": sum(1 for c in clients if c["online"]),
         "pool_size": len(summary.pool),
         "pool": summary.pool,
-        "rounds": list(reversed(summary.rounds)),  # oldest first, for charts
+        "rounds": summary.rounds,  # oldest first (charts)
         "aggregations": int(totals[0]),
         "upload_bytes": int(totals[1]),
         "broadcast_bytes": int(totals[2]),
