@@ -154,18 +154,18 @@ rho = 0.6
                 deliver(g, enc.data)
                 sent[g.gateway_id].add(enc.message_id)
 
-        for step in range(4):
-            send_round(step)
-        deadline = time.monotonic() + 20
+        step, deadline = 0, time.monotonic() + 20
         while db_state(db)[0] < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        send_round(4)  # in flight while it dies
+            send_round(step)  # updates that arrive together share one aggregation: keep going
+            step += 1
+            time.sleep(0.3)
+        send_round(step)  # in flight while it dies
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         version_at_kill, versions_at_kill, _ = db_state(db)
         assert version_at_kill >= 2
-        for step in range(5, 8):
-            send_round(step)  # broker queues these for the aggregator's persistent session
+        for later in range(step + 1, step + 4):
+            send_round(later)  # broker queues these for the aggregator's persistent session
         proc = start_aggregator(config, log)
         total = sum(len(v) for v in sent.values())
         deadline = time.monotonic() + 40
