@@ -350,3 +350,46 @@ def test_gateway_link_status_will_and_refusals_through_the_acl(broker, pki):
         assert offline is not None and offline.topic == topics.gateway_status("edge1", PREFIX)
     finally:
         watcher.close()  # gw: its loop is stopped and its socket closed above
+
+
+@pytest.mark.slow
+def test_gateway_service_runs_over_mutual_tls(broker, pki, tmp_path):
+    """The real gateway service (`fedgate gateway run`'s GatewayService), configured like
+    deploy/config/gateway-*.toml (CA, certificate and key paths, TLS 1.2+, hostname
+    checking), against the production broker: it connects as its certificate identity,
+    its retained status and its alerts pass the ACL and reach the aggregator identity."""
+    import json
+
+    from benchmarks.live_latency import write_at_rate
+    from gateway.config import config_from_dict
+    from gateway.service import GatewayService
+    from gateway_helpers import RuleClassifier, store_counts, wait_until
+
+    (tmp_path / "conn.log").touch()
+    config = config_from_dict({
+        "gateway": {"id": "edge1", "database": f"sqlite:///{tmp_path / 'gw.db'}"},
+        "source": {"zeek_log": str(tmp_path / "conn.log")},
+        "mqtt": {"host": "localhost", "port": broker.port, "keepalive_s": 5,
+                 "ca_file": str(pki.ca_file()), "cert_file": str(pki.cert("gateway-edge1")),
+                 "key_file": str(pki.key("gateway-edge1"))},
+        "fl": {"status_interval_s": 1.0},
+        "http": {"listen": ""},
+    })
+    watcher = Client(broker.port, client_id="svc-watcher", ca=pki.ca_file(),
+                     cert=pki.cert("aggregator"), key=pki.key("aggregator"))
+    service = GatewayService(config, classifier=RuleClassifier()).start()
+    try:
+        assert watcher.connect()
+        assert watcher.subscribe(f"{PREFIX}/gw/edge1/#") == [1]
+        assert wait_until(lambda: service.link.connected, 15), "gateway service did not connect"
+        status = watcher.wait_for(lambda m: m.topic.endswith("/status")
+                                  and json.loads(m.payload).get("state") == "online", timeout=10)
+        assert status is not None
+        n = 1500  # the writer's first few hundred flows are all benign
+        write_at_rate(tmp_path / "conn.log", rate=3000, count=n)
+        assert wait_until(lambda: store_counts(config.database_url)[0] == n, 30)
+        alert = watcher.wait_for(lambda m: m.topic == topics.gateway_alerts("edge1", PREFIX), timeout=15)
+        assert alert is not None and json.loads(alert.payload)["detections"]
+    finally:
+        service.stop()
+        watcher.close()

@@ -199,8 +199,13 @@ def test_each_gateway_gets_its_own_certificate_and_the_public_signing_key(compos
     assert m["/etc/fedgate/tls"] == f"./pki/issued/{bundle_name(IdentityKind.GATEWAY, gw)}"
     assert m["/etc/fedgate/global-model.pub"] == f"./pki/signing/{SIGNING_PUB}"
     assert not any(SIGNING_KEY == Path(s).name for s in m.values())  # never the private key
-    config = (DEPLOY / "config" / f"gateway-{gw}.toml").read_text()
-    assert f'id = "{gw}"' in config and 'host = "broker"' in config
+    from gateway.config import load_config
+
+    config = load_config(DEPLOY / "config" / f"gateway-{gw}.toml", env={})
+    assert config.gateway.id == gw  # = the certificate CN the ACL matches
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.check_hostname) == ("broker", 8883, True)
+    assert Path(config.mqtt.cert_file) == Path("/etc/fedgate/tls/tls.crt")
+    assert config.gateway.global_model_public_key == "/etc/fedgate/global-model.pub"
 
 
 def test_aggregator_config_loads_with_the_real_config_class(compose):
