@@ -15,6 +15,9 @@ clients / seconds, wall and CPU.  Rows:
   update, then ``aggregate_now`` (checkpoint, sign, publish); with the service defaults
   (64 messages per transaction, 2 decode threads) and the worst case (1 and 1).
 
+Wire: bytes of one update envelope with no compression, int8 and top-k (1%) against
+the raw float32 delta.
+
 Memory: for each client count, every client sends ``--submissions`` updates (the pool
 keeps only the newest per client), then one aggregation runs.  tracemalloc reports the
 pool's bytes after intake and the peak during aggregation; "pool / (clients x model)"
@@ -180,6 +183,24 @@ def bench_service(model, clients: int, *, intake_batch: int, decode_threads: int
     return row(f"service (SQLite, batch {intake_batch}, {decode_threads} thr)", clients, wall, cpu)
 
 
+def bench_wire_sizes(model, *, topk_fraction: float = 0.01) -> list[dict]:
+    """Bytes of one update envelope per compression, against raw float32 (a delta
+    shaped like a local training step: small, roughly normal, per-tensor scales)."""
+    from gateway.protocol.envelope import raw_float32_bytes
+
+    rng = np.random.default_rng(3)
+    delta = {k: (rng.normal(size=v.shape) * rng.uniform(1e-4, 1e-2)).astype(np.float32) for k, v in model.items()}
+    raw = raw_float32_bytes(delta)
+    rows = []
+    for method in ("none", "int8", "topk"):
+        (enc, wall, _cpu) = timed(lambda: encode_update(delta, sender="gw", base_version=0, num_samples=1,
+                                                        compression=method, topk_fraction=topk_fraction))
+        rows.append({"compression": method if method != "topk" else f"topk {topk_fraction:g}",
+                     "raw_float32_bytes": raw, "envelope_bytes": len(enc.data),
+                     "ratio": round(raw / len(enc.data), 2), "encode_ms": round(wall * 1e3, 2)})
+    return rows
+
+
 def bench_memory(model, client_counts, submissions: int) -> list[dict]:
     model_mb = n_params(model) * 4 / 2**20
     strategy = build_strategy("gsfs")
@@ -237,14 +258,16 @@ def main(argv=None) -> int:
         progress.advance(task)
         memory = bench_memory(model, [int(c) for c in args.memory_clients.split(",")], args.submissions)
         progress.advance(task)
+        wire = bench_wire_sizes(model)
     meta = {"params": n_params(model), "tensors": len(model), "cpus": os.cpu_count(),
             "python": platform.python_version(), "numpy": np.__version__}
     if args.json:
-        emit_json({"meta": meta, "throughput": throughput, "memory": memory})
+        emit_json({"meta": meta, "throughput": throughput, "memory": memory, "wire": wire})
         return 0
     emit_rows(throughput, title=f"aggregation throughput: {meta['params']:,} float32 params in {meta['tensors']} "
                                 f"tensors, {args.clients} updates (goal >= {GOAL_UPDATES_PER_S}/s)")
     emit_rows(memory, title="aggregator memory vs clients (tracemalloc)")
+    emit_rows(wire, title="update envelope size (zstd + safetensors) vs raw float32")
     return 0
 
 
