@@ -21,7 +21,7 @@ RUN apt-get update \
  && useradd --system --uid 10002 --user-group --home-dir /var/lib/fedgate-aggregator fedgate-aggregator \
  && install -d -o fedgate-aggregator -g fedgate-aggregator -m 0700 /var/lib/fedgate-aggregator
 COPY --from=build /opt/fedgate/venv /opt/fedgate/venv
-ENV PATH=/opt/fedgate/venv/bin:$PATH PYTHONUNBUFFERED=1
+ENV PATH=/opt/fedgate/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER fedgate-aggregator
 WORKDIR /var/lib/fedgate-aggregator
 # pool database (SQLite) and checkpoints: keep this volume, it is what a restore needs

@@ -24,16 +24,21 @@ RUN pip install .
 FROM ${CUDA_IMAGE}
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 libpcap0.8 ca-certificates tini \
+      python3 ca-certificates tini \
  && rm -rf /var/lib/apt/lists/*
 # unprivileged user with a fixed uid: chown the mounted TLS bundle to 10001 (RUNBOOK)
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/fedgate fedgate \
  && install -d -o fedgate -g fedgate -m 0700 /var/lib/fedgate
 COPY --from=build /opt/fedgate/venv /opt/fedgate/venv
-ENV PATH=/opt/fedgate/venv/bin:$PATH PYTHONUNBUFFERED=1
+ENV PATH=/opt/fedgate/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER fedgate
 WORKDIR /var/lib/fedgate
 VOLUME ["/var/lib/fedgate"]
+# the gateway's status endpoint ([http] listen, default 127.0.0.1:9108)
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/api/status', timeout=4)"]
+# live capture uses scapy's AF_PACKET sockets (no libpcap needed): run with
+# --cap-add NET_RAW --cap-add NET_ADMIN and [source] interface = "..."
 # tini forwards SIGTERM so the gateway commits its batch and offsets before exiting
 ENTRYPOINT ["tini", "--", "fedgate"]
 CMD ["gateway", "run", "--config", "/etc/fedgate/gateway.toml"]
