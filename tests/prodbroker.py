@@ -133,6 +133,7 @@ class Client:
         self.disconnect_reason: str | None = None
         self.error: str | None = None
         self.messages: queue.Queue[Received] = queue.Queue()
+        self.seen: list[Received] = []  # every message wait_for took off the queue
         self.subacks: queue.Queue[list[int]] = queue.Queue()
         self.pubacks: dict[int, int] = {}
         self.puback_event = threading.Condition()
@@ -221,12 +222,6 @@ class Client:
             self.seen.append(msg)
             if predicate(msg):
                 return msg
-
-    @property
-    def seen(self) -> list[Received]:
-        if not hasattr(self, "_seen"):
-            self._seen: list[Received] = []
-        return self._seen
 
     def close(self) -> None:
         try:
