@@ -255,3 +255,23 @@ def test_json_log_and_resume(conn_log):
     append(conn_log, lines[2][20:] + lines[3])
     more, _ = ConnLogTail(conn_log, position=TailPosition.from_json(pos.to_json())).poll()
     assert uids(got + more) == expected(0, 4)
+
+
+def test_budget_runs_out_inside_a_rotated_file(conn_log):
+    append(conn_log, log_text(OPEN_1, 0, 2))
+    tail = ConnLogTail(conn_log, read_size=300, max_bytes_per_poll=600)
+    got, _ = tail.poll()
+    append(conn_log, "".join(line(i) for i in range(2, 30)))
+    os.rename(conn_log, conn_log.with_name("old.log"))
+    append(conn_log, log_text(OPEN_2, 30, 5))
+    positions = []
+    while True:
+        records, pos = tail.poll()
+        got += records
+        positions.append(pos)
+        if tail.caught_up:
+            break
+    assert uids(got) == expected(0, 35)
+    assert tail.counters.rotations == 1
+    # While the old file was being drained, positions still named it (a restart finds it).
+    assert positions[0].inode != conn_log.stat().st_ino and positions[-1].inode == conn_log.stat().st_ino
