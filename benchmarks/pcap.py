@@ -15,8 +15,9 @@ ru_maxrss):
 * dpkt      - dpkt.pcap.Reader + Ethernet/IP decode + a dict keyed by the 5-tuple
 * scapy     - scapy.utils.PcapReader (full dissection) on the first --scapy-slice packets
 
-and prints packets/s, flows/s and peak memory.  The machine's cores are shared, so the
-numbers are pessimistic; compare tools within one run.
+and prints packets/s and flows/s (wall clock), packets per CPU-second (steadier when the
+cores are shared) and peak memory.  The machine's cores are shared, so wall-clock numbers
+are pessimistic; compare tools within one run.
 """
 
 from __future__ import annotations
@@ -262,7 +263,9 @@ def child(tool: str, path: str, limit: int) -> None:
         out = run_scapy(path, limit)
     else:
         raise SystemExit(f"unknown tool {tool}")
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["peak_rss_mib"] = usage.ru_maxrss / 1024
+    out["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # includes interpreter start-up and imports
     print(json.dumps(out))
 
 
@@ -292,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"built {path.name}: {n:,} packets ({replicas:,} replicas of the samples), "
                       f"{size / 2**20:.1f} MiB in {time.perf_counter() - t:.1f} s")
         table = Table(title=f"pcap -> flows, {n:,} packets")
-        for col in ("tool", "packets", "flows", "seconds", "packets/s", "flows/s", "peak RSS MiB", "what it does"):
+        for col in ("tool", "packets", "flows", "seconds", "packets/s", "flows/s", "CPU s", "packets/CPU-s",
+                    "peak RSS MiB", "what it does"):
             table.add_column(col, justify="left" if col in ("tool", "what it does") else "right")
         what = {
             "fedgate": "Zeek conn semantics, checksums verified, TSV written",
@@ -308,14 +312,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                table.add_row(tool, "-", "-", "-", "-", "-", "-", f"not run: {last[:60]}")
+                table.add_row(tool, "-", "-", "-", "-", "-", "-", "-", "-", f"not run: {last[:60]}")
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             table.add_row(tool, f"{r['packets']:,}", f"{r['flows']:,}", f"{r['seconds']:.2f}",
                           f"{r['packets'] / r['seconds']:,.0f}", f"{r['flows'] / r['seconds']:,.0f}",
+                          f"{r['cpu_seconds']:.1f}", f"{r['packets'] / r['cpu_seconds']:,.0f}",
                           f"{r['peak_rss_mib']:.0f}", what[tool])
         console.print(table)
-        console.print(f"{os.cpu_count()} CPUs visible, shared with other work: figures are pessimistic.")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        console.print(f"{os.cpu_count()} CPUs visible, 1-min load average {load:.1f} at the end: "
+                      "wall-clock figures are pessimistic when it exceeds the CPU count.")
     return 0
 
 
