@@ -298,8 +298,10 @@ class AggregatorService:
     def version(self) -> int:
         return self.pool.version
 
-    def _encode_global(self, *, version: int, base_version: int, metrics: Mapping[str, float]) -> bytes:
-        return encode_global(self.weights, sender=self.config.aggregator_id, version=version,
+    def _encode_global(self, *, version: int, base_version: int, metrics: Mapping[str, float],
+                       weights: Mapping[str, np.ndarray] | None = None) -> bytes:
+        return encode_global(self.weights if weights is None else weights, sender=self.config.aggregator_id,
+                             version=version,
                              base_version=base_version, round=self.pool.round, metrics=metrics,
                              signing_key=self.signing_key)
 
@@ -524,46 +526,47 @@ class AggregatorService:
         result = self.strategy.aggregate(self.weights, updates, version=self.pool.version, state=self.state,
                                          live_clients=len(view.live_clients))
         old_version, new_version = self.pool.version, self.pool.version + 1
-        old_weights = self.weights
-        self.weights = result.weights
         metrics: dict[str, float] = {}
         if self.evaluator is not None:
             try:
-                metrics = {k: float(v) for k, v in self.evaluator(self.weights).items()}
-            except Exception:
+                metrics = {k: float(v) for k, v in self.evaluator(result.weights).items()}
+            except Exception:  # a broken evaluator must not stop federated learning
                 log.exception("central evaluation failed for version %s", new_version)
-        try:
-            envelope = self._encode_global(version=new_version, base_version=old_version, metrics=metrics)
-        except Exception:
-            self.weights = old_weights
-            raise
+        envelope = self._encode_global(version=new_version, base_version=old_version, metrics=metrics,
+                                       weights=result.weights)
         finished = self.clock()
         senders = list(result.senders)
         leftovers = [u.sender for u in view.updates if u.sender not in senders] if self.strategy.synchronous else []
         arrays, meta = result.state.to_tensors()
         live = len(view.live_clients)
-        with self.sessions.begin() as s:
-            store.save_checkpoint(s, version=new_version, weights=self.weights, state_arrays=arrays, state_meta=meta,
-                                  envelope=envelope, keep=self.config.checkpoints_kept)
-            store.add_round(s, version=new_version, strategy=self.strategy.name, round=self.pool.round,
-                            num_updates=len(updates), live_clients=live, senders=senders,
-                            client_weights=list(result.client_weights), metrics=metrics,
-                            info={k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
-                                  for k, v in result.info.items()},
-                            bytes_up=store.bytes_up_between(s, self._last_round_end, finished),
-                            bytes_down=len(envelope) * max(live, 1),
-                            started_at=view.opened_at if view.opened_at is not None else started,
-                            finished_at=finished)
-            store.remove_pool_updates(s, senders + leftovers)
-            for sender in senders:
-                if sender in self.pool.clients:
-                    self.pool.clients[sender].window_submissions = 0
-                    store.save_client(s, sender, self.pool.clients[sender])
-            row = store.ensure_state(s, strategy=self.strategy.name)
-            row.version = new_version
-            row.round_opened_at = None
-            row.selected = []
-            row.updated_at = finished
+        try:
+            with self.sessions.begin() as s:
+                store.save_checkpoint(s, version=new_version, weights=result.weights, state_arrays=arrays,
+                                      state_meta=meta, envelope=envelope, keep=self.config.checkpoints_kept)
+                store.add_round(s, version=new_version, strategy=self.strategy.name, round=self.pool.round,
+                                num_updates=len(updates), live_clients=live, senders=senders,
+                                client_weights=list(result.client_weights), metrics=metrics,
+                                info={k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
+                                      for k, v in result.info.items()},
+                                bytes_up=store.bytes_up_between(s, self._last_round_end, finished),
+                                bytes_down=len(envelope) * max(live, 1),
+                                started_at=view.opened_at if view.opened_at is not None else started,
+                                finished_at=finished)
+                store.remove_pool_updates(s, senders + leftovers)
+                for sender in senders:
+                    if sender in self.pool.clients:
+                        store.save_client(s, sender, replace(self.pool.clients[sender], window_submissions=0))
+                row = store.ensure_state(s, strategy=self.strategy.name)
+                row.version = new_version
+                row.round_opened_at = None
+                row.selected = []
+                row.updated_at = finished
+        except Exception:
+            log.exception("checkpoint of version %s failed; staying at version %s", new_version, old_version)
+            self._reload()
+            raise
+        # committed: only now does memory move on
+        self.weights = result.weights
         self.state = result.state
         self.global_envelope = envelope
         self.pool.aggregated(senders, new_version)

@@ -142,3 +142,43 @@ def test_unknown_gateways_do_not_count_and_bad_topics_are_rejected(tmp_path):
     assert svc.pool.live_clients() == {"gw1"}  # an unknown gateway cannot inflate N
     assert svc.rejections == {"unknown_sender": 1}
     svc.stop()
+
+
+def test_failed_intake_commit_acknowledges_nothing_and_memory_follows_the_store(tmp_path, monkeypatch):
+    svc = service(str(tmp_path / "agg.db"))
+    acked = []
+    monkeypatch.setattr(svc.link, "ack", lambda m: acked.append(m.mid))
+    enc = encode_update(tiny_delta(0.1), sender="gw1", base_version=0, num_samples=3)
+    real_store_update = store.store_update
+
+    def disk_full(*a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "store_update", disk_full)
+    with pytest.raises(OSError):
+        svc.handle_batch([status("gw1", "online"), msg("gw1", enc.data, 7)])
+    assert acked == [] and len(svc.pool) == 0 and not svc.pool.is_replay("gw1", enc.message_id)
+    monkeypatch.setattr(store, "store_update", real_store_update)
+    svc.handle_batch([msg("gw1", enc.data, 8)])  # the broker's redelivery is taken, not called a replay
+    assert acked == [8] and svc.accepted == 1 and svc.rejections == {}
+    svc.stop()
+
+
+def test_failed_checkpoint_keeps_the_version_and_the_pool(tmp_path, monkeypatch):
+    svc = service(str(tmp_path / "agg.db"))
+    monkeypatch.setattr(svc.link, "ack", lambda m: None)
+    svc.handle_batch([msg("gw1", encode_update(tiny_delta(0.1), sender="gw1", base_version=0, num_samples=3).data)])
+    before = {k: v.copy() for k, v in svc.weights.items()}
+
+    def broken(*a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "save_checkpoint", broken)
+    with pytest.raises(OSError):
+        svc.aggregate_now()
+    assert svc.version == 0 and len(svc.pool) == 1
+    np.testing.assert_array_equal(svc.weights["encoder.weight"], before["encoder.weight"])
+    monkeypatch.undo()
+    monkeypatch.setattr(svc.link, "ack", lambda m: None)
+    assert svc.aggregate_now() and svc.version == 1 and len(svc.pool) == 0
+    svc.stop()
