@@ -1185,7 +1185,7 @@ class ConnTracker:
             conn.start_time, _uid(conn), orig_h, conn.orig_p, resp_h, conn.resp_p, pname,
             ",".join(sorted(conn.service)) if conn.service else None,
             dur, orig_bytes, resp_bytes, conn_state, local_orig, local_resp,
-            conn.missed_bytes if proto == PROTO_TCP or proto == PROTO_UDP or proto in (1, 58) else 0,
+            conn.missed_bytes,
             history, conn.orig_pkts, conn.orig_ip_bytes, conn.resp_pkts, conn.resp_ip_bytes,
             conn.parents, conn.ip_proto,
         )
