@@ -713,6 +713,7 @@ class ZeekLogParser:
                     self._reject(first + i, plan.error, line)
             return
         sep = plan.header.separator
+        raw_text = text  # rejections quote lines as they were
         if plan.header.joined_tail and sep != " ":
             text = text.replace(IOT23_JOINER, sep)
         lines = text.split("\n")
@@ -721,22 +722,22 @@ class ZeekLogParser:
             # Every line has the header's width: split the block once and slice columns.
             flat = text.replace("\n", sep).split(sep)
             cols = [flat[k::width] for k in range(width)]
-            self._convert(plan, cols, len(lines), lines, None, first, text, out)
+            self._convert(plan, cols, len(lines), None, first, text, raw_text, out)
             return
-        rows, line_nos, kept_lines = [], [], []
+        raw_lines = raw_text.split("\n")
+        rows, line_nos = [], []
         for i, line in enumerate(lines):
             row = line.split(sep)
             if len(row) == width:
                 rows.append(row)
                 line_nos.append(first + i)
-                kept_lines.append(line)
             elif line.strip():
-                self._reject(first + i, f"{len(row)} fields, header has {width}", line)
+                self._reject(first + i, f"{len(row)} fields, header has {width}", raw_lines[i])
         if rows:
             cols = list(zip(*rows))
-            self._convert(plan, cols, len(rows), kept_lines, line_nos, first, text, out)
+            self._convert(plan, cols, len(rows), line_nos, first, text, raw_text, out)
 
-    def _convert(self, plan, cols, n, lines, line_nos, first, text, out) -> None:
+    def _convert(self, plan, cols, n, line_nos, first, text, raw_text, out) -> None:
         """Columns (one sequence of raw texts per TSV column) -> records."""
         h = plan.header
         escaped = "\\" in text
@@ -759,8 +760,10 @@ class ZeekLogParser:
         if len(records) != n:  # cannot happen: every converter returns n values
             raise AssertionError("column length mismatch")
         if bad:
+            raw_lines = raw_text.split("\n")
             for i in sorted(bad):
-                self._reject(line_nos[i] if line_nos else first + i, bad[i], lines[i])
+                line_no = line_nos[i] if line_nos else first + i
+                self._reject(line_no, bad[i], raw_lines[line_no - first])
             records = [r for i, r in enumerate(records) if i not in bad]
         self.records += len(records)
         out.extend(records)

@@ -181,6 +181,14 @@ def test_iot23_line():
     assert rec.ip_proto is None
 
 
+def test_iot23_rejection_quotes_the_line_as_it_was():
+    bad = IOT23_LINE.replace("\t83\t", "\tlots\t")
+    records, rejections = parse(IOT23_HEADER + bad + "short   line\n" + IOT23_LINE)
+    assert len(records) == 1
+    assert [r.text for r in rejections] == [bad.rstrip("\n"), "short   line"]
+    assert [r.line_no for r in rejections] == [9, 10]
+
+
 def test_iot23_header_state():
     parser = ZeekLogParser()
     parser.feed(IOT23_HEADER.encode())
