@@ -128,7 +128,10 @@ class Strategy:
         delta, state, info = self.combine([u.delta for u in updates], weights, state,
                                           max(live_clients, len(updates)))
         new_weights, state = self.server_step(global_weights, delta, state)
-        info = {"delta_norm": agg.global_norm(delta), **info}
+        # per-sender L2 norms of what arrived: a gateway pushing the model off course
+        # stands out in the round history (and the robust wrapper bounds it)
+        info = {"delta_norm": agg.global_norm(delta),
+                "update_norms": {u.sender: round(agg.global_norm(u.delta), 6) for u in updates}, **info}
         return Aggregation(new_weights, state, tuple(u.sender for u in updates),
                            tuple(float(w) for w in weights), info)
 

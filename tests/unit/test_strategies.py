@@ -95,6 +95,7 @@ def test_fedavg_aggregate_applies_sample_weighted_mean():
     res = s.aggregate(t(1, 1), [upd("a", [1, 2], n=1), upd("b", [3, 4], n=3)], version=0)
     np.testing.assert_allclose(res.weights["w"], [3.5, 4.5])
     assert res.client_weights == (0.25, 0.75) and res.senders == ("a", "b")
+    assert res.info["update_norms"] == {"a": pytest.approx(math.sqrt(5)), "b": pytest.approx(5.0)}
 
 
 def test_fedopt_uses_adam_and_carries_state():
