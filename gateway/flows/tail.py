@@ -35,6 +35,7 @@ from gateway.flows.zeek import LogHeader, Rejection, ZeekLogParser
 log = logging.getLogger(__name__)
 
 FINGERPRINT_BYTES = 1024  # how much of a file's start identifies it (Zeek's header + #open)
+MAX_KEPT_REJECTIONS = 10_000  # until drained; more are only counted
 
 
 def _fingerprint(fd: int, length: int) -> str:
@@ -176,6 +177,7 @@ class ConnLogTail:
             budget, at_eof = self._read(f, budget, records)
             if not at_eof:  # budget spent: come back for the rest
                 self.caught_up = False
+                self.counters.records += len(records)
                 return records, self._position()
             st = self._stat_path()
             if st is None or f.same_file(st):
@@ -200,7 +202,10 @@ class ConnLogTail:
         return out
 
     def close(self) -> None:
+        """Close the file; a later :meth:`poll` reopens it where this one stopped."""
         if self._file is not None:
+            self._resume = self._position()
+            self._collect(self._file.parser)
             self._file.close()
             self._file = None
 
@@ -321,7 +326,8 @@ class ConnLogTail:
         if parser.rejections:
             new = parser.drain_rejections()
             self.counters.rejected += len(new)
-            self._rejections += new
+            room = MAX_KEPT_REJECTIONS - len(self._rejections)
+            self._rejections += new[: max(room, 0)]  # all are counted and logged
 
     def _position(self) -> TailPosition:
         f = self._file

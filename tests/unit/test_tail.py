@@ -275,3 +275,14 @@ def test_budget_runs_out_inside_a_rotated_file(conn_log):
     assert tail.counters.rotations == 1
     # While the old file was being drained, positions still named it (a restart finds it).
     assert positions[0].inode != conn_log.stat().st_ino and positions[-1].inode == conn_log.stat().st_ino
+
+
+def test_close_then_poll_resumes_where_it_stopped(conn_log):
+    append(conn_log, log_text(OPEN_1, 0, 2))
+    tail = ConnLogTail(conn_log)
+    got, _ = tail.poll()
+    tail.close()
+    append(conn_log, line(2))
+    got += tail.poll()[0]
+    assert uids(got) == expected(0, 3)
+    assert tail.counters.records == 3
