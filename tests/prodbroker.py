@@ -262,7 +262,7 @@ def tls_probe(port: int, *, ca: Path, cert: Path | None = None, key: Path | None
             with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
                 # read first: a refusing broker's alert follows the handshake (TLS 1.3),
                 # and writing into a closing connection could hide it behind a reset
-                sock.settimeout(0.5)
+                sock.settimeout(1.5)  # generous: a loaded broker may be slow to refuse
                 try:
                     early = sock.recv(64)
                     return early, "" if early else "connection closed"
