@@ -86,6 +86,8 @@ class GatewaySection:
       without classifying them (and disables alerts and federated learning).
     global_model_public_key [None]: aggregator's Ed25519 public key (PEM); global
       models must be signed by it.  None accepts unsigned models (development only).
+    state_dir ["fedgate-state"]: where received global models are exported to ONNX
+      (model directories ``global-<version>``; the newest few are kept).
     """
 
     id: str
@@ -93,6 +95,7 @@ class GatewaySection:
     database: str = "sqlite:///./fedgate.db"
     model: str | None = None
     global_model_public_key: str | None = None
+    state_dir: str = "fedgate-state"
 
     def __post_init__(self) -> None:
         try:
@@ -104,6 +107,7 @@ class GatewaySection:
         except ValueError as exc:
             raise ConfigError("gateway.prefix", str(exc)) from None
         _require(bool(self.database), "gateway.database", "must not be empty")
+        _require(bool(self.state_dir), "gateway.state_dir", "must not be empty")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,7 +298,7 @@ SECTIONS: dict[str, type] = {
     "http": HttpSection,
 }
 PATH_KEYS = {
-    "gateway": ("model", "global_model_public_key"),
+    "gateway": ("model", "global_model_public_key", "state_dir"),
     "source": ("zeek_log", "pcap_dir"),
     "mqtt": ("ca_file", "cert_file", "key_file"),
 }

@@ -34,6 +34,7 @@ import inspect
 import json
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -353,18 +354,31 @@ class GatewayService:
                                 verify_key=key, on_global=self._on_global)
 
     def _on_global(self, version: int, weights: dict, metrics: dict) -> None:
-        """A validated global model: hot-swap the ONNX session, detection never stops."""
-        if self.classifier is None:
+        """A validated global model (already loaded into the FL learner): export it to
+        ONNX beside the others and hot-swap the engine; detection never stops (the old
+        session serves until the new one is validated and swapped in)."""
+        if self.classifier is None or self.fl_client is None:
             return
         inner = self.classifier.inner
-        swap = getattr(inner, "swap_weights", None) or getattr(inner, "load_weights", None)
-        if swap is None:
-            log.warning("engine %r cannot hot-swap weights; keeping %s", type(inner).__name__,
-                        self.classifier.model_version)
+        if not callable(getattr(inner, "swap", None)):
+            log.warning("engine %r cannot hot-swap; keeping %s", type(inner).__name__, self.classifier.model_version)
             return
-        swap(weights, version=f"global-{version}") if _accepts(swap, "version") else swap(weights)
+        from gateway.model.modeldir import save_model_dir
+
+        learner = self.fl_client.learner
+        models = Path(self.config.gateway.state_dir) / "models"
+        out = models / f"global-{version}"
+        started = time.perf_counter()
+        save_model_dir(learner.model, learner.tokenizer, learner.labels, out, version=f"global-{version}",
+                       parent=self.classifier.model_version, threshold=self.classifier.threshold,
+                       metrics={k: float(v) for k, v in metrics.items()}, extra={"source": "federated"})
+        inner.swap(out)
         self.metrics.set_model_version(self.classifier.model_version)
-        log.info("detection now uses %s", self.classifier.model_version)
+        log.info("detection now uses %s (exported and swapped in %.1fs)", self.classifier.model_version,
+                 time.perf_counter() - started)
+        keep = sorted((p for p in models.glob("global-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)[:-3]
+        for old in keep:  # the newest three stay (the current one and two to fall back to)
+            shutil.rmtree(old, ignore_errors=True)
 
     def _start_http(self) -> None:
         from gateway.web.server import StatusServer, json_route, static_route
