@@ -7,8 +7,9 @@ or a short reason string when the frame is malformed.  It never raises on hostil
 malformed case is a counted reason (see ``PacketDecoder.skipped``), the way Zeek files a
 ``weird`` and moves on.
 
-Supported link types: Ethernet (1), raw IP (101, 12, 14, 228, 229), BSD null/loopback (0, 108),
-Linux cooked SLL (113) and SLL2 (276).  Inside: 802.1Q/802.1ad/QinQ VLAN tags, MPLS label
+Supported link types: Ethernet (1, also 802.3 + LLC/SNAP), raw IP (101, 12, 14, 228, 229), BSD
+null/loopback (0, 108), Linux cooked SLL (113) and SLL2 (276), PPP (9, 50), IEEE 802.11 data
+frames (105) and radiotap (127).  Inside: 802.1Q/802.1ad/QinQ VLAN tags, MPLS label
 stacks, PPPoE sessions, IPv4 (with fragment reassembly), IPv6 (extension headers, fragments),
 and tunnels as Zeek decapsulates them (up to ``Tunnel::max_depth`` = 2): IP-in-IP (4/41) and
 GRE (incl. PPTP and ERSPAN) yield the inner packet; VXLAN, Geneve, Teredo and GTP-U are UDP
@@ -45,6 +46,10 @@ SUPPORTED_LINKTYPES: dict[int, str] = {
     LINKTYPE_IPV4: "raw IPv4",
     LINKTYPE_IPV6: "raw IPv6",
     LINKTYPE_LINUX_SLL2: "Linux cooked v2 (SLL2)",
+    9: "PPP",
+    50: "PPP over HDLC",
+    105: "IEEE 802.11",
+    127: "802.11 radiotap",
 }
 
 # A few well-known names, so an unsupported-link-type error can say what the file holds.
@@ -234,7 +239,58 @@ class PacketDecoder:
                 return self._ipv6(frame, 4, ts, snapped)
             self._skip("non_ip_packet")
             return None
+        if linktype == 9 or linktype == 50:  # PPP: [ff 03] protocol
+            off = 2 if frame[:2] == b"\xff\x03" else 0
+            if n < off + 2:
+                return self._skip("truncated_link_header")
+            ppp = frame[off] << 8 | frame[off + 1]
+            if ppp == 0x0021:
+                return self._ipv4(frame, off + 2, ts, snapped)
+            if ppp == 0x0057:
+                return self._ipv6(frame, off + 2, ts, snapped)
+            self._skip("non_ip_packet")
+            return None
+        if linktype == 127:  # radiotap header, then 802.11
+            if n < 8:
+                return self._skip("truncated_link_header")
+            rt_len = frame[2] | frame[3] << 8
+            if n < rt_len:
+                return self._skip("truncated_link_header")
+            return self._wlan(frame, rt_len, ts, snapped)
+        if linktype == 105:
+            return self._wlan(frame, 0, ts, snapped)
         return self._skip("unsupported_link_type")
+
+    def _wlan(self, frame: bytes, off: int, ts: float, snapped: bool):
+        """IEEE 802.11 data frames carrying LLC/SNAP (Zeek's IEEE802_11 analyzer)."""
+        n = len(frame)
+        if n < off + 24:
+            return self._skip("truncated_802_11_header")
+        fc0, fc1 = frame[off], frame[off + 1]
+        if (fc0 >> 2) & 3 != 2:  # not a data frame (management/control)
+            self._skip("non_ip_packet")
+            return None
+        subtype = fc0 >> 4
+        if subtype & 0x4:  # null data: no payload
+            self._skip("non_ip_packet")
+            return None
+        hdr = 24
+        if fc1 & 3 == 3:  # to-DS and from-DS: a fourth address
+            hdr += 6
+        if subtype & 0x8:  # QoS control
+            hdr += 2
+            if fc1 & 0x80:  # +HTC
+                hdr += 4
+        if fc1 & 0x40:  # protected frame: encrypted payload
+            self._skip("non_ip_packet")
+            return None
+        off += hdr
+        if n < off + 8:
+            return self._skip("truncated_802_11_header")
+        if frame[off:off + 3] != b"\xaa\xaa\x03":
+            self._skip("non_ip_packet")
+            return None
+        return self._ethertype(frame, off + 8, frame[off + 6] << 8 | frame[off + 7], ts, snapped)
 
     def _fast_ipv4(self, frame: bytes, ts: float, n: int):
         """Ethernet + option-less IPv4 + TCP/UDP, unfragmented: the common case in one go.
@@ -345,6 +401,11 @@ class PacketDecoder:
                     return self._ipv6(frame, off, ts, snapped, depth, outer)
                 self._skip("non_ip_packet")
                 return None
+            if etype <= 1500 and frame[off:off + 3] == b"\xaa\xaa\x03" and n >= off + 8:
+                # 802.3 frame with an LLC/SNAP header: the ethertype follows the OUI
+                etype = frame[off + 6] << 8 | frame[off + 7]
+                off += 8
+                continue
             self._skip("non_ip_packet")
             return None
         return self._skip("too_many_encapsulations")

@@ -215,10 +215,10 @@ def test_not_a_capture_names_the_file(tmp_path):
 
 
 def test_unsupported_link_type_names_it():
-    with pytest.raises(UnsupportedLinkTypeError, match="105.*802.11"):
-        list(iter_frames(io.BytesIO(pcap_bytes([], linktype=105))))
-    with pytest.raises(UnsupportedLinkTypeError, match="127"):
-        list(iter_frames(io.BytesIO(pcapng_bytes([(127, None)], []))))
+    with pytest.raises(UnsupportedLinkTypeError, match="119.*Prism"):
+        list(iter_frames(io.BytesIO(pcap_bytes([], linktype=119))))
+    with pytest.raises(UnsupportedLinkTypeError, match="187"):
+        list(iter_frames(io.BytesIO(pcapng_bytes([(187, None)], []))))
 
 
 def test_non_ip_and_malformed_frames_are_counted_not_raised():
@@ -275,3 +275,24 @@ def test_bad_tcp_header_length_opens_an_empty_record_like_zeek():
     (rec,), stats = records_of(pcap_bytes([(1.0, raw(bad))]))
     assert (rec.orig_pkts, rec.resp_pkts, rec.history, rec.conn_state) == (0, 0, None, "OTH")
     assert stats.weird == {"bad_TCP_header_len": 1} and stats.skipped_total == 0
+
+
+def test_wlan_ppp_and_snap_link_layers():
+    from scapy.layers.dot11 import Dot11, RadioTap
+    from scapy.layers.l2 import LLC, SNAP
+
+    snap = LLC(dsap=0xAA, ssap=0xAA, ctrl=3) / SNAP(OUI=0, code=0x0800)
+    wlan = Dot11(type=2, subtype=0, FCfield=1, addr1="02:00:00:00:00:02", addr2="02:00:00:00:00:01",
+                 addr3="02:00:00:00:00:03") / snap
+    cases = [
+        (127, lambda p: RadioTap() / wlan / p),
+        (105, lambda p: wlan / p),
+        (9, lambda p: b"\xff\x03\x00\x21" + raw(p)),
+        (1, lambda p: raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", type=len(raw(snap / p))))
+         + raw(snap / p)),
+    ]
+    for linktype, l2 in cases:
+        frames, nreq, nresp = tcp_session(l2=l2)
+        (rec,), stats = records_of(pcap_bytes(frames, linktype=linktype))
+        assert (rec.orig_bytes, rec.resp_bytes, rec.history) == (nreq, nresp, "ShADdFf"), linktype
+        assert stats.skipped_total == 0
