@@ -16,7 +16,7 @@ from gateway.flows.conntrack import ConnTracker
 from gateway.flows.packets import Packet, PacketDecoder
 from gateway.flows.pcap import CaptureError, CaptureStats, iter_frames, records_from_frames
 
-LINKTYPES = [0, 1, 12, 14, 101, 108, 113, 228, 229, 276]
+LINKTYPES = [0, 1, 9, 12, 14, 50, 101, 105, 108, 113, 127, 228, 229, 276]
 
 # A valid Ethernet/IPv4/TCP frame (checksums right) to mutate: random bytes alone rarely get
 # past the IP checks.
