@@ -186,7 +186,7 @@ class UpdatePool:
                 round_opened_at: float | None = None, window_opened_at: float | None = None) -> None:
         self.version = int(version)
         self._updates = {u.sender: u for u in updates}
-        self.clients = {k: replace(v) if hasattr(v, "__dataclass_fields__") else v for k, v in clients.items()}
+        self.clients = {k: replace(v) for k, v in clients.items()}  # copies: the caller keeps its own
         self._seen = OrderedDict((k, None) for k in seen)
         self.round = int(round_number)
         self.selected = frozenset(selected)
