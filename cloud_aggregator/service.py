@@ -508,8 +508,11 @@ class AggregatorService:
         if not live or not self.strategy.can_open_round(live):
             return
         selected = self.strategy.select(live, self.rng)
+        closed = [u.sender for u in pool.updates() if u.round <= pool.round]  # answers to rounds now over
         pool.start_round(pool.round + 1, selected)
+        pool.drop_updates(closed)
         with self.sessions.begin() as s:
+            store.remove_pool_updates(s, closed)
             row = store.ensure_state(s, strategy=self.strategy.name)
             row.round, row.selected, row.round_opened_at = pool.round, sorted(selected), pool.round_opened_at
             row.updated_at = self.clock()
