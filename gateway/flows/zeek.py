@@ -86,7 +86,8 @@ _N_RECORD_FIELDS = len(ConnRecord._fields)
 _EXTRA_INDEX = _RECORD_INDEX["extra"]
 _make_record = partial(tuple.__new__, ConnRecord)  # C-level: no Python frame per record
 _HEX_ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
-_ADDR_TEXT = re.compile(r"[0-9a-fA-F.:\n]*")  # checked on a whole column joined by "\n"
+_ADDR_TEXT = re.compile(r"[0-9a-fA-F.:\n]*")  # checked on a whole TSV column joined by "\n"
+_ADDR_VALUE = re.compile(r"[0-9a-fA-F.:]+")  # a cheap sanity check, not a full parse
 _GZIP_MAGIC = b"\x1f\x8b"
 _NUMBER_TEXT = re.compile(r"[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?")
 _NUMBER_COLUMN = re.compile(r"[-+0-9.eE\n]*")
@@ -334,7 +335,7 @@ def _string_value(v, *, ctx, required, kind):
             raise ValueError("required value unset")
         return None
     if kind == "addr":
-        if not _ADDR_TEXT.fullmatch(v):
+        if not _ADDR_VALUE.fullmatch(v):
             raise ValueError(f"not an IP address: {v[:60]!r}")
         return v
     if v == ctx.empty:
@@ -771,16 +772,37 @@ class ZeekLogParser:
     # -- JSON ---------------------------------------------------------------
 
     def _parse_json(self, text: str, first: int, out: list[ConnRecord]) -> None:
-        for i, line in enumerate(text.split("\n")):
+        lines = text.split("\n")
+        objs: list[dict] = []
+        line_nos: list[int] = []
+        for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
-                record = json_record(line)
+                obj = _json_object(line)
             except ValueError as exc:
                 self._reject(first + i, str(exc), line)
                 continue
-            self.records += 1
-            out.append(record)
+            objs.append(obj)
+            line_nos.append(first + i)
+        if not objs:
+            return
+        keys = set().union(*objs)
+        if keys <= _JSON_COLUMNS.keys():
+            results = _json_columns(objs, keys)
+        else:  # extra keys or a nested "id": object by object
+            results = []
+            for obj in objs:
+                try:
+                    results.append(_record_from_json(obj))
+                except ValueError as exc:
+                    results.append(str(exc))
+        for line_no, result in zip(line_nos, results):
+            if isinstance(result, str):
+                self._reject(line_no, result, lines[line_no - first])
+            else:
+                self.records += 1
+                out.append(result)
 
 
 def _replace(header: LogHeader, **changes: Any) -> LogHeader:
@@ -838,19 +860,92 @@ def _json_value(field: str, value: Any) -> Any:
         return tuple(value)
     if not isinstance(value, str):
         raise ValueError(f"{col}: not a string: {value!r:.40}")
-    if typ == "addr" and not _ADDR_TEXT.fullmatch(value):
+    if typ == "addr" and not _ADDR_VALUE.fullmatch(value):
         raise ValueError(f"{col}: not an IP address: {value[:60]!r}")
     return value
 
 
-def json_record(line: str | bytes) -> ConnRecord:
-    """One Zeek JSON log line -> ConnRecord; ``ValueError`` says what is wrong."""
+def _json_object(line: str | bytes) -> dict:
     try:
         obj = json.loads(line)
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ValueError("JSON line is not an object")
+    return obj
+
+
+_JSON_COLUMNS = {COLUMN_BY_FIELD[f]: f for f in ConnRecord._fields if f != "extra"}
+_NONE = type(None)
+
+
+def _json_columns(objs: list[dict], keys: set[str]) -> list[ConnRecord | str]:
+    """Objects whose keys are all conn columns -> a record or a reason for each, column by
+    column: one type check per column when it is clean, per value only when it is not."""
+    n = len(objs)
+    record_cols: list[Any] = [repeat(None)] * _N_RECORD_FIELDS
+    record_cols[_EXTRA_INDEX] = repeat(())
+    bad: dict[int, str] = {}
+    for key, field in _JSON_COLUMNS.items():
+        if key not in keys:
+            if field in REQUIRED_FIELDS:
+                return [f"{key}: missing"] * n
+            continue
+        col = [o.get(key) for o in objs]
+        vals = _json_column_fast(field, col)
+        if vals is None:  # something is off: find which rows, and why
+            vals = []
+            for i, v in enumerate(col):
+                try:
+                    if field in REQUIRED_FIELDS and (v is None or v == ""):
+                        raise ValueError(f"{key}: missing")
+                    vals.append(_json_value(field, v))
+                except ValueError as exc:
+                    vals.append(None)
+                    bad.setdefault(i, str(exc))
+        record_cols[_RECORD_INDEX[field]] = vals
+    records: list[ConnRecord | str] = list(map(_make_record, zip(*record_cols)))
+    for i, reason in bad.items():
+        records[i] = reason
+    return records
+
+
+def _json_column_fast(field: str, col: list) -> list | None:
+    """The converted column if every value is already right, else None."""
+    typ = TYPE_BY_FIELD[field]
+    types = set(map(type, col))
+    if _NONE in types:
+        if field in REQUIRED_FIELDS:
+            return None
+        present = [v for v in col if v is not None]
+    else:
+        present = col
+    types.discard(_NONE)
+    if typ in ("count", "port"):
+        if types <= {int} and (not present or (min(present) >= 0 and max(present) <= (65535 if typ == "port" else MAX_COUNT))):
+            return col
+        return None
+    if typ in ("time", "interval", "double"):
+        if types <= {int, float} and (not present or (math.isfinite(sum(present)) and min(present) >= 0)):
+            return col if types <= {float} else [None if v is None else float(v) for v in col]
+        return None
+    if typ == "bool":
+        return col if types <= {bool} else None
+    if typ in ("string", "enum", "addr"):
+        if not types <= {str} or (field in REQUIRED_FIELDS and "" in col):
+            return None
+        if typ == "addr" and not all(map(_ADDR_VALUE.fullmatch, present)):
+            return None
+        return col
+    return None  # sets: value by value
+
+
+def json_record(line: str | bytes) -> ConnRecord:
+    """One Zeek JSON log line -> ConnRecord; ``ValueError`` says what is wrong."""
+    return _record_from_json(_json_object(line))
+
+
+def _record_from_json(obj: dict) -> ConnRecord:
     nested = obj.get("id")
     if isinstance(nested, dict):
         obj = {k: v for k, v in obj.items() if k != "id"}
@@ -865,7 +960,7 @@ def json_record(line: str | bytes) -> ConnRecord:
             continue
         values[_RECORD_INDEX[field]] = _json_value(field, value)
     for field in REQUIRED_FIELDS:
-        if values[_RECORD_INDEX[field]] is None:
+        if values[_RECORD_INDEX[field]] is None or values[_RECORD_INDEX[field]] == "":
             raise ValueError(f"{COLUMN_BY_FIELD[field]}: missing")
     values[_EXTRA_INDEX] = tuple(extra)
     return _make_record(values)

@@ -135,3 +135,34 @@ def test_written_values_parse_back(values):
     back, rejections, _ = run([data])
     assert rejections == []
     assert back == records
+
+
+json_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", "10.0.0.1", "::1", "C1", "tcp", "1.2.3.4\n5.6.7.8", "2019-01-10T13:34:48Z"]),
+    st.lists(st.sampled_from(["Ca", "", 1]), max_size=2),
+)  # fmt: skip
+json_keys = st.sampled_from(
+    ["ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto", "service", "duration",
+     "orig_bytes", "local_orig", "tunnel_parents", "label"]
+)  # fmt: skip
+GOOD_JSON = {"ts": 1.5, "uid": "C1", "id.orig_h": "10.0.0.1", "id.orig_p": 1, "id.resp_h": "::1",
+             "id.resp_p": 2, "proto": "udp"}  # fmt: skip
+
+
+@FAST
+@given(changes=st.lists(st.dictionaries(json_keys, json_values, max_size=3), min_size=1, max_size=12))
+def test_json_columns_agree_with_object_by_object(changes):
+    """The column-wise JSON path gives the records and rejections json_record gives."""
+    from gateway.flows.zeek import json_record
+
+    lines = [json.dumps({**GOOD_JSON, **c}) for c in changes]
+    records, rejections, _ = run([("\n".join(lines) + "\n").encode()])
+    expected, expected_bad = [], []
+    for i, line in enumerate(lines, start=1):
+        try:
+            expected.append(json_record(line))
+        except ValueError:
+            expected_bad.append(i)
+    assert records == expected
+    assert [r.line_no for r in rejections] == expected_bad

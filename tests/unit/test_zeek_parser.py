@@ -235,6 +235,19 @@ def test_json_lines_epoch_and_iso():
     assert (c.resp_h, c.ts) == ("::1", 5.0)
 
 
+def test_json_copy_of_an_iot23_scenario_gives_the_same_records(iot23_dir):
+    from gateway.flows.record import COLUMN_BY_FIELD
+
+    records, _ = read_log(iot23_dir / "CTU-Malware-Capture-42-1" / "conn.log.labeled")
+    lines = [
+        json.dumps({COLUMN_BY_FIELD[k]: list(v) if isinstance(v, tuple) else v
+                    for k, v in r._asdict().items() if k != "extra" and v is not None})
+        for r in records
+    ]  # fmt: skip
+    again, rejections = parse("\n".join(lines) + "\n")
+    assert rejections == [] and again == records
+
+
 @pytest.mark.parametrize(
     ("obj", "reason"),
     [
