@@ -17,7 +17,8 @@ alerts_total                        detections at or above the alert threshold, 
 store_errors_total                  failed commits (the batch is read again)
 inference_seconds                   histogram: one classify call (a batch)
 batch_size                          histogram: flows per committed batch
-commit_seconds                      histogram: one batch's transaction
+detection_delay_seconds             histogram: connection end (ts + duration) to its
+                                    detection committed, live sources only
 queue_depth                         flows read but not yet committed (capture queue)
 model_info{version}                 1 for the model version in use
 mqtt_connected                      1 while the broker connection is up
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 PREFIX = "fedgate_gw"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DELAY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 20000)
 
 
@@ -98,8 +100,9 @@ class GatewayMetrics:
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(f"{PREFIX}_batch_size", "flows per committed batch",
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.commit_seconds = Histogram(f"{PREFIX}_commit_seconds", "one batch's transaction",
-                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.detection_delay = Histogram(f"{PREFIX}_detection_delay_seconds",
+                                         "connection end to its detection committed (live sources)",
+                                         buckets=DELAY_BUCKETS, registry=r)
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "flows read but not yet committed", registry=r)
         self.model_info = Gauge(f"{PREFIX}_model_info", "1 for the model version in use", ["version"], registry=r)
         self.mqtt_connected = Gauge(f"{PREFIX}_mqtt_connected", "1 while the broker connection is up", registry=r)

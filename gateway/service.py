@@ -476,12 +476,12 @@ class GatewayService:
                 for rec in pcap_records(fh, stats=stats):
                     batch.append(rec)
                     if len(batch) >= self.config.inference.batch_size:
-                        total += self.commit(source, batch)
+                        total += self.commit(source, batch, live=False)
                         batch = []
             except CaptureError as exc:
                 self.metrics.rejected.labels(source).inc()
                 log.error("%s: %s (flows before the damage are kept)", path, exc)
-        total += self.commit(source, batch, offset=(ident, size, None))
+        total += self.commit(source, batch, offset=(ident, size, None), live=False)
         if stats.truncated:
             self.metrics.rejected.labels(source).inc()
         return total
@@ -522,13 +522,14 @@ class GatewayService:
                 return
 
     # ------------------------------------------------------------ one batch
-    def commit(self, source: str, records: list[ConnRecord], *, offset: tuple | None = None) -> int:
+    def commit(self, source: str, records: list[ConnRecord], *, offset: tuple | None = None,
+               live: bool = True) -> int:
         """Classify and store ``records`` (+ offset) in one transaction; then alerts."""
         verdicts = ingest._classify(self.classifier, records) if records else None  # noqa: SLF001
         ingest.commit_batch(self.sessions, records, source=source, classifier=self.classifier,
                             verdicts=verdicts, offset=offset)
         if records:
-            self.after_commit(source, records, verdicts)
+            self.after_commit(source, records, verdicts, live=live)
         return len(records)
 
     def _sync_tail_counters(self) -> None:
@@ -544,12 +545,17 @@ class GatewayService:
                 self.metrics.store_errors.inc(c.store_errors - self._tail_seen[1])
             self._tail_seen = (c.rejected, c.store_errors)
 
-    def after_commit(self, source: str, records: list[ConnRecord], verdicts) -> None:
-        """Metrics, recent detections and alerts for a committed batch."""
+    def after_commit(self, source: str, records: list[ConnRecord], verdicts, *, live: bool = True) -> None:
+        """Metrics, recent detections and alerts for a committed batch (``live``: from
+        the tail or the capture, whose delay since the connection ended is measured)."""
         m = self.metrics
         self._sync_tail_counters()
         m.flows.labels(source).inc(len(records))
         m.batch_size.observe(len(records))
+        if live:
+            now = time.time()
+            for rec in records:
+                m.detection_delay.observe(max(0.0, now - rec.ts - (rec.duration or 0.0)))
         if verdicts is None:
             return
         threshold = self._threshold if self._threshold is not None else DEFAULT_ALERT_THRESHOLD

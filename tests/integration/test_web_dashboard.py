@@ -59,6 +59,6 @@ def test_every_dashboard_series_is_exported(tmp_path):
     assert not missing, f"dashboard queries series nobody exports: {missing}"
     # and the important ones are on the dashboard
     for name in ("fedgate_gw_flows_total", "fedgate_gw_inference_seconds_bucket", "fedgate_gw_queue_depth",
-                 "fedgate_gw_detections_total", "fedgate_gw_fl_uploads_total", "fedgate_agg_clients_alive",
+                 "fedgate_gw_detections_total", "fedgate_gw_fl_uploads_total", "fedgate_gw_detection_delay_seconds_bucket", "fedgate_agg_clients_alive",
                  "fedgate_agg_pool_size", "fedgate_agg_central_metric", "fedgate_agg_aggregations_total"):
         assert name in wanted, name
