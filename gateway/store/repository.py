@@ -5,7 +5,8 @@ gateway service); functions here never commit, so a caller can put several of th
 (a batch of flows, its detections and the ingest offset) in one transaction.
 
 Bulk paths (``insert_flows``, ``insert_detections``) send plain tuples through the
-driver's ``executemany`` with the dialect's insert-or-ignore form: building ORM objects
+driver's ``executemany`` with ``INSERT ... ON CONFLICT DO NOTHING`` (COPY + the same on
+PostgreSQL for big batches): building ORM objects
 for a million flows would cost more than parsing them.
 """
 
@@ -104,6 +105,7 @@ def _int_limits() -> dict[int, tuple[int, int]]:
 
 
 _FLOW_INT_LIMITS = _int_limits()
+_FLOW_REQUIRED = {i: name for i, name in enumerate(FLOW_INSERT_COLUMNS) if not Flow.__table__.c[name].nullable}
 _UNSAFE_TEXT = re.compile("[\x00\udc80-\udcff]")
 
 
@@ -118,20 +120,22 @@ class RefusedRow(NamedTuple):
 
 
 def clean_flow_rows(rows: Sequence[tuple]) -> tuple[list[tuple | None], list[RefusedRow]]:
-    """Rows every database takes: text escaped; a row with an out-of-range integer is
-    refused (None in its place, and a RefusedRow saying why)."""
+    """Rows every database takes: text escaped; a row with an out-of-range integer or a
+    missing required value is refused (None in its place, and a RefusedRow saying why)."""
     out: list[tuple | None] = []
     refused: list[RefusedRow] = []
     uid_idx = FLOW_INSERT_COLUMNS.index("uid")
     for row in rows:
+        missing = next((name for i, name in _FLOW_REQUIRED.items() if row[i] is None), None)
         bad = next(
             (FLOW_INSERT_COLUMNS[i] for i, (lo, hi) in _FLOW_INT_LIMITS.items()
              if isinstance(row[i], int) and not lo <= row[i] <= hi),
             None,
         )
-        if bad is not None:
+        if missing is not None or bad is not None:
             out.append(None)
-            refused.append(RefusedRow(str(row[uid_idx]), f"{bad} out of range for the database"))
+            why = f"{missing} missing" if missing is not None else f"{bad} out of range for the database"
+            refused.append(RefusedRow(str(row[uid_idx]), why))
             continue
         out.append(tuple(zeek_escape(v) if isinstance(v, str) and _UNSAFE_TEXT.search(v) else v for v in row))
     return out, refused
@@ -160,15 +164,15 @@ def record_from_row(row: Any) -> ConnRecord:
 
 
 def _insert_ignore_sql(dialect: str, table: str, columns: Sequence[str], conflict: Sequence[str]) -> str:
+    # ON CONFLICT (key) DO NOTHING, not SQLite's INSERT OR IGNORE: that would also skip,
+    # silently, rows breaking NOT NULL; those must fail and be refused by name.
+    marks = {"sqlite": "?", "postgresql": "%s"}.get(dialect)
+    if marks is None:
+        raise NotImplementedError(dialect)
     cols = ", ".join(f'"{c}"' for c in columns)
-    if dialect == "sqlite":
-        marks = ", ".join("?" for _ in columns)
-        return f'INSERT OR IGNORE INTO "{table}" ({cols}) VALUES ({marks})'
-    if dialect == "postgresql":
-        marks = ", ".join("%s" for _ in columns)
-        keys = ", ".join(f'"{c}"' for c in conflict)
-        return f'INSERT INTO "{table}" ({cols}) VALUES ({marks}) ON CONFLICT ({keys}) DO NOTHING'
-    raise NotImplementedError(dialect)
+    values = ", ".join(marks for _ in columns)
+    keys = ", ".join(f'"{c}"' for c in conflict)
+    return f'INSERT INTO "{table}" ({cols}) VALUES ({values}) ON CONFLICT ({keys}) DO NOTHING'
 
 
 def _bulk_insert_ignore(

@@ -295,6 +295,7 @@ HOSTILE = [
                history=b"Sh\xff".decode("utf-8", "surrogateescape")),
     ConnRecord(3.0, "Chuge", "10.0.0.1", 1, "10.0.0.2", 2, "tcp", orig_bytes=2**64 - 1),
     ConnRecord(4.0, "Clong" + "x" * 5000, "10.0.0.1", 1, "10.0.0.2", 2, "tcp", service="s" * 10_000),
+    ConnRecord(5.0, "Cnoproto", "10.0.0.1", 1, "10.0.0.2", 2, None),
 ]
 
 
@@ -305,11 +306,15 @@ def test_values_a_database_refuses_cost_only_their_records(store):
     batch = good[:2] + HOSTILE + good[2:]
     result = commit_batch(store, batch, source="hostile", classifier=RuleClassifier(),
                           verdicts=RuleClassifier().classify(batch), offset=("id", 123, None))
-    assert [r.uid for r in result.refused] == ["Chuge"]
-    assert result.stored == len(batch) - 1 == result.detections
+    assert [(r.uid, r.reason) for r in result.refused] == [
+        ("Chuge", "orig_bytes out of range for the database"), ("Cnoproto", "proto missing")]
+    assert result.stored == len(batch) - 2 == result.detections
     with store() as s:
         uids = {r.uid for r in repo.load_records(s, source="hostile")}
         assert repo.load_offset(s, "hostile").offset == 123
+    # alone, a missing value is refused by name too (not skipped silently as a "duplicate")
+    alone = commit_batch(store, [HOSTILE[-1], ConnRecord(9.0, "Cfine", "a", 1, "b", 2, "udp")], source="hostile")
+    assert [r.uid for r in alone.refused] == ["Cnoproto"] and alone.stored == 1
     # every database stores text the same way: NUL and undecodable bytes escaped as Zeek writes them
     assert {"Cnul\\x00uid", "Csurrogate", "Clong" + "x" * 5000} <= uids
     with store() as s:
@@ -334,4 +339,4 @@ def test_commit_batch_never_fails_on_hostile_values(sqlite_store, records):
     result = commit_batch(sqlite_store, records, source="fuzz")
     assert result.stored + len(result.refused) <= len(records)
     for r in result.refused:
-        assert "out of range" in r.reason
+        assert "out of range" in r.reason or "missing" in r.reason

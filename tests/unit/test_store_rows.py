@@ -176,8 +176,10 @@ def test_clean_flow_rows_escapes_text_and_refuses_out_of_range_integers():
     ok = ConnRecord(1.0, "C1", "10.0.0.1", 1, "10.0.0.2", 2, "tcp", history="S\x00")
     big = ConnRecord(1.0, "C2", "10.0.0.1", 1, "10.0.0.2", 2, "tcp", orig_bytes=2**64 - 1)
     port = ConnRecord(1.0, "C3", "10.0.0.1", 2**40, "10.0.0.2", 2, "tcp")
-    rows, refused = clean_flow_rows(flow_rows([ok, big, port], "s", 0.0))
-    assert rows[1] is None and rows[2] is None
+    no_ts = ConnRecord(None, "C4", "10.0.0.1", 1, "10.0.0.2", 2, "tcp")
+    rows, refused = clean_flow_rows(flow_rows([ok, big, port, no_ts], "s", 0.0))
+    assert rows[1] is None and rows[2] is None and rows[3] is None
     assert dict(zip(FLOW_INSERT_COLUMNS, rows[0]))["history"] == "S\\x00"
     assert refused == [("C2", "orig_bytes out of range for the database"),
-                       ("C3", "orig_p out of range for the database")]
+                       ("C3", "orig_p out of range for the database"),
+                       ("C4", "ts missing")]
