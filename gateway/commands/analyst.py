@@ -112,7 +112,7 @@ def _load_classifier(model_dir: str | None, no_classify: bool):
     try:
         # ---- the one place replay gets its model ----
         return inference.load_classifier(model)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # bad model dir, no usable provider
         raise click.ClickException(f"cannot load the model in {model}: {exc}") from None
 
 
