@@ -12,7 +12,7 @@ from gateway.flows.tail import ConnLogTail, TailPosition
 from gateway.flows.zeek import read_log
 from test_zeek_parser import HEADER, LINE_A
 
-OPEN_1 = HEADER.replace("#open\t2026-11-24-10-00-00", "#open\t2026-11-24-10-00-00")
+OPEN_1 = HEADER  # opened 10:00; OPEN_2 is the next hour's file
 OPEN_2 = HEADER.replace("#open\t2026-11-24-10-00-00", "#open\t2026-11-24-11-00-00")
 
 
