@@ -455,6 +455,8 @@ def live_records(
     """
     from scapy.config import conf  # heavy import, only for live capture
 
+    if socket_factory is None:
+        import scapy.arch  # noqa: F401 - sets conf.L2listen (None until the arch layer is loaded)
     stats = stats if stats is not None else CaptureStats()
     factory = socket_factory or conf.L2listen
     sock = factory(iface=iface, filter=bpf)
