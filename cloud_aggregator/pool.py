@@ -142,7 +142,8 @@ class UpdatePool:
         return PoolView(
             updates=[
                 UpdateView(sender=u.sender, delta=u.delta, num_samples=u.num_samples, base_version=u.base_version,
-                           submissions=u.submissions, round=u.round, received_at=u.received_at)
+                           submissions=u.submissions, round=u.round, received_at=u.received_at,
+                           metrics=dict(u.metrics))
                 for u in self.updates()
             ],
             live_clients=self.live_clients(),

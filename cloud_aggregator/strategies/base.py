@@ -30,6 +30,7 @@ class UpdateView:
     submissions: int  # uploads by this sender since the last aggregation (GSFS s_i)
     round: int = 0
     received_at: float = 0.0
+    metrics: Mapping[str, float] = field(default_factory=dict)  # the gateway's own, from the header
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,21 @@ class Strategy:
         # per-sender L2 norms of what arrived: a gateway pushing the model off course
         # stands out in the round history (and the robust wrapper bounds it)
         info = {"delta_norm": agg.global_norm(delta),
-                "update_norms": {u.sender: round(agg.global_norm(u.delta), 6) for u in updates}, **info}
+                "update_norms": {u.sender: round(agg.global_norm(u.delta), 6) for u in updates},
+                "client_metrics": client_metric_means(updates, weights), **info}
         return Aggregation(new_weights, state, tuple(u.sender for u in updates),
                            tuple(float(w) for w in weights), info)
+
+
+def client_metric_means(updates: Sequence[UpdateView], weights: np.ndarray) -> dict[str, float]:
+    """Mean of each metric the gateways reported (weighted like their deltas, over the
+    updates that carry it): the "client-average" figures of a round."""
+    out = {}
+    for name in sorted({k for u in updates for k in u.metrics}):
+        pairs = [(float(w), float(u.metrics[name])) for u, w in zip(updates, weights) if name in u.metrics]
+        total = sum(w for w, _ in pairs)
+        out[name] = (sum(w * v for w, v in pairs) / total) if total > 0 else float(np.mean([v for _, v in pairs]))
+    return out
 
 
 class StrategyWrapper(Strategy):

@@ -210,3 +210,12 @@ def test_wrapped_synchronous_strategy_keeps_round_management():
     assert s.synchronous and s.round_timeout_s == 10
     assert not s.can_open_round(frozenset({"a"})) and s.can_open_round(frozenset({"a", "b"}))
     assert s.select(["a", "b"], np.random.default_rng(0)) == frozenset({"a", "b"})
+
+
+def test_client_metric_means_follow_the_client_weights():
+    ups = [UpdateView(sender="a", delta=t(1.0), num_samples=1, base_version=0, submissions=1, metrics={"f1": 0.5}),
+           UpdateView(sender="b", delta=t(1.0), num_samples=3, base_version=0, submissions=1,
+                      metrics={"f1": 0.9, "accuracy": 0.99})]
+    res = FedAvg().aggregate(t(0.0), ups, version=0)
+    assert res.info["client_metrics"]["f1"] == pytest.approx(0.25 * 0.5 + 0.75 * 0.9)
+    assert res.info["client_metrics"]["accuracy"] == pytest.approx(0.99)  # only b reported it
