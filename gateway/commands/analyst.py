@@ -211,10 +211,11 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
 @click.option("--label", default=None, help="Label, IoT-23 detailed label, detection or feedback label (any case).")
 @click.option("--min-score", type=click.FloatRange(0, 1), default=None, help="Latest detection score at least this.")
 @click.option("--source", default=None, help="Only flows of this source.")
+@click.option("--uid", default=None, help="Only the flow(s) with this Zeek uid.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Newest N flows.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("--db", "db_url", default=None, help=DB_HELP)
-def query(since, until, host, port, label, min_score, source, limit, fmt, db_url):
+def query(since, until, host, port, label, min_score, source, uid, limit, fmt, db_url):
     """List stored flows with their latest detection and feedback, newest first.
 
     \b
@@ -222,13 +223,14 @@ def query(since, until, host, port, label, min_score, source, limit, fmt, db_url
       fedgate query --since 1h --min-score 0.9
       fedgate query --host 192.168.1.132 --port 23 --limit 20
       fedgate query --label C&C --format csv > cc.csv
+      fedgate query --uid CGm6jB4dXK71ZDWUDh --format json
       fedgate query --since 2018-10-25T12:00:00 --until 2018-10-25T13:00:00 --format json
     """
     from gateway.store.repository import QUERY_COLUMNS, FlowQuery, query_flows
 
     try:
         q = FlowQuery(since=since, until=until, host=host, port=port, label=label,
-                      min_score=min_score, source=source, limit=limit)
+                      min_score=min_score, source=source, uid=uid, limit=limit)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     with _store(db_url) as factory, factory() as session:

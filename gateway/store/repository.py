@@ -391,7 +391,7 @@ class FlowQuery:
     since/until: flow ``ts`` bounds (epoch seconds, until exclusive); host: either end;
     port: either end; label: case-insensitive match of the flow's label, detailed label
     or the latest detection's label; min_score: latest detection's score >= it;
-    source: exact; limit: newest first (default 100).
+    source, uid: exact; limit: newest first (default 100).
     """
 
     since: float | None = None
@@ -401,6 +401,7 @@ class FlowQuery:
     label: str | None = None
     min_score: float | None = None
     source: str | None = None
+    uid: str | None = None
     limit: int = 100
 
     def __post_init__(self) -> None:
@@ -460,6 +461,8 @@ def query_flows(session: Session, q: FlowQuery) -> list[dict[str, Any]]:
         stmt = stmt.where(or_(Flow.orig_p == q.port, Flow.resp_p == q.port))
     if q.source is not None:
         stmt = stmt.where(Flow.source == q.source)
+    if q.uid is not None:
+        stmt = stmt.where(Flow.uid == q.uid)
     if q.label is not None:
         want = q.label.lower()
         stmt = stmt.where(

@@ -77,6 +77,9 @@ def test_query_filters_and_formats(db, loaded):
     parsed = list(csv.DictReader(io.StringIO(text)))
     assert 0 < len(parsed) <= 5 and all("53" in (p["orig_p"], p["resp_p"]) for p in parsed)
 
+    one = json.loads(run("query", "--db", db, "--uid", loaded[5].uid, "--format", "json").stdout)
+    assert [r["uid"] for r in one] == [loaded[5].uid]
+
     table = run("query", "--db", db, "--limit", "3").stdout
     assert "uid" in table and "3 flows" in table
 

@@ -129,6 +129,7 @@ def test_detections_feedback_and_query_filters(store):
     assert uids(min_score=0.9) == ["Cm2", "Cm1"]
     assert uids(limit=1) == ["Cu"]
     assert uids(source="other") == []
+    assert uids(uid="Cm1") == ["Cm1"]
     with factory() as s:
         row = repo.query_flows(s, repo.FlowQuery(host="8.8.8.8"))[0]
         assert (row["detection"], row["score"], row["model_version"]) == ("Okiru", 0.99, "v2")
