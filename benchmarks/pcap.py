@@ -97,8 +97,11 @@ class _Template:
             self.frag = bool((frame[self.ip + 6] << 8 | frame[self.ip + 7]) & 0x3FFF)
         elif ver == 6 and len(frame) >= self.ip + 40:
             self.v6 = True
-            self.l4 = self.ip + 40
-            self.proto = frame[self.ip + 6]  # extension headers: checksum left alone
+            l4, proto = self.ip + 40, frame[self.ip + 6]
+            while proto in (0, 43, 60) and l4 + 2 <= len(frame):  # hop-by-hop, routing, dest opts
+                proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
+            self.frag = proto == 44
+            self.l4, self.proto = l4, proto
         else:
             self.ip = None
 
@@ -263,9 +266,12 @@ def child(tool: str, path: str, limit: int) -> None:
         out = run_scapy(path, limit)
     else:
         raise SystemExit(f"unknown tool {tool}")
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    out["peak_rss_mib"] = usage.ru_maxrss / 1024
-    out["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # includes interpreter start-up and imports
+    # nfstream meters in child processes: count them too (CPU summed, memory the larger peak)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["peak_rss_mib"] = max(own.ru_maxrss, kids.ru_maxrss) / 1024
+    # includes interpreter start-up and imports
+    out["cpu_seconds"] = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
     print(json.dumps(out))
 
 
