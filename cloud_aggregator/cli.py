@@ -141,7 +141,7 @@ def status(database: str, last_rounds: int, as_json: bool) -> None:
     emit_rows([{**p, "received_at": _when(p["received_at"])} for p in summary.pool],
               ["gateway", "base_version", "round", "num_samples", "submissions", "bytes", "received_at"],
               title="pool (not yet aggregated)")
-    metric_cols = sorted({k for r in summary.rounds for k in r if k.startswith("central_")})
+    metric_cols = sorted({k for r in summary.rounds for k in r if k.startswith(("central_", "client_"))})
     emit_rows(summary.rounds, ["version", "strategy", "round", "updates", "live", *metric_cols, "epsilon",
                                "bytes_up", "bytes_down", "seconds"], title="aggregations")
     emit_rows([{"reason": k, "count": v} for k, v in sorted(summary.rejections.items())], ["reason", "count"],

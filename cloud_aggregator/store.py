@@ -391,6 +391,7 @@ def status_summary(session: Session, *, last_rounds: int = 20) -> StatusSummary:
     rws = [
         {"version": r.version, "strategy": r.strategy, "round": r.round, "updates": r.num_updates,
          "live": r.live_clients, **{f"central_{k}": v for k, v in (r.metrics or {}).items()},
+         **{f"client_{k}": v for k, v in ((r.info or {}).get("client_metrics") or {}).items()},
          "epsilon": (r.info or {}).get("dp_epsilon"), "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
          "seconds": None if r.started_at is None else round(r.finished_at - r.started_at, 3),
          "finished_at": r.finished_at}
