@@ -825,7 +825,10 @@ class ConnTracker:
             conn.first_packet_seen |= _RESP
 
         if length > 0 and not rst and not seq_underflow:
-            endpoint.data_sent(rel_seq + 1 if syn else rel_seq, length)
+            # payload cut by the snap length never reaches the reassembler (Zeek's
+            # truncated_tcp_payload): once acknowledged it shows up as a content gap
+            if len(pkt.payload) >= length:
+                endpoint.data_sent(rel_seq + 1 if syn else rel_seq, length)
             if not conn.app_done:
                 self._detect_service(conn, pkt, endpoint.is_orig)
 
