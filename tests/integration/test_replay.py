@@ -96,12 +96,21 @@ class CrashAfter:
         return [("benign", 0.0)] * len(records)
 
 
-@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
-def test_crash_mid_file_then_rerun_resumes_with_one_row_per_record(store, iot23_dir, tmp_path, compressed):
+def _as_zeek_json(src) -> bytes:
+    from gateway.flows.pcap import zeek_json_line
+
+    return "".join(zeek_json_line(r) + "\n" for r in parsed(src)).encode()
+
+
+@pytest.mark.parametrize("form", ["plain", "gzip", "json"])
+def test_crash_mid_file_then_rerun_resumes_with_one_row_per_record(store, iot23_dir, tmp_path, form):
     src = iot23_dir / "CTU-Malware-Capture-20-1" / "conn.log.labeled"
-    path = tmp_path / ("conn.log.gz" if compressed else "conn.log")
-    path.write_bytes(gzip.compress(src.read_bytes()) if compressed else src.read_bytes())
-    records = parsed(src)
+    path = tmp_path / {"plain": "conn.log", "gzip": "conn.log.gz", "json": "conn.json.log"}[form]
+    body = {"plain": src.read_bytes, "gzip": lambda: gzip.compress(src.read_bytes()),
+            "json": lambda: _as_zeek_json(src)}[form]()
+    path.write_bytes(body)
+    records = parsed(path)
+    assert len(records) == len(parsed(src))
 
     with pytest.raises(KeyboardInterrupt):
         replay([path], session_factory=store, classifier=CrashAfter(2), batch_size=500)
