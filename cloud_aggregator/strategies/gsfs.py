@@ -28,13 +28,16 @@ class GSFS(Strategy):
     min_updates [1]: fewest updates the deadline path aggregates.
     trigger [{}]: gateway trigger overrides published on the control topic
       (tau, ema, k, warmup, eval_every).
+    sample_weighted [False]: also weight each update by its sample count n_i
+      (pi_i ~ s_i * n_i * discount); for gateways of very different sizes (non-IID).
     """
 
     name = "gsfs"
     synchronous = False
 
     def __init__(self, *, rho: float = 0.6, eta: float = 1.0, staleness_exponent: float = 0.5,
-                 deadline_s: float = 60.0, min_updates: int = 1, trigger: dict | None = None):
+                 deadline_s: float = 60.0, min_updates: int = 1, trigger: dict | None = None,
+                 sample_weighted: bool = False):
         super().__init__(eta=eta, min_updates=min_updates)
         if not 0 < rho <= 1:
             raise ValueError("rho must be in (0, 1]")
@@ -46,6 +49,7 @@ class GSFS(Strategy):
         self.staleness_exponent = float(staleness_exponent)
         self.deadline_s = float(deadline_s)
         self.trigger = dict(trigger or {})
+        self.sample_weighted = bool(sample_weighted)
 
     def quorum(self, live: int) -> int:
         """K = ceil(rho * N), at least 1."""
@@ -61,9 +65,12 @@ class GSFS(Strategy):
         return waited and len(view.updates) >= self.min_updates
 
     def client_weights(self, updates: Sequence[UpdateView], version: int) -> np.ndarray:
-        return agg.gsfs_weights([u.submissions for u in updates],
-                                [max(0, version - u.base_version) for u in updates],
-                                staleness_exponent=self.staleness_exponent)
+        pi = agg.gsfs_weights([u.submissions for u in updates],
+                              [max(0, version - u.base_version) for u in updates],
+                              staleness_exponent=self.staleness_exponent)
+        if self.sample_weighted:
+            pi = agg.normalise(pi * np.asarray([u.num_samples for u in updates], dtype=np.float64))
+        return pi
 
     def control(self):
         out = {"strategy": self.name}
