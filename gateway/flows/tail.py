@@ -12,7 +12,8 @@ What it survives:
 * rotation (Zeek renames ``conn.log`` and opens a new one): the open old file is read
   to its end first (a last line without newline included), then the new file from 0;
   after a restart, a saved position whose file was renamed in the same directory is
-  found by its inode and finished first;
+  found by its inode, or in the archive (``archive_globs``, gzip too) by the digest of
+  its first bytes, and finished first;
 * truncation (``copytruncate``): a file shorter than the offset, or whose first bytes
   changed, is read again from 0 with its new header.
 
@@ -22,26 +23,35 @@ No sleeping inside :meth:`poll`: the caller loops (and polls again at once while
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import IO, Any
 
 from gateway.flows.record import ConnRecord
-from gateway.flows.zeek import LogHeader, Rejection, ZeekLogParser
+from gateway.flows.zeek import LogHeader, Rejection, ZeekLogParser, open_log
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_BYTES = 1024  # how much of a file's start identifies it (Zeek's header + #open)
 MAX_KEPT_REJECTIONS = 10_000  # until drained; more are only counted
+MAX_ARCHIVE_CANDIDATES = 200  # newest archived files checked for a lost position
 
 
-def _fingerprint(fd: int, length: int) -> str:
-    if length <= 0:
-        return ""
-    return hashlib.blake2b(os.pread(fd, length, 0), digest_size=16).hexdigest()
+def _mtime(name: str) -> float:
+    try:
+        return os.stat(name).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _digest(head: bytes) -> str:
+    return hashlib.blake2b(head, digest_size=16).hexdigest() if head else ""
 
 
 @dataclass(frozen=True)
@@ -108,7 +118,10 @@ class TailCounters:
 
 
 class _OpenFile:
-    """One log file being read: descriptor, identity, its parser and read position."""
+    """One live log file being read: descriptor, identity, its parser and read position."""
+
+    archived = False
+    broken: str | None = None  # why reading stopped early (a truncated archive)
 
     def __init__(self, name: str, fd: int, st: os.stat_result, parser: ZeekLogParser, read_pos: int):
         self.name = name
@@ -120,6 +133,15 @@ class _OpenFile:
         self.fingerprint_len = 0
         self.fingerprint = ""
 
+    def read(self, n: int) -> bytes:
+        return os.pread(self.fd, n, self.read_pos)
+
+    def head(self, n: int) -> bytes:
+        return os.pread(self.fd, n, 0) if n > 0 else b""
+
+    def size(self) -> int | None:
+        return os.fstat(self.fd).st_size
+
     def same_file(self, st: os.stat_result) -> bool:
         return (st.st_dev, st.st_ino) == (self.device, self.inode)
 
@@ -128,6 +150,42 @@ class _OpenFile:
             os.close(self.fd)
         except OSError:
             pass
+
+
+class _ArchivedFile(_OpenFile):
+    """A rotated log found in an archive (gzip or plain) after a restart: read once to
+    its end from the saved offset.  It keeps the identity it had while live, so that a
+    position taken while draining it leads back to it."""
+
+    archived = True
+
+    def __init__(self, name: str, stream: IO[bytes], head: bytes, pos: TailPosition, parser: ZeekLogParser):
+        self.name = name
+        self.stream = stream
+        self._head = head
+        self.device = pos.device
+        self.inode = pos.inode
+        self.parser = parser
+        self.read_pos = pos.offset
+        self.fingerprint, self.fingerprint_len = pos.fingerprint, pos.fingerprint_len
+
+    def read(self, n: int) -> bytes:
+        if self.broken:
+            return b""
+        try:  # read1: one step of decompression, so a cut loses as little as it can
+            return self.stream.read1(n)
+        except (EOFError, OSError, zlib.error) as exc:
+            self.broken = f"truncated or corrupt archive: {exc}"
+            return b""
+
+    def head(self, n: int) -> bytes:
+        return self._head[:n]
+
+    def size(self) -> int | None:
+        return None  # an archive does not change
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class ConnLogTail:
@@ -139,6 +197,9 @@ class ConnLogTail:
       read_size: bytes per read (default 1 MiB).
       max_bytes_per_poll: a poll returns after reading this much, leaving
         :attr:`caught_up` False, so that one poll's batch stays bounded (default 16 MiB).
+      archive_globs: where rotated logs are archived, as glob patterns (e.g.
+        ``"/opt/zeek/logs/*/conn.*.log.gz"``); after a restart, a saved position whose
+        file left the log's directory is looked for there (default none).
     """
 
     def __init__(
@@ -148,7 +209,10 @@ class ConnLogTail:
         position: TailPosition | None = None,
         read_size: int = 1 << 20,
         max_bytes_per_poll: int = 16 << 20,
+        archive_globs: Sequence[str] = (),
     ):
+        if isinstance(archive_globs, str):
+            raise TypeError("archive_globs must be a sequence of glob patterns, not one str")
         if position is not None and not isinstance(position, TailPosition):
             raise TypeError("position must be a TailPosition (use TailPosition.from_json)")
         if read_size < 1 or max_bytes_per_poll < 1:
@@ -156,6 +220,7 @@ class ConnLogTail:
         self.path = os.fspath(path)
         self.read_size = read_size
         self.max_bytes_per_poll = max_bytes_per_poll
+        self.archive_globs = tuple(os.fspath(g) for g in archive_globs)
         self.counters = TailCounters()
         self.caught_up = False
         self._rejections: list[Rejection] = []
@@ -180,10 +245,13 @@ class ConnLogTail:
                 self.counters.records += len(records)
                 return records, self._position()
             st = self._stat_path()
-            if st is None or f.same_file(st):
+            if st is None or (f.same_file(st) and not f.archived):
                 break
             # Rotated: the file we hold is finished; the path names a new one.
-            records += f.parser.finish()
+            if f.broken:
+                f.parser.abort(f.broken)
+            else:
+                records += f.parser.finish()
             self._collect(f.parser)
             self.counters.rotations += 1
             log.info("%s: rotated; finished %s at byte %d", self.path, f.name, f.parser.consumed)
@@ -229,17 +297,25 @@ class ConnLogTail:
             self._open_fresh()
             return
         st = self._stat_path()
-        if st is not None and (st.st_dev, st.st_ino) == (pos.device, pos.inode):
-            if self._open_at(self.path, pos):
-                return
-            self.counters.truncations += 1
-            log.warning("%s: changed since the saved position (truncated?); reading from 0", self.path)
-            self._open_fresh()
+        same_inode = st is not None and (st.st_dev, st.st_ino) == (pos.device, pos.inode)
+        if same_inode and self._open_at(self.path, pos):
             return
-        # The saved file no longer has the path: Zeek rotated it while we were down.
+        # The saved file no longer has the path (Zeek rotated it while we were down), or
+        # the path's file changed under the same inode: truncated, or a new file that
+        # reuses the rotated one's inode.  Look for the saved file before giving up.
         found = self._find_rotated(pos)
         if found is not None and self._open_at(found, pos):
             log.info("%s: resuming rotated file %s at byte %d", self.path, found, pos.offset)
+            return
+        archived = self._find_archived(pos)
+        if archived is not None:
+            log.info("%s: resuming archived file %s at byte %d", self.path, archived.name, pos.offset)
+            self._file = archived
+            return
+        if same_inode:
+            self.counters.truncations += 1
+            log.warning("%s: changed since the saved position (truncated?); reading from 0", self.path)
+            self._open_fresh()
             return
         self.counters.lost_files += 1
         log.warning(
@@ -266,6 +342,33 @@ class ConnLogTail:
                 continue
         return None
 
+    def _find_archived(self, pos: TailPosition) -> _ArchivedFile | None:
+        """The rotated file of ``pos`` among the archives (newest first), told by the
+        digest of its first bytes, opened at the saved offset."""
+        if not self.archive_globs or not pos.fingerprint_len:
+            return None
+        names = {n for pattern in self.archive_globs for n in glob.glob(pattern)}
+        newest = sorted(names, key=_mtime, reverse=True)[:MAX_ARCHIVE_CANDIDATES]
+        for name in newest:
+            try:
+                stream = open_log(name)
+            except OSError:
+                continue
+            try:
+                head = stream.read(FINGERPRINT_BYTES)
+                if _digest(head[: pos.fingerprint_len]) == pos.fingerprint:
+                    stream.seek(pos.offset)  # gzip: decompresses up to there
+                    if stream.tell() == pos.offset:
+                        header = LogHeader.from_dict(pos.header) if pos.header is not None else None
+                        parser = ZeekLogParser(
+                            source_name=name, header=header, offset=pos.offset, line_no=pos.line_no
+                        )
+                        return _ArchivedFile(name, stream, head, pos, parser)
+            except (EOFError, OSError, zlib.error):
+                pass
+            stream.close()
+        return None
+
     def _open_at(self, name: str, pos: TailPosition) -> bool:
         """Open ``name`` at the saved position if it is still that file; else False."""
         try:
@@ -275,7 +378,7 @@ class ConnLogTail:
         st = os.fstat(fd)
         same = (st.st_dev, st.st_ino) == (pos.device, pos.inode) and st.st_size >= pos.offset
         if same and pos.fingerprint_len:
-            same = _fingerprint(fd, pos.fingerprint_len) == pos.fingerprint
+            same = _digest(os.pread(fd, pos.fingerprint_len, 0)) == pos.fingerprint
         if not same:
             os.close(fd)
             return False
@@ -298,10 +401,12 @@ class ConnLogTail:
     # -- reading ------------------------------------------------------------------
 
     def _check_truncation(self, f: _OpenFile) -> None:
-        size = os.fstat(f.fd).st_size
+        size = f.size()
+        if size is None:
+            return
         changed = size < f.read_pos
         if not changed and f.fingerprint_len:
-            changed = _fingerprint(f.fd, f.fingerprint_len) != f.fingerprint
+            changed = _digest(f.head(f.fingerprint_len)) != f.fingerprint
         if changed:
             self._collect(f.parser)
             self.counters.truncations += 1
@@ -312,7 +417,7 @@ class ConnLogTail:
 
     def _read(self, f: _OpenFile, budget: int, records: list[ConnRecord]) -> tuple[int, bool]:
         while budget > 0:
-            data = os.pread(f.fd, min(self.read_size, budget), f.read_pos)
+            data = f.read(min(self.read_size, budget))
             if not data:
                 return budget, True
             f.read_pos += len(data)
@@ -336,7 +441,7 @@ class ConnLogTail:
         offset = f.parser.consumed
         want = min(FINGERPRINT_BYTES, offset)
         if want != f.fingerprint_len:
-            f.fingerprint, f.fingerprint_len = _fingerprint(f.fd, want), want
+            f.fingerprint, f.fingerprint_len = _digest(f.head(want)), want
         header = f.parser.header
         self._last_position = TailPosition(
             path=self.path,

@@ -286,3 +286,68 @@ def test_close_then_poll_resumes_where_it_stopped(conn_log):
     got += tail.poll()[0]
     assert uids(got) == expected(0, 3)
     assert tail.counters.records == 3
+
+
+def archive(path, archive_dir, name: str) -> None:
+    """What Zeek's archiver does: gzip the rotated log into a dated folder, drop the original."""
+    import gzip
+
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    (archive_dir / name).write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+
+
+def test_resume_finds_the_rotated_file_in_the_gzip_archive(tmp_path):
+    spool, logs = tmp_path / "spool", tmp_path / "logs"
+    spool.mkdir()
+    conn_log = spool / "conn.log"
+    append(conn_log, log_text(OPEN_1, 0, 3))
+    first = ConnLogTail(conn_log)
+    got, pos = first.poll()
+    first.close()
+    append(conn_log, "".join(line(i) for i in range(3, 40)) + "#close\tx\n")  # written while down
+    rotated = spool / "conn.2026-11-24-10-00-00.log"
+    os.rename(conn_log, rotated)
+    (logs / "2026-11-24").mkdir(parents=True)
+    (logs / "2026-11-24" / "other.log.gz").write_bytes(b"\x1f\x8bnot really gzip")
+    archive(rotated, logs / "2026-11-24", "conn.10:00:00-11:00:00.log.gz")
+    append(conn_log, log_text(OPEN_2, 40, 2))
+
+    globs = [str(logs / "*" / "*.log.gz")]
+    lost = ConnLogTail(conn_log, position=pos)
+    assert uids(lost.poll()[0]) == expected(40, 2)  # without the archive, 3..39 are gone:
+    # counted as lost, or as a truncation when the new file reused the old one's inode
+    assert lost.counters.lost_files + lost.counters.truncations == 1
+
+    # Drained a little at a time, with a restart in the middle of the archive.
+    tail = ConnLogTail(conn_log, position=pos, archive_globs=globs, read_size=700, max_bytes_per_poll=1400)
+    records, mid = tail.poll()
+    got += records
+    tail.close()
+    assert not tail.caught_up and mid.inode == pos.inode  # still the archived file's identity
+    tail = ConnLogTail(conn_log, position=TailPosition.from_json(mid.to_json()), archive_globs=globs)
+    got += tail.poll()[0]
+    assert uids(got) == expected(0, 42)
+    assert tail.counters.lost_files == 0 and tail.counters.rotations == 1
+
+
+def test_truncated_archive_gives_what_it_could_and_one_rejection(tmp_path):
+    import gzip
+
+    conn_log = tmp_path / "conn.log"
+    append(conn_log, log_text(OPEN_1, 0, 2))
+    first = ConnLogTail(conn_log)
+    _, pos = first.poll()
+    first.close()
+    append(conn_log, "".join(line(i) for i in range(2, 200)))
+    packed = gzip.compress(conn_log.read_bytes())
+    conn_log.unlink()
+    (tmp_path / "conn.old.log.gz").write_bytes(packed[: len(packed) * 3 // 4])
+    append(conn_log, log_text(OPEN_2, 500, 1))
+    tail = ConnLogTail(conn_log, position=pos, archive_globs=[str(tmp_path / "*.gz")])
+    records = tail.poll()[0]
+    got = uids(records)
+    assert got[-1] == "C0000000500" and len(got) > 2
+    assert got[:-1] == expected(2, len(got) - 1)  # what the archive still held, in order
+    (rej,) = tail.drain_rejections()
+    assert "truncated" in rej.reason
