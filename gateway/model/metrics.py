@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
 import numpy as np
 
 
@@ -23,7 +25,10 @@ def _weights(n: int, weight: np.ndarray | None) -> np.ndarray:
 
 
 def binary_metrics(truth: np.ndarray, pred: np.ndarray, weight: np.ndarray | None = None) -> dict[str, float]:
-    """Accuracy, precision, recall and F1 of malicious (True) vs benign (False)."""
+    """Accuracy, precision, recall and F1 of malicious (True) vs benign (False).
+
+    Precision (recall) is NaN when nothing is predicted (is truly) malicious; F1 is NaN
+    only when both are empty (a benign-only set classified without false alarms)."""
     truth, pred = np.asarray(truth, bool), np.asarray(pred, bool)
     w = _weights(len(truth), weight)
     tp = float(w[truth & pred].sum())
@@ -31,9 +36,10 @@ def binary_metrics(truth: np.ndarray, pred: np.ndarray, weight: np.ndarray | Non
     fn = float(w[truth & ~pred].sum())
     total = float(w.sum())
     correct = float(w[truth == pred].sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    # undefined (no predicted / no true malicious flows) is NaN, not a misleading 0
+    precision = tp / (tp + fp) if tp + fp else math.nan
+    recall = tp / (tp + fn) if tp + fn else math.nan
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
     return {
         "accuracy": correct / total if total else 0.0,
         "precision": precision,
@@ -105,7 +111,8 @@ def choose_threshold(truth: np.ndarray, scores: np.ndarray, weight: np.ndarray |
     if truth.all() or not truth.any():
         return 0.5
     uniq = np.unique(scores)
-    candidates = np.unique(np.concatenate([[0.5], (uniq[:-1] + uniq[1:]) / 2])) if len(uniq) > 1 else np.array([0.5])
+    # cuts between distinct scores, 0.5, and the lowest score (everything malicious)
+    candidates = np.unique(np.concatenate([[0.5, uniq[0]], (uniq[:-1] + uniq[1:]) / 2]))
     w = _weights(len(truth), weight)
     order = np.argsort(scores)
     s_sorted, t_sorted, w_sorted = scores[order], truth[order], w[order]

@@ -37,7 +37,7 @@ KNOWN_PORTS: frozenset[int] = frozenset(
         8008, 8080, 8081, 8088, 8443, 8883, 9000, 9527, 37215, 49152, 52869, 60001,
     }
 )
-EXACT_BELOW = 64  # counts below this keep their exact value
+EXACT_BELOW = 16  # counts below this keep their exact value
 HISTORY_LETTERS = 6  # positional history letters after the whole-history word
 HISTORY_MAX = 16  # longer histories are cut (the tail is mostly repeated letters)
 

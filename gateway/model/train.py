@@ -83,7 +83,7 @@ def train_epochs(
     batch_size: int = 128,
     weight_decay: float = 0.01,
     weight_power: float = 0.5,
-    class_power: float = 0.5,
+    class_power: float = 0.25,
     threads: int | None = 1,
     teacher_logits: np.ndarray | None = None,
     temperature: float = 2.0,
@@ -132,6 +132,20 @@ def row_weights(dataset: FlowDataset, weight_power: float, class_power: float) -
     return out.astype(np.float32)
 
 
+def warmup_cosine(total_steps: int, *, warmup: float = 0.1, floor: float = 0.05) -> Callable[[int], float]:
+    """LR factor: linear warm-up over ``warmup`` of the steps, then cosine down to
+    ``floor``; well defined for any number of steps (one-step federated rounds too)."""
+    n_warm = max(1, int(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < n_warm:
+            return (step + 1) / n_warm
+        progress = (step - n_warm) / max(1, total_steps - n_warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
 @contextmanager
 def torch_threads(n: int | None):
     if n is None:
@@ -155,7 +169,7 @@ def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weight
     t_logits = None if teacher_logits is None else torch.from_numpy(np.asarray(teacher_logits, np.float32))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     total_steps = epochs * math.ceil(len(dataset) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps))
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(dataset), generator=gen)

@@ -1,0 +1,103 @@
+"""The torch training loop on a tiny OPT: seeds, per-layer gradient norms, state values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.flows.record import ConnRecord
+from gateway.model.data import encode
+from gateway.model.labels import LabelSet, record_label
+from gateway.model.opt import PRESETS, Preset, build_model, parameter_count
+from gateway.model.prompt import COMPACT
+from gateway.model.tokenizer import FlowTokenizer
+from gateway.model.train import evaluate, load_numpy_state, predict_logits, state_to_numpy, train_epochs
+
+TINY = Preset(hidden=16, layers=1, heads=2, ffn=32, dropout=0.0, epochs=3, lr=1e-2, batch_size=16)
+
+
+def _records():
+    out = []
+    for i in range(40):
+        out.append(ConnRecord(ts=i, uid=f"B{i}", orig_h="192.168.1.2", orig_p=40000 + i, resp_h="8.8.8.8", resp_p=53,
+                              proto="udp", service="dns", duration=0.01 * (i % 5), orig_bytes=40 + i % 3, resp_bytes=90,
+                              conn_state="SF", history="Dd", orig_pkts=1, resp_pkts=1, label="benign"))
+        out.append(ConnRecord(ts=i, uid=f"M{i}", orig_h="192.168.1.2", orig_p=40000 + i, resp_h="1.2.3.4", resp_p=23,
+                              proto="tcp", conn_state="S0", history="S", orig_pkts=1 + i % 2, resp_pkts=0,
+                              label="Malicious", detailed_label="DDoS" if i % 4 else "C&C"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    recs = _records()
+    tok = FlowTokenizer.build(recs, COMPACT)
+    labels = LabelSet.from_labels(record_label(r) for r in recs)
+    return tok, labels, encode(recs, tok, labels).dedupe()
+
+
+def test_same_seed_same_weights_and_it_learns(setup):
+    tok, labels, ds = setup
+    states = []
+    for _ in range(2):
+        m = build_model(TINY, tok, labels, seed=7)
+        res = train_epochs(m, ds, epochs=15, lr=1e-2, seed=7, batch_size=16)
+        states.append(state_to_numpy(m))
+    assert all(np.array_equal(states[0][k], states[1][k]) for k in states[0])
+    assert res.epoch_losses[-1] < res.epoch_losses[0]
+    metrics = evaluate(m, ds)
+    assert metrics["accuracy"] == 1.0  # separable toy data
+    other = build_model(TINY, tok, labels, seed=8)
+    train_epochs(other, ds, epochs=1, lr=1e-2, seed=8)
+    assert not all(np.array_equal(states[0][k], v) for k, v in state_to_numpy(other).items())
+
+
+def test_on_step_gets_per_layer_gradient_norms(setup):
+    tok, labels, ds = setup
+    m = build_model(TINY, tok, labels, seed=1)
+    seen = []
+    res = train_epochs(m, ds, epochs=2, lr=1e-2, seed=1, batch_size=8, on_step=lambda s, n, l: seen.append((s, n, l)))
+    assert [s for s, _, _ in seen] == list(range(1, res.steps + 1))
+    norms = seen[0][1]
+    assert set(norms) == {"embeddings", "layers.0", "final_layer_norm", "score"}
+    assert all(v >= 0 and np.isfinite(v) for v in norms.values())
+
+
+def test_distillation_loss_runs_and_validates(setup):
+    tok, labels, ds = setup
+    teacher = build_model(TINY, tok, labels, seed=3)
+    train_epochs(teacher, ds, epochs=10, lr=1e-2, seed=3)
+    t_logits = predict_logits(teacher, ds.ids)
+    student = build_model(TINY, tok, labels, seed=4)
+    res = train_epochs(student, ds, epochs=10, lr=1e-2, seed=4, teacher_logits=t_logits, temperature=2.0, alpha=0.5)
+    assert res.epoch_losses[-1] < res.epoch_losses[0]
+    with pytest.raises(ValueError, match="one row per"):
+        train_epochs(student, ds, epochs=1, lr=1e-2, seed=4, teacher_logits=t_logits[:1])
+    with pytest.raises(ValueError, match="alpha"):
+        train_epochs(student, ds, epochs=1, lr=1e-2, seed=4, alpha=2.0)
+
+
+def test_numpy_state_round_trip_and_mismatches(setup):
+    tok, labels, ds = setup
+    a = build_model(TINY, tok, labels, seed=1)
+    b = build_model(TINY, tok, labels, seed=2)
+    load_numpy_state(b, state_to_numpy(a))
+    np.testing.assert_array_equal(predict_logits(a, ds.ids), predict_logits(b, ds.ids))
+    arrays = state_to_numpy(a)
+    with pytest.raises(ValueError, match="missing"):
+        load_numpy_state(b, {k: v for k, v in list(arrays.items())[1:]})
+    bad = dict(arrays)
+    key = next(iter(bad))
+    bad[key] = np.zeros((1, 1), np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        load_numpy_state(b, bad)
+    bad[key] = np.full_like(arrays[key], np.nan)
+    with pytest.raises(ValueError, match="non-finite"):
+        load_numpy_state(b, bad)
+
+
+def test_presets_respect_the_size_ratio(setup):
+    tok, labels, _ = setup
+    teacher = parameter_count(build_model(PRESETS["teacher"], tok, labels, seed=0))
+    student = parameter_count(build_model(PRESETS["student"], tok, labels, seed=0))
+    assert student * 10 <= teacher
