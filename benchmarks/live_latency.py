@@ -124,13 +124,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def gateway_config(workdir: Path, *, model: str | None, poll_interval_s: float, batch_size: int = 256):
+def gateway_config(workdir: Path, *, model: str | None, poll_interval_s: float, batch_size: int = 256,
+                   threads: int | None = None):
     from gateway.config import config_from_dict
 
     doc = {
         "gateway": {"id": "bench", "database": f"sqlite:///{workdir / 'gw.db'}"},
         "source": {"zeek_log": str(workdir / "conn.log"), "poll_interval_s": poll_interval_s},
-        "inference": {"batch_size": batch_size},
+        "inference": {"batch_size": batch_size, **({"threads": threads} if threads else {})},
         "mqtt": {"enabled": False},
         "http": {"listen": ""},
     }
@@ -154,13 +155,13 @@ class LatencyProbe:
 
 
 def measure(rate: int, seconds: float, *, model: str | None, poll_interval_s: float = 0.01,
-            warmup_s: float = 1.0) -> dict:
+            warmup_s: float = 1.0, threads: int | None = None, workdir_root: str | None = None) -> dict:
     from gateway.service import GatewayService
 
-    with tempfile.TemporaryDirectory(prefix="fedgate-live-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedgate-live-", dir=workdir_root) as tmp:
         workdir = Path(tmp)
         (workdir / "conn.log").touch()
-        cfg = gateway_config(workdir, model=model, poll_interval_s=poll_interval_s)
+        cfg = gateway_config(workdir, model=model, poll_interval_s=poll_interval_s, threads=threads)
         probe = LatencyProbe(warmup_s)
 
         class ProbedService(GatewayService):
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="5 s per rate (what make bench runs)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory, or 'none' to store only")
     p.add_argument("--poll", type=float, default=0.01, help="tail poll interval in seconds")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads ([inference] threads)")
+    p.add_argument("--workdir", default=None, help="where the log and the SQLite store go (default: $TMPDIR)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     seconds = 5.0 if a.quick else a.seconds
@@ -221,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if model and not Path(model).is_dir():
         print(f"note: no model at {model}; measuring store-only latency (no classification)", file=sys.stderr)
         model = None
-    rows = [measure(int(r), seconds, model=model, poll_interval_s=a.poll) for r in a.rates.split(",")]
+    rows = [measure(int(r), seconds, model=model, poll_interval_s=a.poll, threads=a.threads, workdir_root=a.workdir)
+            for r in a.rates.split(",")]
     info = machine()
     if a.json:
         print(json.dumps({"machine": info, "results": rows}))

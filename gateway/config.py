@@ -168,6 +168,8 @@ class InferenceSection:
     alert_threshold [None]: malicious score at or above which a detection is published
       on ``{prefix}/gw/{id}/alerts``; None uses the model's own threshold.
     alerts [true]: publish alerts at all.
+    threads [None]: ONNX Runtime intra-op threads (None: one per core); 1 leaves the
+      other cores to parsing, the store and training on a small box.
     """
 
     provider: str = "auto"
@@ -175,6 +177,7 @@ class InferenceSection:
     max_wait_ms: float = 5.0
     alert_threshold: float | None = None
     alerts: bool = True
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.provider in PROVIDERS, "inference.provider", f"must be one of {', '.join(PROVIDERS)}")
@@ -182,6 +185,8 @@ class InferenceSection:
         _require(0 <= self.max_wait_ms <= 10_000, "inference.max_wait_ms", "must be in [0, 10000] ms")
         if self.alert_threshold is not None:
             _require(0.0 <= self.alert_threshold <= 1.0, "inference.alert_threshold", "must be in [0, 1]")
+        if self.threads is not None:
+            _require(1 <= self.threads <= 256, "inference.threads", "must be in 1..256")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -115,8 +115,8 @@ def load_classifier(config: GatewayConfig) -> ingest.FlowClassifier | None:
     except ImportError as exc:
         raise ServiceError(f"gateway.model is set but the inference engine is not available: {exc}") from exc
     loader = getattr(inference, "load_classifier")
-    wanted = {"provider": config.inference.provider, "batch_size": config.inference.batch_size,
-              "max_batch": config.inference.batch_size, "max_wait_ms": config.inference.max_wait_ms}
+    wanted = {"provider": config.inference.provider, "max_batch": config.inference.batch_size,
+              "max_wait_ms": config.inference.max_wait_ms, "threads": config.inference.threads}
     params = inspect.signature(loader).parameters
     kwargs = {k: v for k, v in wanted.items() if k in params}
     try:
