@@ -169,3 +169,21 @@ def test_reassembler_bounds_pending_messages():
         frames = chunking.split_message(os.urandom(3000), max_chunk_bytes=1100, message_id=mid)
         evicted += r.add(chunking.parse_chunk(frames[0]), source="gw")[1]
     assert [e.message_id for e in evicted] == ["a"] and len(r) == 2
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=0, max_size=20_000), st.integers(1024, 5000), st.randoms(use_true_random=False))
+def test_split_and_reassemble_any_message_in_any_order(data, max_chunk, rnd):
+    frames = chunking.split_message(data, max_chunk_bytes=max_chunk, message_id="m")
+    assert all(len(f) <= max_chunk for f in frames)
+    if len(frames) == 1:
+        assert frames[0] == data
+        return
+    rnd.shuffle(frames)
+    r = chunking.Reassembler(clock=lambda: 0.0)
+    out = [r.add(chunking.parse_chunk(f), source="s")[0] for f in frames + frames[:2]]  # with duplicates
+    assert [o for o in out if o is not None] == [data] and len(r) == 0
