@@ -58,6 +58,8 @@ class LocalBroker:
             raise BrokerError("mosquitto is not installed (make system-deps installs it)")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # mosquitto started as root drops to the 'mosquitto' user: let it write persistence here
+        os.chmod(self.workdir, 0o1777)
         config = Path(config)
         if not config.is_file():
             raise BrokerError(f"{config}: broker config not found")
