@@ -248,6 +248,17 @@ class GatewayService:
 
     # ------------------------------------------------------------ start / stop
     def start(self) -> "GatewayService":
+        """Open the store, load the model, connect, serve the page, start the sources.
+
+        Raises :class:`ServiceError` naming the setting at fault; whatever had started
+        is stopped again."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop(timeout=5)
+            raise
+
+    def _start(self) -> "GatewayService":
         cfg = self.config
         try:
             self.engine, self.sessions = open_store(cfg.database_url)
@@ -618,7 +629,8 @@ class GatewayService:
         now = time.time()
         fl = None
         if self.fl_client is not None:
-            fl = {k: v for k, v in self.fl_client.status().items() if k not in self.status_summary()} \
+            own = self.status_summary()
+            fl = {k: v for k, v in self.fl_client.status().items() if k not in own} \
                 | {"state": self.fl_client.state.value}
         return {
             "gateway": self.config.gateway.id,
