@@ -733,7 +733,14 @@ class ConnTracker:
                 endpoint.start_seq = endpoint.ack_seq = base_seq
                 endpoint.last_seq = seq_one_past
 
-        rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq, endpoint.last_seq, endpoint.seq_wraps)
+        last = endpoint.last_seq
+        if endpoint.seq_wraps == 0 and (base_seq >= last or (last - base_seq) < 0x80000000):
+            # common case, no wrap-around: get_relative_seq reduces to seq_delta(seq, start)
+            d = (base_seq - endpoint.start_seq) & M32
+            rel_seq = d - 0x100000000 if d & 0x80000000 else d
+            seq_underflow = rel_seq < 0
+        else:
+            rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq, last, endpoint.seq_wraps)
 
         # update_history
         bits = (1 if syn else 0) + (1 if fin else 0) + (1 if rst else 0)
@@ -761,7 +768,16 @@ class ConnTracker:
         elif ack:
             endpoint.check_history(HIST_ACK_PKT, "A")
 
-        self._update_window(endpoint, pkt.window, base_seq, ack_seq, flags)
+        window = pkt.window
+        if window and not flags & (SYN | FIN | RST) and st != CLOSED and st != RESET:
+            # update_window's common case: a non-zero window on a plain segment
+            if ((base_seq - endpoint.window_seq) & M32) < 0x80000000 and \
+                    ((ack_seq - endpoint.window_ack_seq) & M32) < 0x80000000:
+                endpoint.window = window << endpoint.window_scale
+                endpoint.window_ack_seq = ack_seq
+                endpoint.window_seq = base_seq
+        else:
+            self._update_window(endpoint, window, base_seq, ack_seq, flags)
 
         if not (conn.orig.did_close and conn.resp.did_close):
             conn.last_time = t
