@@ -1113,6 +1113,12 @@ class ConnTracker:
 
     def _ftp_control(self, conn: Conn, payload: bytes, is_orig: bool, t: float) -> None:
         """Note the data channels PORT/EPRT and 227/229 replies announce (ftp/main.zeek)."""
+        if is_orig:
+            low = payload.lower()
+            if b"port" not in low and b"eprt" not in low:
+                return
+        elif b"227" not in payload and b"229" not in payload:
+            return
         for line in payload.split(b"\n"):
             line = line.strip()
             found = _ftp_data_channel(line, is_orig, conn.orig_h, conn.resp_h)
@@ -1316,6 +1322,7 @@ def _ftp_data_channel(line: bytes, is_orig: bool, orig_h: bytes, resp_h: bytes):
 
 
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_B62_BYTES = bytes(ord(_B62[i % 62]) for i in range(256))
 
 
 def _uid(conn: Conn) -> str:
@@ -1332,9 +1339,5 @@ def _tunnel_uid(outer: bytes) -> str:
 
 
 def _base62_uid(data: bytes) -> str:
-    n = int.from_bytes(hashlib.blake2b(data, digest_size=12).digest(), "big")
-    out = []
-    while n:
-        n, r = divmod(n, 62)
-        out.append(_B62[r])
-    return "C" + "".join(reversed(out))
+    # each of 17 hash bytes picks one of 62 letters/digits: ~101 bits, Zeek's uid length
+    return "C" + hashlib.blake2b(data, digest_size=17).digest().translate(_B62_BYTES).decode("ascii")
