@@ -106,7 +106,10 @@ class _Template:
             self.ip = None
 
     def shifted(self, k: int) -> bytes:
-        """The frame with the low 16-bit word of both addresses moved by ``k`` (mod 2**16)."""
+        """The frame with the low 16-bit word of both addresses moved by ``k`` (mod 2**16).
+
+        Every address moves by the same amount, so both directions of a connection land on
+        the same shifted pair."""
         if self.ip is None:
             return self.frame
         f = bytearray(self.frame)
@@ -116,7 +119,7 @@ class _Template:
         else:
             s_at, d_at = ip + 12 + 2, ip + 16 + 2
         old = _words(f[s_at:s_at + 2]) + _words(f[d_at:d_at + 2])
-        for at, step in ((s_at, k), (d_at, 3 * k)):
+        for at, step in ((s_at, k), (d_at, k)):  # same shift both ways: replies still match
             w = (int.from_bytes(f[at:at + 2], "big") + step) & 0xFFFF
             f[at:at + 2] = w.to_bytes(2, "big")
         delta = _words(f[s_at:s_at + 2]) + _words(f[d_at:d_at + 2]) - old
