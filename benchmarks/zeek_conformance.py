@@ -26,7 +26,7 @@ from gateway.flows.conformance import (
     load_manifest,
     read_baseline,
 )
-from gateway.flows.pcap import CaptureStats, pcap_records
+from gateway.flows.pcap import CaptureStats
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -482,8 +482,9 @@ class ConnTracker:
         self._parent: tuple[str, ...] | None = None  # tunnel parents of the packet being processed
 
     # ------------------------------------------------------------------ public API
-    def feed(self, pkt: Packet) -> list[ConnRecord]:
-        """Process one packet; return the records of connections that ended meanwhile."""
+    def feed(self, pkt: Packet) -> list[ConnRecord] | tuple[()]:
+        """Process one packet; return the records of connections that ended meanwhile
+        (usually none: an empty tuple, so the common case allocates nothing)."""
         t = pkt.ts
         if t > self.network_time:
             self.network_time = t
@@ -1216,7 +1217,7 @@ class ConnTracker:
         )
 
 
-_EMPTY: list = []
+_EMPTY: tuple[()] = ()
 
 
 def _tcp_conn_state(o: TcpEndpoint, r: TcpEndpoint, history: str) -> str:

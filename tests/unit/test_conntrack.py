@@ -87,9 +87,9 @@ def test_uid_is_stable_across_runs():
 
 def test_unanswered_syn_is_s0_and_ends_after_attempt_delay():
     tracker = ConnTracker()
-    assert tracker.feed(tcp(1.0, A, 40001, B, 443, SYN, 7)) == []
+    assert not tracker.feed(tcp(1.0, A, 40001, B, 443, SYN, 7))
     # retransmitted SYN with the same ISN: no new record, one S
-    assert tracker.feed(tcp(2.0, A, 40001, B, 443, SYN, 7)) == []
+    assert not tracker.feed(tcp(2.0, A, 40001, B, 443, SYN, 7))
     done = tracker.feed(udp(7.5, A, 5353, B, 9999))  # any packet advances network time
     (rec,) = [r for r in done if r.proto == "tcp"]
     assert rec.conn_state == "S0" and rec.history == "S"
