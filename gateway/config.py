@@ -457,6 +457,10 @@ def build_section(name: str, table: Mapping[str, Any], *, base: Path | None = No
         if base is not None and key in PATH_KEYS.get(name, ()) and isinstance(value, str) and value:
             value = os.path.normpath(base / value) if not os.path.isabs(value) else value
         kwargs[key] = value
+    if base is not None:  # relative path defaults are relative to the file too
+        for f in dataclasses.fields(cls):
+            if f.name in PATH_KEYS.get(name, ()) and f.name not in kwargs and isinstance(f.default, str):
+                kwargs[f.name] = os.path.normpath(base / f.default)
     if name == "gateway" and base is not None:
         db = kwargs.get("database")
         if isinstance(db, str) and db and "://" not in db and not os.path.isabs(db):

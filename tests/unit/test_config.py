@@ -43,6 +43,7 @@ def test_minimal_file_defaults_and_relative_paths(tmp_path):
     assert cfg.database_url == f"sqlite:///{tmp_path / 'state/gw.db'}"
     assert cfg.gateway.model == str(tmp_path / "models/default")
     assert cfg.source.zeek_log == str(tmp_path / "logs/conn.log")
+    assert cfg.gateway.state_dir == str(tmp_path / "fedgate-state")  # a default, relative to the file
     assert cfg.mqtt.port == 1883 and cfg.mqtt_client_id == "fedgate-gw-gw1"
     assert cfg.http.address == ("127.0.0.1", 9108)
     assert cfg.inference.alert_threshold is None and cfg.fl.strategy == "gsfs"
