@@ -101,10 +101,41 @@ def upgrade_to_head(engine: Engine) -> None:
     from alembic import command
 
     try:
-        with engine.begin() as conn:
-            command.upgrade(_alembic_config(conn), "head")
+        if engine.dialect.name == "sqlite":
+            _upgrade_sqlite(engine)
+        else:
+            with engine.begin() as conn:
+                command.upgrade(_alembic_config(conn), "head")
     except SQLAlchemyError as exc:
+        # Two processes starting on a fresh database race to create it; the loser
+        # fails ("table already exists") but finds the schema at head: that is fine.
+        try:
+            if current_revision(engine) == head_revision():
+                return
+        except SQLAlchemyError:
+            pass
         raise StoreError(describe_db_error(engine, exc)) from exc
+
+
+def _upgrade_sqlite(engine: Engine) -> None:
+    """Migrate under ``BEGIN IMMEDIATE``: one atomic transaction holding the write lock
+    from the start, so processes opening a fresh file at once migrate one after the
+    other.  (Python's sqlite3 before 3.12 begins transactions only before DML, so DDL
+    would otherwise commit statement by statement.)"""
+    from alembic import command
+
+    with engine.connect() as conn:
+        dbapi_conn = conn.connection.driver_connection
+        saved = dbapi_conn.isolation_level
+        dbapi_conn.isolation_level = None  # we issue BEGIN/COMMIT ourselves
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            command.upgrade(_alembic_config(conn), "head")
+            conn.commit()
+        finally:
+            if dbapi_conn.in_transaction:
+                dbapi_conn.rollback()
+            dbapi_conn.isolation_level = saved
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -270,3 +270,18 @@ def test_portable_insert_ignore_fallback(tmp_path):
     with factory() as s:
         assert sorted(r.uid for r in repo.load_records(s)) == ["P1", "P2"]
     engine.dispose()
+
+
+def test_processes_racing_to_create_a_fresh_store_all_succeed(tmp_path):
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    code = "import sys; from gateway.store.db import open_store; e, _ = open_store(sys.argv[1]); e.dispose()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE) for _ in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()[-2000:]
+    engine, _ = open_store(url)
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
