@@ -62,3 +62,54 @@ def test_every_dashboard_series_is_exported(tmp_path):
                  "fedgate_gw_detections_total", "fedgate_gw_fl_uploads_total", "fedgate_gw_detection_delay_seconds_bucket", "fedgate_agg_clients_alive",
                  "fedgate_agg_pool_size", "fedgate_agg_central_metric", "fedgate_agg_aggregations_total"):
         assert name in wanted, name
+
+
+@pytest.mark.skipif(__import__("brokers").find_mosquitto() is None, reason="mosquitto is not installed")
+def test_aggregator_command_serves_page_status_and_metrics(tmp_path):
+    """``fedgate-aggregator run --http``: the real command serves the page, its JSON and
+    Prometheus metrics beside the running aggregator, and stops on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    import safetensors.numpy as st_numpy
+
+    from aggregator_helpers import dev_config_text
+    from brokers import Mosquitto, free_port
+    from gateway_helpers import wait_until
+
+    broker = Mosquitto(config_text=dev_config_text(), workdir=tmp_path / "broker").start()
+    st_numpy.save_file(tiny_model(), str(tmp_path / "initial.safetensors"))
+    (tmp_path / "agg.toml").write_text(
+        '[aggregator]\ndatabase = "agg.db"\ninitial_model = "initial.safetensors"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n[strategy]\nname = "gsfs"\n')
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cloud_aggregator.cli", "run", "--config",
+                             str(tmp_path / "agg.toml"), "--http", f"127.0.0.1:{port}"],
+                            stderr=subprocess.PIPE, text=True)
+
+    def get(path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def serving() -> bool:
+        try:
+            return "fedgate_agg_global_version 0.0" in get("/metrics")
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(serving, 60), proc.stderr.read() if proc.poll() is not None else "not serving"
+        metrics = get("/metrics")
+        assert "fedgate_agg_store_up 1.0" in metrics and "fedgate_agg_pool_size 0.0" in metrics
+        status = json.loads(get("/api/status"))
+        assert status["state"]["version"] == 0 and status["state"]["strategy"] == "gsfs"
+        assert "<title>fedgate aggregator</title>" in get("/")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        broker.stop()
