@@ -252,7 +252,8 @@ def _classify(classifier: FlowClassifier | None, records: Sequence[ConnRecord]):
         raise ValueError(
             f"classifier {classifier.model_version!r} returned {len(verdicts)} verdicts for {len(records)} records"
         )
-    return verdicts
+    # plain values, checked here: a model's bug must not look like a database failure
+    return [(str(label), float(score)) for label, score in verdicts]
 
 
 # ---------------------------------------------------------------- record sources
