@@ -632,6 +632,8 @@ class ZeekLogParser:
                     parts.append("")
             text = "\n".join(parts) + "\n"
         text = text[:-1]
+        if first == 1 and text.startswith("\ufeff"):  # a byte-order mark some editors add
+            text = text[1:]
         n_lines = text.count("\n") + 1
         self.line_no += n_lines
         if "\r" in text:

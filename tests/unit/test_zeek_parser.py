@@ -165,6 +165,11 @@ def test_crlf_line_endings():
     assert rejections == [] and len(records) == 2
 
 
+def test_byte_order_mark_is_skipped():
+    records, rejections = parse(b"\xef\xbb\xbf" + (HEADER + LINE_A).encode())
+    assert rejections == [] and len(records) == 1
+
+
 def test_btest_banner_and_comments_are_skipped():
     records, rejections = parse("### BTest baseline data\n# a comment\n" + HEADER + LINE_A)
     assert rejections == [] and len(records) == 1
