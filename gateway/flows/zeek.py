@@ -191,7 +191,8 @@ class LogHeader:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         for key in ("fields", "types"):
             if key in known:
-                if not isinstance(known[key], (list, tuple)) or not all(isinstance(v, str) for v in known[key]):
+                items = known[key]
+                if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
                     raise ValueError(f"LogHeader.{key} must be a list of str")
                 known[key] = tuple(known[key])
         return cls(**known)
@@ -924,7 +925,8 @@ def _json_column_fast(field: str, col: list) -> list | None:
         present = col
     types.discard(_NONE)
     if typ in ("count", "port"):
-        if types <= {int} and (not present or (min(present) >= 0 and max(present) <= (65535 if typ == "port" else MAX_COUNT))):
+        top = 65535 if typ == "port" else MAX_COUNT
+        if types <= {int} and (not present or (min(present) >= 0 and max(present) <= top)):
             return col
         return None
     if typ in ("time", "interval", "double"):
