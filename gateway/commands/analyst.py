@@ -140,6 +140,8 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
     Each batch of flows and the file's offset are committed together, so an
     interrupted replay resumes where it stopped and a repeated one stores nothing twice.
     Bad lines are counted, logged with file and line, and skipped.
+    Exit status: 0 done, 1 a bad line under --strict, 2 the database is not
+    usable, 130 interrupted (run the same command again to resume).
 
     \b
     Examples:
