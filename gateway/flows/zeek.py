@@ -974,17 +974,15 @@ def _record_from_json(obj: dict) -> ConnRecord:
 
 
 def open_log(path: str | os.PathLike) -> BinaryIO:
-    """Open a log for binary reading; gzip (by its magic bytes) is undone transparently."""
-    f = open(path, "rb")  # noqa: SIM115 - returned to the caller
-    try:
-        magic = f.read(2)
-        f.seek(0)
-    except OSError:
-        f.close()
-        raise
+    """Open a log for binary reading; gzip (by its magic bytes) is undone transparently.
+
+    Reading a truncated gzip this way raises ``EOFError`` at the cut; read it through
+    :func:`iter_records` to get what it held and one rejection instead."""
+    with open(path, "rb") as probe:
+        magic = probe.read(2)
     if magic == _GZIP_MAGIC:
-        return gzip.GzipFile(filename=os.fspath(path), mode="rb", fileobj=f)  # type: ignore[return-value]
-    return f
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115 - returned to the caller
 
 
 Source = str | os.PathLike | IO[bytes] | bytes | Iterable[bytes]
