@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import BigInteger, Integer, Select, and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import DataError, IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from gateway.flows.record import ConnRecord
 from gateway.store.models import (
@@ -420,36 +420,34 @@ QUERY_COLUMNS = (
 )
 
 
-def _latest_detection_ids():
-    return (
-        select(func.max(Detection.id).label("id"))
-        .group_by(Detection.source, Detection.uid)
-        .subquery("latest_det")
-    )
-
-
 def query_flows(session: Session, q: FlowQuery) -> list[dict[str, Any]]:
     """Flows matching ``q``, newest first, with their latest detection and feedback."""
-    latest = _latest_detection_ids()
-    det = (
-        select(Detection.source, Detection.uid, Detection.label, Detection.score, Detection.model_version)
-        .join(latest, latest.c.id == Detection.id)
-        .subquery("det")
+    # Correlated "latest row of this flow" look-ups use the (source, uid...) indexes and
+    # cost nothing per flow skipped; grouping all detections first took seconds at 1M.
+    det, fb = aliased(Detection), aliased(Feedback)
+    latest_det = (
+        select(func.max(Detection.id))
+        .where(Detection.source == Flow.source, Detection.uid == Flow.uid)
+        .correlate(Flow)
+        .scalar_subquery()
     )
-    fb_latest = (
-        select(func.max(Feedback.id).label("id")).group_by(Feedback.source, Feedback.uid).subquery("latest_fb")
+    latest_fb = (
+        select(func.max(Feedback.id))
+        .where(Feedback.source == Flow.source, Feedback.uid == Flow.uid)
+        .correlate(Flow)
+        .scalar_subquery()
     )
-    fb = select(Feedback.source, Feedback.uid, Feedback.label).join(fb_latest, fb_latest.c.id == Feedback.id).subquery("fb")
     stmt: Select = (
         select(
             Flow.ts, Flow.uid, Flow.source, Flow.orig_h, Flow.orig_p, Flow.resp_h, Flow.resp_p,
             Flow.proto, Flow.service, Flow.duration, Flow.orig_bytes, Flow.resp_bytes,
             Flow.conn_state, Flow.label, Flow.detailed_label,
-            det.c.label.label("detection"), det.c.score, det.c.model_version,
-            fb.c.label.label("feedback"),
+            det.label.label("detection"), det.score, det.model_version,
+            fb.label.label("feedback"),
         )
-        .outerjoin(det, and_(det.c.source == Flow.source, det.c.uid == Flow.uid))
-        .outerjoin(fb, and_(fb.c.source == Flow.source, fb.c.uid == Flow.uid))
+        .select_from(Flow)
+        .outerjoin(det, det.id == latest_det)
+        .outerjoin(fb, fb.id == latest_fb)
     )
     if q.since is not None:
         stmt = stmt.where(Flow.ts >= q.since)
@@ -469,12 +467,12 @@ def query_flows(session: Session, q: FlowQuery) -> list[dict[str, Any]]:
             or_(
                 func.lower(Flow.label) == want,
                 func.lower(Flow.detailed_label) == want,
-                func.lower(det.c.label) == want,
-                func.lower(fb.c.label) == want,
+                func.lower(det.label) == want,
+                func.lower(fb.label) == want,
             )
         )
     if q.min_score is not None:
-        stmt = stmt.where(det.c.score >= q.min_score)
+        stmt = stmt.where(det.score >= q.min_score)
     stmt = stmt.order_by(Flow.ts.desc(), Flow.id.desc()).limit(q.limit)
     out = []
     for row in session.execute(stmt):
