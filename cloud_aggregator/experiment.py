@@ -165,9 +165,10 @@ def _one_scenario(path: Path):
     return scenarios[0]
 
 
-def build_initial_model(train_records: Sequence, out: Path, *, seed: int):
+def build_initial_model(train_records: Sequence, out: Path, *, seed: int, onnx: bool = False):
     """A randomly initialised student (seeded) with a vocabulary built from
-    ``train_records`` (words only) and their label set; saved without ONNX."""
+    ``train_records`` (words only) and their label set (ONNX export only if asked:
+    the experiment's gateways train, they do not detect)."""
     from gateway.model.labels import LabelSet, record_label
     from gateway.model.modeldir import save_model_dir
     from gateway.model.opt import build_model
@@ -177,7 +178,7 @@ def build_initial_model(train_records: Sequence, out: Path, *, seed: int):
     tokenizer = FlowTokenizer.build(train_records, get_template(DEFAULT_TEMPLATE))
     labels = LabelSet.from_labels(record_label(r) for r in train_records)
     model = build_model("student", tokenizer, labels, seed=seed)
-    return save_model_dir(model, tokenizer, labels, out, version=f"initial-seed{seed}", onnx=False,
+    return save_model_dir(model, tokenizer, labels, out, version=f"initial-seed{seed}", onnx=onnx,
                           extra={"preset": "student", "init": "random", "seed": seed})
 
 
@@ -363,7 +364,7 @@ def _strategy_params(settings: ExperimentSettings, strategy: str) -> dict:
     if strategy == "gsfs":
         # P is evaluated once, at the end of the step budget; the gradient trigger may
         # fire from half-way on. sample_weighted: see GSFS (non-IID sizes).
-        return {"rho": 0.6, "eta": 1.0, "staleness_exponent": 0.5, "deadline_s": settings.gsfs_deadline_s,
+        return {"rho": 1.0, "eta": 1.0, "staleness_exponent": 0.5, "deadline_s": settings.gsfs_deadline_s,
                 "sample_weighted": True,
                 "trigger": {"tau": 0.01, "ema": 0.9, "k": 3.0, "warmup": max(1, steps // 2), "eval_every": steps}}
     if strategy == "fedopt":

@@ -152,7 +152,7 @@ class FLClient:
         sessions: sessionmaker[Session],
         link: GatewayLink,
         verify_key: signing.Ed25519PublicKey | None = None,
-        on_global: Callable[[int, dict[str, np.ndarray], dict], None] | None = None,
+        on_global: Callable[[int, dict[str, np.ndarray], dict], object] | None = None,
         eval_data: FlowDataset | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -306,14 +306,16 @@ class FLClient:
         self.version = version
         self.base_weights = {k: np.array(v, copy=True) for k, v in result.tensors.items()}
         self.counters.globals_loaded += 1
+        path = None
         if self.on_global is not None:
             try:
-                self.on_global(version, self.base_weights, dict(result.header.metrics))
+                path = self.on_global(version, self.base_weights, dict(result.header.metrics))
             except Exception:  # noqa: BLE001 - detection keeps the old session; logged
                 log.exception("gateway %s: on_global hook failed for version %d", self.settings.gateway_id, version)
         with self.sessions.begin() as session:
             repo.register_model_version(session, f"global-{version}", parent=f"global-{result.header.base_version}",
-                                        metrics=dict(result.header.metrics), activate=True)
+                                        path=str(path) if path else None, metrics=dict(result.header.metrics),
+                                        activate=True)
         self.lifecycle.fire(ClientEvent.GLOBAL_LOADED)
         log.info("gateway %s loaded global version %d", self.settings.gateway_id, version)
         self._after_new_global()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pytest
 from cloud_aggregator.broker import DEV_CONFIG, LocalBroker, find_mosquitto
 from gateway.fl.client import ClientSettings, FLClient
 from gateway.fl.control import Control, LocalSettings, encode_control
+from gateway.fl.hotswap import EngineHotSwap
+from gateway.inference import load_classifier
 from gateway.fl.learner import TorchLearner
 from gateway.fl.link import GatewayLink
 from gateway.fl.state import ClientState
@@ -63,8 +66,38 @@ def model_dir(tmp_path_factory, flows):
     from cloud_aggregator.experiment import build_initial_model
 
     out = tmp_path_factory.mktemp("model") / "initial"
-    build_initial_model(flows, out, seed=0)
+    build_initial_model(flows, out, seed=0, onnx=True)
     return out
+
+
+class Detector:
+    """Keeps classifying flows with the engine on its own thread, like a gateway's
+    detection path, and records which model version answered each batch."""
+
+    def __init__(self, engine, flows):
+        self.engine, self.flows = engine, flows[:64]
+        self.versions: list[str] = []
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                version, verdicts = self.engine.classify_versioned(self.flows)
+                assert len(verdicts) == len(self.flows)
+                self.versions.append(version)
+            except BaseException as exc:  # noqa: BLE001 - the test asserts there are none
+                self.errors.append(exc)
+            time.sleep(0.01)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
 
 
 @pytest.fixture()
@@ -129,49 +162,61 @@ def global_envelope(weights, key, version, base=None):
                          base_version=version - 1 if base is None else base, signing_key=key)
 
 
-def test_bad_and_forged_global_models_are_rejected_good_one_is_swapped_in(broker, store, model_dir, keys):
+def test_bad_and_forged_global_models_are_rejected_good_one_is_swapped_in(broker, store, model_dir, keys, flows,
+                                                                         tmp_path):
     good_key, forger = keys
-    swaps: list[int] = []
-    client = make_client(store, model_dir, broker.port, good_key.public_key(),
-                         on_global=lambda v, w, m: swaps.append(v), strategy="fedavg")
+    engine = load_classifier(model_dir, provider="cpu")
+    initial_version = engine.model_version
+    client = make_client(store, model_dir, broker.port, good_key.public_key(), strategy="fedavg")
+    client.on_global = EngineHotSwap(engine=engine, learner=client.learner, models_dir=tmp_path / "models")
     agg = Aggregatorish(broker.port)
     try:
-        client.start(thread=False)
-        pump = lambda: client.pump_once(0.05)  # noqa: E731
-        wait_for(lambda: client.link.connected, pump=pump, what="gateway connected")
-        w0 = client.learner.weights()
-        agg.publish(topics.global_model(), global_envelope(w0, good_key, 1))
-        wait_for(lambda: client.version == 1, pump=pump, what="version 1 loaded")
-        assert client.state is ClientState.IDLE and swaps == [1]
+        with Detector(engine, flows) as detector:
+            client.start(thread=False)
+            pump = lambda: client.pump_once(0.05)  # noqa: E731
+            wait_for(lambda: client.link.connected, pump=pump, what="gateway connected")
+            w0 = client.learner.weights()
+            rng = np.random.default_rng(0)
+            w1 = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in w0.items()}
+            agg.publish(topics.global_model(), global_envelope(w1, good_key, 1))
+            wait_for(lambda: client.version == 1, pump=pump, what="version 1 loaded")
+            assert client.state is ClientState.IDLE and engine.model_version == "global-1"
 
-        rng = np.random.default_rng(0)
-        w2 = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in w0.items()}
-        forged = global_envelope(w2, forger, 2)  # signed by someone else
-        tampered = bytearray(global_envelope(w2, good_key, 2))
-        tampered[-10] ^= 0xFF  # body changed after signing
-        wrong_shape = dict(w2)
-        name = next(iter(wrong_shape))
-        wrong_shape[name] = np.zeros((3, 3), np.float32)
-        nan_model = {k: v.copy() for k, v in w2.items()}
-        nan_model[name].flat[0] = np.nan
-        bad = [forged, bytes(tampered), global_envelope(wrong_shape, good_key, 2),
-               global_envelope(nan_model, good_key, 2), b"\x00not an envelope",
-               global_envelope(w2, good_key, 0, base=0)]  # older than the current version
-        for payload in bad:
-            agg.publish(topics.global_model(), payload)
-        want = {"signature", "digest", "shapes", "non_finite", "schema", "stale_base"}
-        wait_for(lambda: set(client.counters.rejected) >= want, pump=pump, what="all rejections")
-        assert client.version == 1 and swaps == [1]
-        assert all(np.array_equal(client.learner.weights()[k], w0[k]) for k in w0)  # still the good model
-        assert client.state is ClientState.IDLE
+            w2 = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in w1.items()}
+            forged = global_envelope(w2, forger, 2)  # signed by someone else
+            tampered = bytearray(global_envelope(w2, good_key, 2))
+            tampered[-10] ^= 0xFF  # body changed after signing
+            wrong_shape = dict(w2)
+            name = next(iter(wrong_shape))
+            wrong_shape[name] = np.zeros((3, 3), np.float32)
+            nan_model = {k: v.copy() for k, v in w2.items()}
+            nan_model[name].flat[0] = np.nan
+            bad = [forged, bytes(tampered), global_envelope(wrong_shape, good_key, 2),
+                   global_envelope(nan_model, good_key, 2), b"\x00not an envelope",
+                   global_envelope(w2, good_key, 0, base=0)]  # older than the current version
+            for payload in bad:
+                agg.publish(topics.global_model(), payload)
+            want = {"signature", "digest", "shapes", "non_finite", "schema", "stale_base"}
+            wait_for(lambda: set(client.counters.rejected) >= want, pump=pump, what="all rejections")
+            assert client.version == 1 and engine.model_version == "global-1"
+            assert all(np.allclose(client.learner.weights()[k], w1[k]) for k in w1)  # still the good model
+            assert client.state is ClientState.IDLE
+            seen_before_swap = len(detector.versions)
 
-        agg.publish(topics.global_model(), global_envelope(w2, good_key, 2))
-        wait_for(lambda: client.version == 2, pump=pump, what="version 2 loaded")
-        assert swaps == [1, 2]
-        assert all(np.allclose(client.learner.weights()[k], w2[k]) for k in w2)
+            agg.publish(topics.global_model(), global_envelope(w2, good_key, 2))
+            wait_for(lambda: client.version == 2, pump=pump, what="version 2 loaded")
+            assert engine.model_version == "global-2"
+            assert all(np.allclose(client.learner.weights()[k], w2[k]) for k in w2)
+            wait_for(lambda: detector.versions and detector.versions[-1] == "global-2", what="detector on v2")
+        # detection never stopped and only ever used verified models, in order
+        assert not detector.errors
+        assert len(detector.versions) > seen_before_swap > 0
+        order = [v for i, v in enumerate(detector.versions) if i == 0 or detector.versions[i - 1] != v]
+        assert order == [initial_version, "global-1", "global-2"]
         with store() as s:
             active = repo.active_model_version(s)
             assert active.version == "global-2" and active.parent == "global-1"
+            assert active.path and Path(active.path, "model.onnx").is_file()
 
         # the gateway's retained status tells the world what it rejected
         def status_seen():
@@ -185,6 +230,7 @@ def test_bad_and_forged_global_models_are_rejected_good_one_is_swapped_in(broker
     finally:
         client.stop()
         agg.stop()
+        engine.close()
 
 
 def test_outbox_keeps_update_while_broker_down_and_delivers_it_once(broker, store, model_dir, keys):
