@@ -11,6 +11,7 @@ ru_maxrss):
 * fedgate   - gateway.flows.pcap.convert_captures: full Zeek conn semantics, checksums
               verified, Zeek TSV written to /dev/null
 * fedgate-C - the same with checksum verification off (zeek -C)
+* fedgate-2w - fedgate with --workers 2 (file split by address pair over 2 processes)
 * nfstream  - NFStreamer without DPI or statistics (a flow meter with a C capture core)
 * dpkt      - dpkt.pcap.Reader + Ethernet/IP decode + a dict keyed by the 5-tuple
 * scapy     - scapy.utils.PcapReader (full dissection) on the first --scapy-slice packets
@@ -188,12 +189,12 @@ def build_pcap(path: Path, packets: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- runners
 
-def run_fedgate(path: str, ignore_checksums: bool) -> dict:
+def run_fedgate(path: str, ignore_checksums: bool, workers: int = 1) -> dict:
     from gateway.flows.pcap import convert_captures
 
     with open(os.devnull, "wb") as sink:
         t = time.perf_counter()
-        stats = convert_captures([path], sink, ignore_checksums=ignore_checksums)
+        stats = convert_captures([path], sink, ignore_checksums=ignore_checksums, workers=workers)
         dt = time.perf_counter() - t
     return {"packets": stats.packets, "flows": stats.flows, "seconds": dt}
 
@@ -261,6 +262,8 @@ def child(tool: str, path: str, limit: int) -> None:
         out = run_fedgate(path, False)
     elif tool == "fedgate-C":
         out = run_fedgate(path, True)
+    elif tool == "fedgate-2w":
+        out = run_fedgate(path, False, workers=2)
     elif tool == "nfstream":
         out = run_nfstream(path)
     elif tool == "dpkt":
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--packets", type=int, default=1_000_000)
     ap.add_argument("--scapy-slice", type=int, default=20_000)
-    ap.add_argument("--tools", default="fedgate,fedgate-C,nfstream,dpkt,scapy")
+    ap.add_argument("--tools", default="fedgate,fedgate-C,fedgate-2w,nfstream,dpkt,scapy")
     ap.add_argument("--keep", help="also keep the generated pcap at this path")
     ap.add_argument("--child", nargs=3, metavar=("TOOL", "PCAP", "LIMIT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -310,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         what = {
             "fedgate": "Zeek conn semantics, checksums verified, TSV written",
             "fedgate-C": "same, checksums not verified (-C)",
+            "fedgate-2w": "same as fedgate, 2 worker processes (--workers 2)",
             "nfstream": "flow meter, C core, no DPI",
             "dpkt": "Ethernet/IP decode + 5-tuple dict",
             "scapy": f"full dissection, first {args.scapy_slice:,} packets",

@@ -51,9 +51,11 @@ def _local_nets(text: str | None) -> tuple[str, ...] | None:
 @click.option("-f", "--filter", "bpf", metavar="FILTER",
               help="Capture filter, tcpdump syntax subset (host, net, port, portrange, tcp/udp/icmp, ip/ip6, "
                    "and/or/not), e.g. -f 'udp port 53'.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Processes per file (split by address pair); same records, in start-time order.")
 @click.option("--json-summary", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def flows(pcaps, output, fmt, ignore_checksums, local_nets, bare, loaded, bpf, json_summary, progress):
+def flows(pcaps, output, fmt, ignore_checksums, local_nets, bare, loaded, bpf, workers, json_summary, progress):
     """Turn pcap/pcapng files (also .gz) into a Zeek conn.log.
 
     Connections are tracked the way Zeek does (history, conn_state, byte counts from TCP
@@ -90,10 +92,10 @@ def flows(pcaps, output, fmt, ignore_checksums, local_nets, bare, loaded, bpf, j
         if to_stdout:
             return convert_captures(pcaps, sys.stdout.buffer, fmt=fmt, ignore_checksums=ignore_checksums,
                                     local_nets=nets, likely_server_ports=lsp, protocols=protocols,
-                                    bpf=bpf, on_progress=on_progress)
+                                    bpf=bpf, workers=workers, on_progress=on_progress)
         with open(output, "wb") as out:
             return convert_captures(pcaps, out, fmt=fmt, ignore_checksums=ignore_checksums, local_nets=nets,
-                                    likely_server_ports=lsp, protocols=protocols, bpf=bpf,
+                                    likely_server_ports=lsp, protocols=protocols, bpf=bpf, workers=workers,
                                     on_progress=on_progress)
 
     try:

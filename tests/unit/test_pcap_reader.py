@@ -311,3 +311,26 @@ def test_snap_length_cut_payload_becomes_missed_bytes():
     # both payloads were cut (54 bytes of headers leave 10): a cut segment is not seen at all
     assert rec.missed_bytes == nreq + nresp
     assert "G" in rec.history and "g" in rec.history
+
+
+def test_worker_processes_give_the_same_records(tmp_path, fixtures_dir):
+    from gateway.flows.pcap import convert_captures
+
+    frames = []
+    for i in range(6):  # several flows, so both shards get some
+        session, *_ = tcp_session(ip=lambda i=i: IP(src=f"10.0.0.{i + 1}", dst=S),
+                                  rip=lambda i=i: IP(src=S, dst=f"10.0.0.{i + 1}"))
+        frames += [(ts + i * 0.001, data) for ts, data in session]
+    frames.sort(key=lambda f: f[0])
+    synthetic = tmp_path / "multi.pcap"
+    synthetic.write_bytes(pcap_bytes(frames))
+    vlan = fixtures_dir / "zeek-samples" / "core.vlan-mpls" / "mixed-vlan-mpls.pcap"
+    for path in (synthetic, vlan):
+        logs = {}
+        for workers in (1, 2):
+            buf = io.BytesIO()
+            stats = convert_captures([str(path)], buf, workers=workers)
+            logs[workers] = (sorted(x for x in buf.getvalue().splitlines() if not x.startswith(b"#")),
+                             stats.packets, stats.flows, stats.skipped)
+        assert logs[1] == logs[2]
+    assert len(logs[1][0]) == 2  # the vlan-mpls trace without -C: two valid connections
