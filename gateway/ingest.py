@@ -317,25 +317,30 @@ def _zeek_batches(
     fh = open_log(path)
     try:
         parser = ZeekLogParser(source_name=str(path))
+        reader = _Reader(fh)
         if resume is not None:
             offset, state = resume
-            saved = json.loads(state) if state else None
             try:
+                saved = json.loads(state) if state else None
                 fh.seek(offset)  # gzip: decompresses up to there
                 first = fh.read(READ_CHUNK)
-            except (EOFError, OSError, zlib.error) as exc:
-                raise ReplayError(f"{path}: cannot resume at offset {offset}: {exc}") from exc
-            if not first:
-                return  # everything was committed by an earlier run
-            parser = ZeekLogParser(
-                source_name=str(path),
-                header=LogHeader.from_dict(saved["header"]) if saved else None,
-                offset=offset,
-                line_no=saved["line_no"] if saved else 0,
-            )
-            reader = _Reader(fh, first)
-        else:
-            reader = _Reader(fh)
+                parser = ZeekLogParser(
+                    source_name=str(path),
+                    header=LogHeader.from_dict(saved["header"]) if saved else None,
+                    offset=offset,
+                    line_no=saved["line_no"] if saved else 0,
+                )
+                reader = _Reader(fh, first)
+            except (EOFError, OSError, zlib.error, ValueError, KeyError, TypeError) as exc:
+                # Stored rows are keyed by uid: reading it all again costs time, not correctness.
+                log.warning("%s: cannot resume at byte %d (%s); reading from the start", path, offset, exc)
+                fh.close()
+                fh = open_log(path)
+                parser = ZeekLogParser(source_name=str(path))
+                reader = _Reader(fh)
+            else:
+                if not first:
+                    return  # everything was committed by an earlier run
         pending: list[ConnRecord] = []
         try:
             for records in iter_record_batches(

@@ -349,3 +349,15 @@ def test_commit_batch_never_fails_on_hostile_values(sqlite_store, records):
     assert result.stored + len(result.refused) <= len(records)
     for r in result.refused:
         assert "out of range" in r.reason or "missing" in r.reason
+
+
+def test_unusable_saved_offset_means_reading_again_not_failing(sqlite_store, iot23_dir, tmp_path):
+    src = iot23_dir / "CTU-Honeypot-Capture-7-1" / "conn.log.labeled"
+    path = tmp_path / "conn.log"
+    path.write_bytes(src.read_bytes())
+    first = replay([path], session_factory=sqlite_store)
+    with sqlite_store.begin() as s:
+        saved = repo.load_offset(s, str(path.resolve()))
+        repo.save_offset(s, saved.source, file_identity=saved.file_identity, offset=100, header="{not json")
+    again = replay([path], session_factory=sqlite_store)
+    assert again.records == first.records and again.stored == 0 and again.rejected_total == 0
