@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -130,42 +129,44 @@ def test_crash_mid_file_then_rerun_resumes_with_one_row_per_record(store, iot23_
 
 
 @pytest.mark.slow
-def test_kill_9_of_fedgate_replay_mid_file_then_rerun(tmp_path):
+def test_kill_9_of_fedgate_replay_mid_file_then_rerun(store_url, tmp_path):  # noqa: F811
     """A real ``kill -9`` of the CLI while it commits batches; the rerun completes the file."""
+    from sqlalchemy import text
+
     log = tmp_path / "big.conn.log"
     lines = 60_000
     _bench_module().build_conn_log(log, lines)
-    db = tmp_path / "kill.db"
-    url = f"sqlite:///{db}"
-    open_store(url)[0].dispose()  # schema first, so the poller can count from the start
+    engine, _ = open_store(store_url)  # schema first, so the poller can count from the start
     cmd = [sys.executable, "-m", "gateway.cli", "replay", "--no-classify", "--batch-size", "2000",
-           "--db", url, "--json", str(log)]
-    env = dict(os.environ, FEDGATE_DB=url)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+           "--db", store_url, "--json", str(log)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
 
-    def count() -> int:
-        with sqlite3.connect(db, timeout=30) as c:
-            return c.execute("select count(*) from flows").fetchone()[0]
+    def count(what: str = "count(*)"):
+        with engine.connect() as conn:
+            return conn.execute(text(f"select {what} from flows")).one()
 
-    deadline = time.monotonic() + 120
-    while count() < 4000:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "replay committed nothing in time"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    before = count()
-    assert 4000 <= before < lines, "killed too late to test a resume"
+    try:
+        deadline = time.monotonic() + 120
+        while count()[0] < 4000:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "replay committed nothing in time"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        (before,) = count()
+        assert 4000 <= before < lines, "killed too late to test a resume"
 
-    done = subprocess.run(cmd, capture_output=True, cwd=tmp_path, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr.decode()
-    summary = json.loads(done.stdout)
-    assert summary["files"][0]["resumed_from"] > 0
-    assert summary["records"] == summary["stored"] == lines - before
-    with sqlite3.connect(db) as c:
-        n, distinct = c.execute("select count(*), count(distinct uid) from flows").fetchone()
-    assert n == distinct == lines
+        done = subprocess.run(cmd, capture_output=True, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()
+        summary = json.loads(done.stdout)
+        assert summary["files"][0]["resumed_from"] > 0
+        assert summary["records"] == summary["stored"] == lines - before
+        assert tuple(count("count(*), count(distinct uid)")) == (lines, lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        engine.dispose()
 
 
 JUNK_LINES = [
