@@ -363,8 +363,11 @@ def _strategy_params(settings: ExperimentSettings, strategy: str) -> dict:
     steps = settings.max_local_steps
     if strategy == "gsfs":
         # P is evaluated once, at the end of the step budget; the gradient trigger may
-        # fire from half-way on. sample_weighted: see GSFS (non-IID sizes).
-        return {"rho": 1.0, "eta": 1.0, "staleness_exponent": 0.5, "deadline_s": settings.gsfs_deadline_s,
+        # fire from half-way on. rho = 1 (wait for every live gateway that triggers, or
+        # the deadline) and eta = 0.5 damp the windows in which only the benign-only
+        # gateways reported (they pull every prompt towards benign; only one scenario
+        # holds DDoS); sample_weighted: see GSFS (gateways of very different sizes).
+        return {"rho": 1.0, "eta": 0.5, "staleness_exponent": 0.5, "deadline_s": settings.gsfs_deadline_s,
                 "sample_weighted": True,
                 "trigger": {"tau": 0.01, "ema": 0.9, "k": 3.0, "warmup": max(1, steps // 2), "eval_every": steps}}
     if strategy == "fedopt":
