@@ -1054,8 +1054,13 @@ class ConnTracker:
     def _icmp(self, pkt: Packet, t: float) -> None:
         src, dst, itype, code = pkt.src, pkt.dst, pkt.sport, pkt.dport
         table = ICMP4_COUNTERPART if pkt.proto == PROTO_ICMP else ICMP6_COUNTERPART
-        other = table.get(itype, code)
-        if (src, itype) < (dst, other):
+        other = table.get(itype)
+        if other is None:
+            # one-way message (unreachable, MLD report ...): Zeek's ConnKey keeps it
+            # directional, so the same message back is another connection
+            other = code
+            key = (pkt.proto, src, itype, dst, other, 1)
+        elif (src, itype) < (dst, other):
             key = (pkt.proto, src, itype, dst, other)
         else:
             key = (pkt.proto, dst, other, src, itype)

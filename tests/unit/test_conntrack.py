@@ -240,6 +240,10 @@ def test_icmp_unreachable_uses_code_as_responder_port():
     (rec,) = run([icmp(1.0, B, A, 3, 3, n=36)])
     assert (rec.orig_p, rec.resp_p) == (3, 3)
     assert rec.duration is None and rec.orig_bytes is None and rec.orig_pkts == 1
+    # one-way messages keep their direction: the same message the other way is another record
+    recs = run([icmp(1.0, B, A, 3, 3, n=36), icmp(1.5, A, B, 3, 3, n=36), icmp(2.0, B, A, 3, 3, n=36)])
+    assert sorted((r.orig_h, r.orig_pkts, r.resp_pkts) for r in recs) == [
+        ("10.0.0.1", 1, 0), ("93.184.216.34", 2, 0)]
 
 
 def test_unknown_ip_protocol_is_one_record_per_address_pair():
