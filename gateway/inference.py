@@ -154,28 +154,36 @@ class LoadedModel:
         return self.session.run(["logits"], feeds)[0]
 
     def verdicts_for_ids(self, ids: np.ndarray, *, max_batch: int = 256) -> list[Verdict]:
-        """Verdicts for id rows; distinct rows are run once and cached."""
+        """Verdicts for id rows; distinct rows are run once and cached.
+
+        Safe under concurrent calls: answers are gathered in a local dict, so another
+        call clearing the shared cache cannot lose them.
+        """
         rows = [tuple(r) for r in ids.tolist()]
         cache = self._verdicts
-        missing = list(dict.fromkeys(r for r in rows if r not in cache))
-        if missing:
-            arr = np.array(missing, dtype=np.int64)
-            for start in range(0, len(arr), max_batch):
-                chunk = arr[start : start + max_batch]
-                logits = self.logits(chunk).astype(np.float64)
-                z = np.exp(logits - logits.max(axis=1, keepdims=True))
-                probs = z / z.sum(axis=1, keepdims=True)
-                best = probs.argmax(axis=1)
-                scores = 1.0 - probs[:, 0]
-                if len(cache) + len(chunk) > self.options.cache_size:
-                    cache.clear()
-                for key, b, s in zip(missing[start : start + max_batch], best.tolist(), scores.tolist()):
-                    cache[key] = (self.labels[b], s)
-            if self.options.cache_size == 0:
-                out = [cache[r] for r in rows]
-                cache.clear()
-                return out
-        return [cache[r] for r in rows]
+        local: dict[tuple[int, ...], Verdict] = {}
+        missing: list[tuple[int, ...]] = []
+        for key in dict.fromkeys(rows):
+            hit = cache.get(key)
+            if hit is None:
+                missing.append(key)
+            else:
+                local[key] = hit
+        for start in range(0, len(missing), max_batch):
+            keys = missing[start : start + max_batch]
+            logits = self.logits(np.array(keys, dtype=np.int64)).astype(np.float64)
+            z = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs = z / z.sum(axis=1, keepdims=True)
+            scores = 1.0 - probs[:, 0]
+            for key, best, score in zip(keys, probs.argmax(axis=1).tolist(), scores.tolist()):
+                local[key] = (self.labels[best], score)
+        limit = self.options.cache_size
+        if missing and limit:
+            if len(cache) + len(missing) > limit:
+                cache.clear()  # cheap bound: shapes repeat, so it refills quickly
+            for key in missing[:limit]:
+                cache[key] = local[key]
+        return [local[r] for r in rows]
 
     def classify(self, records: Sequence[ConnRecord], *, max_batch: int = 256) -> list[Verdict]:
         if not records:

@@ -98,7 +98,7 @@ def train(data, out, preset, base_model, epochs, seed, int8, as_json):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Passes over the train part [preset default].")
 @click.option("--temperature", type=click.FloatRange(min=0.05), default=2.0, show_default=True, help="Softmax temperature of the KL term.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.7, show_default=True, help="Weight of the KL term (1 - alpha: cross-entropy).")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.3, show_default=True, help="Weight of the KL term (1 - alpha: cross-entropy).")
 @click.option("--seed", type=int, default=None, help="Training seed [the teacher's split seed].")
 @click.option("--no-int8", is_flag=True, help="Do not write model.int8.onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

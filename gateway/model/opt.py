@@ -36,7 +36,7 @@ PRESETS: dict[str, Preset] = {
     # ~0.5M parameters (>= 10x the student): trained centrally, never shipped to gateways.
     "teacher": Preset(hidden=96, layers=4, heads=4, ffn=384, dropout=0.1, epochs=25, lr=1e-3, batch_size=128),
     # ~40k parameters: what gateways run (ONNX) and what federated learning trains.
-    "student": Preset(hidden=32, layers=2, heads=2, ffn=64, dropout=0.0, epochs=100, lr=5e-3, batch_size=128),
+    "student": Preset(hidden=32, layers=2, heads=2, ffn=64, dropout=0.0, epochs=150, lr=5e-3, batch_size=128),
 }
 
 

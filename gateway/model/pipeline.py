@@ -159,7 +159,7 @@ def distill_model(
     epochs: int | None = None,
     seed: int | None = None,
     temperature: float = 2.0,
-    alpha: float = 0.7,
+    alpha: float = 0.3,
     lr: float | None = None,
     int8: bool = True,
     train_index: np.ndarray | None = None,

@@ -1,0 +1,152 @@
+"""Inference speed of a model directory: tokenising, ONNX Runtime, torch eager, engine.
+
+Rows (same process, same prompts: the IoT-23 flows of ``--data`` tokenised):
+
+* ``tokenise``: ``FlowTokenizer.encode`` flows/s, with its per-shape cache cold
+  (cleared before each pass) and warm;
+* ``onnx fp32`` / ``onnx int8``: the session alone, flows/s at batch ``--batch`` and
+  single-flow latency p50/p99, for 1 and 2 intra-op threads;
+* ``torch eager``: the same weights through ``OPTForSequenceClassification`` (same
+  thread counts), so the ONNX speed-up is measured, not assumed;
+* ``engine.classify``: records in, verdicts out (tokenise + distinct-prompt dedupe +
+  verdict cache + ONNX), the path replay uses, with the cache on and off.
+
+    python -m benchmarks.inference                       # models/default, table
+    python -m benchmarks.inference --model build/student --json
+    python -m benchmarks.inference --quick
+
+The 2 cores of the development box are shared with other engineers' jobs while this
+runs: figures are pessimistic; the table shows the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+GOALS = {"flows_per_s": 20_000, "p99_ms": 2.0, "speedup_vs_torch": 3.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "default")
+    ap.add_argument("--data", type=Path, default=REPO_ROOT / "data" / "iot23")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per throughput figure")
+    ap.add_argument("--singles", type=int, default=2000, help="single-flow calls per latency figure")
+    ap.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.singles = 0.5, 200
+    os.environ.setdefault("COLUMNS", "140")
+
+    import torch
+
+    from gateway.inference import EngineOptions, InferenceEngine, LoadedModel
+    from gateway.model.data import load_scenarios
+    from gateway.model.evaluation import measure_latency, measure_throughput
+    from gateway.model.modeldir import load_student
+    from gateway.model.tokenizer import FlowTokenizer
+    from gateway.output import emit_json, emit_rows
+
+    load_start = os.getloadavg()[0]
+    records = [r for s in load_scenarios([args.data]) for r in s.records]
+    model, tokenizer, _, meta = load_student(args.model)
+    rng = np.random.default_rng(0)
+    ids_all = tokenizer.encode(records)
+    ids = ids_all[rng.permutation(len(ids_all))]
+    rows: list[dict] = []
+
+    # tokenising
+    fresh = FlowTokenizer(tokenizer.hf, tokenizer.template)
+    t = time.perf_counter()
+    passes = 0
+    while time.perf_counter() - t < args.seconds or passes == 0:
+        fresh._cache.clear()
+        fresh.encode(records)
+        passes += 1
+    cold = passes * len(records) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    passes = 0
+    while time.perf_counter() - t < args.seconds or passes == 0:
+        fresh.encode(records)
+        passes += 1
+    warm = passes * len(records) / (time.perf_counter() - t)
+    rows.append({"what": "tokenise (cache cold per pass)", "threads": 1, "flows_per_s": round(cold)})
+    rows.append({"what": "tokenise (cache warm)", "threads": 1, "flows_per_s": round(warm)})
+
+    def timed(name: str, run, threads: int) -> dict:
+        lat = measure_latency(run, ids, n=args.singles)
+        fps = measure_throughput(run, ids, batch=args.batch, min_seconds=args.seconds)
+        return {"what": name, "threads": threads, "batch": args.batch, "flows_per_s": round(fps),
+                "p50_ms": round(lat["p50_ms"], 3), "p99_ms": round(lat["p99_ms"], 3)}
+
+    best = {}
+    for threads in (1, 2):
+        for int8 in (False, True):
+            loaded = LoadedModel(args.model, EngineOptions(provider="cpu", int8=int8, threads=threads, cache_size=0))
+            row = timed(f"onnx {'int8' if int8 else 'fp32'}", loaded.logits, threads)
+            rows.append(row)
+            best.setdefault(row["what"], []).append(row)
+        torch.set_num_threads(threads)
+
+        def torch_run(x, _m=model):
+            with torch.inference_mode():
+                t_ids = torch.from_numpy(x)
+                return _m(input_ids=t_ids, attention_mask=torch.ones_like(t_ids)).logits
+
+        row = timed("torch eager", torch_run, threads)
+        rows.append(row)
+        best.setdefault("torch eager", []).append(row)
+
+    # the replay path: records in, verdicts out
+    chunk = records[: 20_000] if len(records) >= 20_000 else records
+    for cache in (True, False):
+        engine = InferenceEngine(args.model, provider="cpu", cache_size=100_000 if cache else 0)
+        engine.classify(chunk)
+        t = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t < args.seconds or n == 0:
+            engine.classify(chunk)
+            n += len(chunk)
+        rows.append({"what": f"engine.classify (verdict cache {'on' if cache else 'off'})", "threads": "ort default",
+                     "batch": len(chunk), "flows_per_s": round(n / (time.perf_counter() - t))})
+
+    onnx_best = max(r["flows_per_s"] for r in best["onnx fp32"])
+    torch_best = max(r["flows_per_s"] for r in best["torch eager"])
+    summary = {
+        "model": str(args.model),
+        "version": meta["version"],
+        "parameters": meta.get("parameters"),
+        "prompt_length": tokenizer.length,
+        "onnx_fp32_best_flows_per_s": onnx_best,
+        "torch_eager_best_flows_per_s": torch_best,
+        "speedup_onnx_vs_torch (best vs best)": round(onnx_best / torch_best, 2),
+        "onnx_fp32_best_p99_ms": min(r["p99_ms"] for r in best["onnx fp32"]),
+        "goals": "flows/s >= 20,000 at batch 256; >= 3x torch; single p99 <= 2 ms",
+        "cpu_cores": os.cpu_count(),
+        "load_avg_1m_start": round(load_start, 2),
+        "load_avg_1m_end": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+    }
+    if args.json:
+        emit_json({"summary": summary, "rows": rows})
+    else:
+        emit_rows(rows, ["what", "threads", "batch", "flows_per_s", "p50_ms", "p99_ms"], title="fedgate inference benchmark")
+        emit_rows([{"item": k, "value": v} for k, v in summary.items()], ["item", "value"], title="summary")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
