@@ -252,6 +252,7 @@ def _iter_pcapng(f, name: str, stats: CaptureStats) -> Iterator[Frame]:
     endian = "<"
     interfaces: list[tuple[int, int, int]] = []  # (linktype, units per second, offset seconds)
     first = True
+    prev_ts = 0.0  # simple packet blocks carry no time: they take the previous packet's
     while True:
         if not b.ensure(12):
             if len(b.buf) - b.pos:
@@ -298,13 +299,14 @@ def _iter_pcapng(f, name: str, stats: CaptureStats) -> Iterator[Frame]:
                 stats.skipped["bad_pcapng_packet_block"] = stats.skipped.get("bad_pcapng_packet_block", 0) + 1
                 continue
             linktype, units, offset = interfaces[if_id]
-            yield _pcapng_ts(ts_hi, ts_lo, units, offset), linktype, body[20:20 + cap_len], orig_len
-        elif block_type == 3:  # simple packet: interface 0, no timestamp
+            prev_ts = _pcapng_ts(ts_hi, ts_lo, units, offset)
+            yield prev_ts, linktype, body[20:20 + cap_len], orig_len
+        elif block_type == 3:  # simple packet: interface 0, no timestamp of its own
             if not interfaces or len(body) < 4:
                 continue
             orig_len = struct.unpack_from(endian + "I", body, 0)[0]
             linktype = interfaces[0][0]
-            yield (stats.last_ts or 0.0), linktype, body[4:4 + orig_len], orig_len
+            yield prev_ts, linktype, body[4:4 + orig_len], orig_len
         elif block_type == 2:  # obsolete packet block
             if len(body) < 20:
                 continue
@@ -312,7 +314,8 @@ def _iter_pcapng(f, name: str, stats: CaptureStats) -> Iterator[Frame]:
             if if_id >= len(interfaces) or 20 + cap_len > len(body):
                 continue
             linktype, units, offset = interfaces[if_id]
-            yield _pcapng_ts(ts_hi, ts_lo, units, offset), linktype, body[20:20 + cap_len], orig_len
+            prev_ts = _pcapng_ts(ts_hi, ts_lo, units, offset)
+            yield prev_ts, linktype, body[20:20 + cap_len], orig_len
         # other blocks (name resolution, statistics, custom) carry nothing we need
 
 
