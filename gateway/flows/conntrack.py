@@ -93,7 +93,8 @@ def likely_server_ports_for(protocols: Iterable[str] | None) -> frozenset[tuple[
     """``likely_server_ports`` when only ``protocols`` are loaded (``None``: all, Zeek's default)."""
     if protocols is None:
         return DEFAULT_LIKELY_SERVER_PORTS
-    ports: set[tuple[int, int]] = set()
+    # the tunnel packet analyzers (base/packet-protocols) are loaded even in bare mode
+    ports: set[tuple[int, int]] = set(PROTOCOL_SERVER_PORTS["tunnels"])
     for name in protocols:
         ports |= PROTOCOL_SERVER_PORTS.get(name, frozenset())
     return frozenset(ports)
