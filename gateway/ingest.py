@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -429,12 +430,77 @@ def reason_key(reason: str) -> str:
     return _QUOTED.sub("…", reason)[:120]
 
 
+_COUNT_LOCK = threading.Lock()  # rejections are counted by the reader and the writer thread
+
+
 def _count_rejection(summary: ReplaySummary, fsum: FileSummary, reason: str) -> None:
     key = reason_key(reason)
-    if key not in summary.rejected and len(summary.rejected) >= MAX_REASONS:
-        key = "other"
-    summary.rejected[key] = summary.rejected.get(key, 0) + 1
-    fsum.rejected += 1
+    with _COUNT_LOCK:
+        if key not in summary.rejected and len(summary.rejected) >= MAX_REASONS:
+            key = "other"
+        summary.rejected[key] = summary.rejected.get(key, 0) + 1
+        fsum.rejected += 1
+
+
+class _BatchWriter:
+    """Commits batches on one background thread, in order, while the caller parses the
+    next one: parsing and the database's work (which releases the GIL) overlap.
+
+    At most one batch waits, so memory stays bounded.  An error of a commit is raised
+    in the caller at its next ``put`` or at ``close``; batches queued after a failed
+    one are dropped (not committed), so offsets still only move forward in order.
+    """
+
+    _STOP = object()
+
+    def __init__(self, commit: Callable[..., None]):
+        self._commit = commit
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fedgate-replay-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            if self._error is None:
+                try:
+                    self._commit(*item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def put(self, *item) -> None:
+        self._raise()
+        self._queue.put(item)
+
+    def close(self) -> None:
+        """Wait until every queued batch is committed; raise a commit's error."""
+        self._queue.put(self._STOP)
+        self._thread.join()
+        self._raise()
+
+
+class _InlineWriter:
+    """``_BatchWriter``'s interface, committing in the caller's thread."""
+
+    def __init__(self, commit: Callable[..., None]):
+        self.put = commit
+
+    def close(self) -> None:
+        return None
+
+
+def _thread_safe_store(session_factory: sessionmaker[Session]) -> bool:
+    """False for an in-memory SQLite database: each thread would see its own, empty one."""
+    url = session_factory.kw["bind"].url
+    return not (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"))
 
 
 def _replay_file(
@@ -472,8 +538,9 @@ def _replay_file(
             fsum.resumed_from = saved.offset
             log.info("%s: resuming after byte %d", path, saved.offset)
 
-    def account(records: list[ConnRecord], offset: tuple | None, done_bytes: int) -> None:
-        verdicts = _classify(classifier, records)
+    def account(records: list[ConnRecord], offset: tuple | None, done_bytes: int, verdicts=None) -> None:
+        if verdicts is None:
+            verdicts = _classify(classifier, records)
         stored, dets, refused = commit_batch(
             session_factory, records, source=fsum.source,
             classifier=classifier, verdicts=verdicts, offset=offset,
@@ -506,10 +573,15 @@ def _replay_file(
     def on_rejection(rej) -> None:
         _count_rejection(summary, fsum, rej.reason)
 
-    for batch, offset, state, raw_pos in _zeek_batches(
-        path, strict=strict, batch_size=batch_size, resume=resume, on_rejection=on_rejection
-    ):
-        account(batch, (ident, offset, state), raw_pos)
+    # This thread reads, parses and classifies; the writer commits the batch before.
+    writer = _BatchWriter(account) if _thread_safe_store(session_factory) else _InlineWriter(account)
+    try:
+        for batch, offset, state, raw_pos in _zeek_batches(
+            path, strict=strict, batch_size=batch_size, resume=resume, on_rejection=on_rejection
+        ):
+            writer.put(batch, (ident, offset, state), raw_pos, _classify(classifier, batch))
+    finally:
+        writer.close()  # batches handed over before an error or Ctrl-C are still committed
 
 
 def _replay_capture(path, fsum, summary, *, ident, size, strict, batch_size, account) -> None:

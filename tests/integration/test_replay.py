@@ -362,3 +362,13 @@ def test_unusable_saved_offset_means_reading_again_not_failing(sqlite_store, iot
         repo.save_offset(s, saved.source, file_identity=saved.file_identity, offset=100, header="{not json")
     again = replay([path], session_factory=sqlite_store)
     assert again.records == first.records and again.stored == 0 and again.rejected_total == 0
+
+
+def test_replay_into_an_in_memory_sqlite_database(iot23_dir):
+    """No writer thread there: another thread would see another, empty database."""
+    engine, factory = open_store("sqlite://")
+    path = iot23_dir / "CTU-Honeypot-Capture-7-1" / "conn.log.labeled"
+    summary = replay([path], session_factory=factory)
+    with factory() as s:
+        assert repo.count_flows(s) == summary.stored == len(parsed(path))
+    engine.dispose()

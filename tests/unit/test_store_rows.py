@@ -183,3 +183,29 @@ def test_clean_flow_rows_escapes_text_and_refuses_out_of_range_integers():
     assert refused == [("C2", "orig_bytes out of range for the database"),
                        ("C3", "orig_p out of range for the database"),
                        ("C4", "ts missing")]
+
+
+def test_batch_writer_commits_in_order_and_hands_errors_back():
+    from gateway.ingest import _BatchWriter
+
+    done = []
+    writer = _BatchWriter(lambda n: done.append(n))
+    for n in range(50):
+        writer.put(n)
+    writer.close()
+    assert done == list(range(50))
+
+    def commit(n):
+        if n == 3:
+            raise OSError("disk full")
+        done.append(n)
+
+    done.clear()
+    writer = _BatchWriter(commit)
+    with pytest.raises(OSError, match="disk full"):
+        try:
+            for n in range(100):
+                writer.put(n)
+        finally:
+            writer.close()
+    assert done == [0, 1, 2]  # nothing after the failed batch was committed
