@@ -14,7 +14,7 @@ import click
 from gateway.output import emit_mapping
 
 PROTOCOL_CHOICES = (
-    "dce-rpc", "dhcp", "dnp3", "dns", "ftp", "http", "krb", "modbus", "mysql", "ntp", "radius",
+    "dce-rpc", "dhcp", "dnp3", "dns", "ftp", "http", "krb", "ldap", "modbus", "mysql", "ntp", "radius",
     "rdp", "sip", "smb", "smtp", "snmp", "socks", "ssh", "ssl", "syslog", "tunnels", "xmpp",
 )
 

@@ -46,6 +46,7 @@ PROTOCOL_SERVER_PORTS: dict[str, frozenset[tuple[int, int]]] = {
     "ftp": frozenset({(TCP, 21), (TCP, 2811)}),
     "http": frozenset({(TCP, p) for p in (80, 81, 631, 1080, 3128, 8000, 8080, 8888)}),
     "krb": frozenset({(UDP, 88), (TCP, 88)}),
+    "ldap": frozenset({(TCP, 389), (TCP, 3268), (UDP, 389)}),
     "modbus": frozenset({(TCP, 502)}),
     "mysql": frozenset({(TCP, 1434), (TCP, 3306)}),
     "ntp": frozenset({(UDP, 123)}),
