@@ -11,12 +11,11 @@ import sys
 
 import click
 
+from gateway.flows.conntrack import PROTOCOL_SERVER_PORTS
 from gateway.output import emit_mapping
 
-PROTOCOL_CHOICES = (
-    "dce-rpc", "dhcp", "dnp3", "dns", "ftp", "http", "krb", "ldap", "modbus", "mysql", "ntp", "radius",
-    "rdp", "sip", "smb", "smtp", "snmp", "socks", "ssh", "ssl", "syslog", "tunnels", "xmpp",
-)
+# protocol scripts whose ports and analyzers --load can name (one list, in conntrack)
+PROTOCOL_CHOICES = tuple(sorted(PROTOCOL_SERVER_PORTS))
 
 
 def _local_nets(text: str | None) -> tuple[str, ...] | None:
