@@ -456,7 +456,8 @@ class _BatchWriter:
     def __init__(self, commit: Callable[..., None]):
         self._commit = commit
         self._queue: queue.Queue = queue.Queue(maxsize=1)
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # not yet raised in the caller
+        self._failed = False  # stays set: nothing after a failed batch is committed
         self._thread = threading.Thread(target=self._run, name="fedgate-replay-writer", daemon=True)
         self._thread.start()
 
@@ -465,10 +466,11 @@ class _BatchWriter:
             item = self._queue.get()
             if item is self._STOP:
                 return
-            if self._error is None:
+            if not self._failed:
                 try:
                     self._commit(*item)
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    self._failed = True
                     self._error = exc
 
     def _raise(self) -> None:
