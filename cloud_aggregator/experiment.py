@@ -64,7 +64,9 @@ class ExperimentSettings:
     batch_size      (default 64)
     lr              local learning rate (default 2e-3)
     target_f1       F1 for the "time to target" column (default 0.99)
-    round_timeout_s a run stops when no new global version arrived for this long (default 120)
+    round_timeout_s FedAvg/FedOpt: a round aggregates what arrived after this long (default 120)
+    stall_timeout_s a run ends early when no new global version came for this long: under
+                    GSFS that means no gateway's trigger fired (converged) (default 45)
     gsfs_deadline_s GSFS server deadline: aggregate what arrived after this (default 8)
     dp_noise        DP noise multiplier (None: DP off)
     dp_clip         DP clipping norm (default 1.0)
@@ -85,6 +87,7 @@ class ExperimentSettings:
     lr: float = 2e-3
     target_f1: float = 0.99
     round_timeout_s: float = 120.0
+    stall_timeout_s: float = 45.0
     gsfs_deadline_s: float = 8.0
     dp_noise: float | None = None
     dp_clip: float = 1.0
@@ -442,9 +445,9 @@ def run_one(settings: ExperimentSettings, prep: Prepared, *, strategy: str, comp
                 last_version, last_change = service.version, time.time()
                 if on_round:
                     on_round(label, last_version)
-            elif time.time() - last_change > settings.round_timeout_s:
-                log.warning("%s: no new global version for %.0f s; stopping at version %d",
-                            label, settings.round_timeout_s, last_version)
+            elif time.time() - last_change > settings.stall_timeout_s:
+                log.warning("%s: no new global version for %.0f s (no gateway triggered an upload); "
+                            "ending the run at version %d", label, settings.stall_timeout_s, last_version)
                 break
             if not any(forks.alive(p) for p in pids):
                 raise RuntimeError(f"every gateway process exited; see {work / 'logs'}")
@@ -685,7 +688,7 @@ def _plots(report: dict, out: Path) -> list[Path]:
 
 
 QUICK = {"rounds": 2, "max_train_flows": 2000, "max_local_steps": 20, "local_epochs": 10, "round_timeout_s": 60.0,
-         "gsfs_deadline_s": 4.0}
+         "stall_timeout_s": 20.0, "gsfs_deadline_s": 4.0}
 
 
 @click.command("experiment", context_settings={"help_option_names": ["-h", "--help"]})

@@ -26,7 +26,7 @@ def report(tmp_path_factory, iot23_dir):
         strategies=("gsfs", "fedavg", "fedopt"),
         gateway_data=(iot23_dir / "CTU-Honeypot-Capture-7-1", iot23_dir / "CTU-Malware-Capture-8-1"),
         out=out, rounds=2, max_train_flows=400, max_local_steps=10, local_epochs=5,
-        round_timeout_s=60, gsfs_deadline_s=3, quick=True,
+        round_timeout_s=60, stall_timeout_s=20, gsfs_deadline_s=3, quick=True,
     )
     return out, run_experiment(settings)
 
@@ -74,3 +74,8 @@ def test_cli_help_has_examples():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     assert "Examples:" in out.stdout and "--gateway-data" in out.stdout and "--compression" in out.stdout
+
+
+def test_demo_help():
+    out = subprocess.run([sys.executable, "-m", "gateway.demo", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Examples:" in out.stdout and "--skip-experiment" in out.stdout
