@@ -372,6 +372,15 @@ class Conn:
         self.uid: str | None = None
         self.chk: list[int] | None = None  # UDP bad-checksum counters and thresholds
 
+    def count(self, is_orig: bool, ip_len: int) -> None:
+        """Zeek's ConnSize analyzer: packets and IP bytes per direction."""
+        if is_orig:
+            self.orig_pkts += 1
+            self.orig_ip_bytes += ip_len
+        else:
+            self.resp_pkts += 1
+            self.resp_ip_bytes += ip_len
+
     def flip_roles(self) -> None:
         """Swap originator and responder (Zeek's Connection::FlipRoles); appends ``^``."""
         self.orig_h, self.resp_h = self.resp_h, self.orig_h
@@ -619,10 +628,7 @@ class ConnTracker:
     # ------------------------------------------------------------------ TCP
     def _tcp(self, pkt: Packet, t: float) -> None:
         src, dst, sport, dport = pkt.src, pkt.dst, pkt.sport, pkt.dport
-        if src < dst or (src == dst and sport < dport):
-            key = (6, src, sport, dst, dport)
-        else:
-            key = (6, dst, dport, src, sport)
+        key = _conn_key(6, src, sport, dst, dport)
         flags = pkt.flags
         conn = self.conns.get(key)
         if conn is not None and flags & SYN and pkt.payload_len >= 0 and self._tcp_is_reuse(conn, pkt, t):
@@ -662,12 +668,7 @@ class ConnTracker:
             self._tcp_process(conn, endpoint, pkt, t)
             # ConnSize counts every packet the TCP analyzer accepted, under the direction it
             # had when it arrived (a SYN/SYN-ACK reversal flips the counters first)
-            if is_orig:
-                conn.orig_pkts += 1
-                conn.orig_ip_bytes += pkt.ip_len
-            else:
-                conn.resp_pkts += 1
-                conn.resp_ip_bytes += pkt.ip_len
+            conn.count(is_orig, pkt.ip_len)
         if new:
             # new_connection handlers run after the first packet (inactivity.zeek)
             port_timeout = PORT_INACTIVITY.get(conn.resp_p)
@@ -970,10 +971,7 @@ class ConnTracker:
     # ------------------------------------------------------------------ UDP
     def _udp(self, pkt: Packet, t: float) -> Conn:
         src, dst, sport, dport = pkt.src, pkt.dst, pkt.sport, pkt.dport
-        if src < dst or (src == dst and sport < dport):
-            key = (17, src, sport, dst, dport)
-        else:
-            key = (17, dst, dport, src, sport)
+        key = _conn_key(17, src, sport, dst, dport)
         conn = self.conns.get(key)
         if conn is None:
             lsp = self.likely_server_ports
@@ -1008,12 +1006,7 @@ class ConnTracker:
         if not conn.app_done and conn.app is not None:
             self._udp_app(conn, pkt, is_orig)
         if not pkt.flags & 1:  # a datagram cut by the snap length is not counted
-            if is_orig:
-                conn.orig_pkts += 1
-                conn.orig_ip_bytes += pkt.ip_len
-            else:
-                conn.resp_pkts += 1
-                conn.resp_ip_bytes += pkt.ip_len
+            conn.count(is_orig, pkt.ip_len)
         return conn
 
     @staticmethod
@@ -1062,10 +1055,8 @@ class ConnTracker:
             # directional, so the same message back is another connection
             other = code
             key = (pkt.proto, src, itype, dst, other, 1)
-        elif (src, itype) < (dst, other):
-            key = (pkt.proto, src, itype, dst, other)
         else:
-            key = (pkt.proto, dst, other, src, itype)
+            key = _conn_key(pkt.proto, src, itype, dst, other)
         conn = self.conns.get(key)
         if conn is None:
             conn = self._new_conn(key, pkt.proto, src, itype, dst, other, t)
@@ -1076,14 +1067,12 @@ class ConnTracker:
             return
         conn.last_time = t
         n = pkt.payload_len
-        if src == conn.orig_h and itype == conn.orig_p:
+        is_orig = src == conn.orig_h and itype == conn.orig_p
+        if is_orig:
             conn.orig_size = n if conn.orig_size < 0 else conn.orig_size + n
-            conn.orig_pkts += 1
-            conn.orig_ip_bytes += pkt.ip_len
         else:
             conn.resp_size = n if conn.resp_size < 0 else conn.resp_size + n
-            conn.resp_pkts += 1
-            conn.resp_ip_bytes += pkt.ip_len
+        conn.count(is_orig, pkt.ip_len)
 
     def _unknown(self, pkt: Packet, t: float) -> None:
         src, dst = pkt.src, pkt.dst
@@ -1094,14 +1083,12 @@ class ConnTracker:
             conn.inactivity_timeout = UNKNOWN_INACTIVITY
             self._timer(t + UNKNOWN_INACTIVITY, _T_INACTIVITY, conn)
         conn.last_time = t
-        if src == conn.orig_h:
-            conn.orig_pkts += 1
-            conn.orig_ip_bytes += pkt.ip_len
+        is_orig = src == conn.orig_h
+        if is_orig:
             conn.orig_size = 0
         else:
-            conn.resp_pkts += 1
-            conn.resp_ip_bytes += pkt.ip_len
             conn.resp_size = 0
+        conn.count(is_orig, pkt.ip_len)
 
     # ------------------------------------------------------------------ service
     def _app_for(self, proto: int, port: int) -> str | None:
@@ -1225,6 +1212,13 @@ class ConnTracker:
 
 
 _EMPTY: tuple[()] = ()
+
+
+def _conn_key(proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> tuple:
+    """Zeek's ConnKey: the 5-tuple with the smaller (address, port) end first."""
+    if src < dst or (src == dst and sport < dport):
+        return (proto, src, sport, dst, dport)
+    return (proto, dst, dport, src, sport)
 
 
 def _tcp_conn_state(o: TcpEndpoint, r: TcpEndpoint, history: str) -> str:

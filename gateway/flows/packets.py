@@ -297,75 +297,49 @@ class PacketDecoder:
 
         Returns None to send the frame down the general path (anything unusual)."""
         total = frame[16] << 8 | frame[17]
-        end = 14 + total
         proto = frame[23]
-        if end > n or total < 28 or frame[20] & 0x3F or frame[21] or proto not in (6, 17):
+        if 14 + total > n or total < 28 or frame[20] & 0x3F or frame[21] or proto not in (6, 17):
             return None
-        check = not self.ignore_checksums
-        if check and int.from_bytes(frame[14:34], "big") % 0xFFFF:
+        if not self.ignore_checksums and int.from_bytes(frame[14:34], "big") % 0xFFFF:
             return None  # let the general path count it
-        seg_len = total - 20
-        if proto == 6:
-            thl = (frame[46] >> 4) * 4
-            if seg_len < 20 or thl < 20 or thl > seg_len:
-                return None
-            ok = True
-            if check:
-                cs = int.from_bytes(frame[26:end], "big")
-                if seg_len & 1:
-                    cs <<= 8
-                ok = (cs + 6 + seg_len) % 0xFFFF == 0
-            sport, dport, seq, ack, _off, flags, win, _c, _u = _TCP_HDR.unpack_from(frame, 34)
-            pstart = 34 + thl
-            return Packet(ts, frame[26:30], frame[30:34], 6, sport, dport, total, seg_len - thl, flags,
-                          seq, ack, win, ok, frame[pstart:end], frame[54:pstart] if thl > 20 else b"")
-        sport, dport, ulen, csum = _UDP_HDR.unpack_from(frame, 34)
-        if dport in UDP_TUNNEL_PORTS or sport in UDP_TUNNEL_PORTS or seg_len < 8:
-            return None
-        ok = True
-        if check and csum:
-            cs = int.from_bytes(frame[26:end], "big")
-            if seg_len & 1:
-                cs <<= 8
-            ok = (cs + 17 + seg_len) % 0xFFFF == 0
-        return Packet(ts, frame[26:30], frame[30:34], 17, sport, dport, total, ulen - 8, 0, 0, 0, 0, ok,
-                      frame[42:end])
+        return self._fast_l4(frame, ts, 26, 4, total - 20, total, proto)
 
     def _fast_ipv6(self, frame: bytes, ts: float, n: int):
         """Ethernet + IPv6 without extension headers + TCP/UDP; None for anything else."""
         seg_len = frame[18] << 8 | frame[19]
         proto = frame[20]
-        end = 54 + seg_len
-        if end > n or proto not in (6, 17):
+        if 54 + seg_len > n or proto not in (6, 17):
             return None
-        check = not self.ignore_checksums
+        return self._fast_l4(frame, ts, 22, 16, seg_len, seg_len + 40, proto)
+
+    def _fast_l4(self, frame: bytes, ts: float, a: int, alen: int, seg_len: int, ip_len: int, proto: int):
+        """TCP/UDP behind the two addresses at ``a`` (the segment follows them directly)."""
+        l4 = a + 2 * alen
+        end = l4 + seg_len
         if proto == 6:
-            thl = (frame[66] >> 4) * 4 if n > 66 else 0
-            if seg_len < 20 or thl < 20 or thl > seg_len:
+            thl = (frame[l4 + 12] >> 4) * 4 if seg_len >= 20 else 0
+            if thl < 20 or thl > seg_len:
                 return None
-            ok = True
-            if check:
-                cs = int.from_bytes(frame[22:end], "big")
-                if seg_len & 1:
-                    cs <<= 8
-                ok = (cs + 6 + seg_len) % 0xFFFF == 0
-            sport, dport, seq, ack, _off, flags, win, _c, _u = _TCP_HDR.unpack_from(frame, 54)
-            pstart = 54 + thl
-            return Packet(ts, frame[22:38], frame[38:54], 6, sport, dport, seg_len + 40, seg_len - thl, flags,
-                          seq, ack, win, ok, frame[pstart:end], frame[74:pstart] if thl > 20 else b"")
-        if seg_len < 8:
+        elif seg_len < 8:
             return None
-        sport, dport, ulen, _csum = _UDP_HDR.unpack_from(frame, 54)
-        if dport in UDP_TUNNEL_PORTS or sport in UDP_TUNNEL_PORTS:
+        elif frame[l4 + 2] << 8 | frame[l4 + 3] in UDP_TUNNEL_PORTS or frame[l4] << 8 | frame[l4 + 1] in UDP_TUNNEL_PORTS:
             return None
         ok = True
-        if check:
-            cs = int.from_bytes(frame[22:end], "big")
+        # an IPv4 UDP checksum of zero means "none"; IPv6 always has one
+        if not self.ignore_checksums and (proto == 6 or alen == 16 or frame[l4 + 6] or frame[l4 + 7]):
+            # addresses and segment are contiguous: one integer holds the whole sum
+            cs = int.from_bytes(frame[a:end], "big")
             if seg_len & 1:
                 cs <<= 8
-            ok = (cs + 17 + seg_len) % 0xFFFF == 0
-        return Packet(ts, frame[22:38], frame[38:54], 17, sport, dport, seg_len + 40, ulen - 8, 0, 0, 0, 0, ok,
-                      frame[62:end])
+            ok = (cs + proto + seg_len) % 0xFFFF == 0
+        src, dst = frame[a:a + alen], frame[a + alen:l4]
+        if proto == 6:
+            sport, dport, seq, ack, _off, flags, win, _c, _u = _TCP_HDR.unpack_from(frame, l4)
+            pstart = l4 + thl
+            return Packet(ts, src, dst, 6, sport, dport, ip_len, seg_len - thl, flags, seq, ack, win, ok,
+                          frame[pstart:end], frame[l4 + 20:pstart] if thl > 20 else b"")
+        sport, dport, ulen, _csum = _UDP_HDR.unpack_from(frame, l4)
+        return Packet(ts, src, dst, 17, sport, dport, ip_len, ulen - 8, 0, 0, 0, 0, ok, frame[l4 + 8:end])
 
     def _ethertype(self, frame: bytes, off: int, etype: int, ts: float, snapped: bool, depth: int = 0,
                    outer: bytes | None = None):

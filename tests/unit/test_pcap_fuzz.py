@@ -75,54 +75,41 @@ def test_random_files_raise_only_capture_errors(blob):
             assert not head  # a valid pcap header never makes the file itself an error
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    edits=st.lists(st.tuples(st.integers(14, len(SEED_FRAME) - 1), st.integers(0, 255)), max_size=6),
-    udp=st.booleans(),
-    checks=st.booleans(),
-)
-def test_fast_path_agrees_with_general_path(edits, udp, checks):
-    frame = bytearray(SEED_FRAME)
-    if udp:  # same bytes read as UDP: its checksum is then wrong unless -C
-        frame[23] = 17
-    for pos, value in edits:
-        frame[pos] = value
-    frame = bytes(frame)
-    fast = PacketDecoder(ignore_checksums=checks).decode(1, frame, 1.0, len(frame))
-    general = PacketDecoder(ignore_checksums=checks)._ethertype(frame, 14, frame[12] << 8 | frame[13], 1.0, False)
-    if isinstance(fast, Packet) or isinstance(general, Packet):
-        assert fast == general
-
-
-def test_seed_frame_takes_the_fast_path():
-    decoder = PacketDecoder()
-    pkt = decoder._fast_ipv4(SEED_FRAME, 1.0, len(SEED_FRAME))
-    assert isinstance(pkt, Packet) and pkt.checksum_ok and pkt.payload == b"payload-bytes"
-
-
 SEED_FRAME6 = raw(
     Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
     / IPv6(src="2001:db8::1", dst="2001:db8::2")
     / TCP(sport=40000, dport=80, seq=100, flags="PA", window=65535)
     / b"odd-payload"
 )
+# (seed frame, offset of its IP protocol / next-header byte)
+SEEDS = [(SEED_FRAME, 23), (SEED_FRAME6, 20)]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
+    seed=st.sampled_from(SEEDS),
     edits=st.lists(st.tuples(st.integers(14, len(SEED_FRAME6) - 1), st.integers(0, 255)), max_size=6),
     udp=st.booleans(),
     checks=st.booleans(),
 )
-def test_ipv6_fast_path_agrees_with_general_path(edits, udp, checks):
-    frame = bytearray(SEED_FRAME6)
-    if udp:
-        frame[20] = 17
+def test_fast_path_agrees_with_general_path(seed, edits, udp, checks):
+    base, proto_at = seed
+    frame = bytearray(base)
+    if udp:  # same bytes read as UDP: its checksum is then wrong unless -C
+        frame[proto_at] = 17
     for pos, value in edits:
-        frame[pos] = value
+        if pos < len(frame):
+            frame[pos] = value
     frame = bytes(frame)
     fast = PacketDecoder(ignore_checksums=checks).decode(1, frame, 1.0, len(frame))
     general = PacketDecoder(ignore_checksums=checks)._ethertype(frame, 14, frame[12] << 8 | frame[13], 1.0, False)
     if isinstance(fast, Packet) or isinstance(general, Packet):
         assert fast == general
-    assert PacketDecoder()._fast_ipv6(SEED_FRAME6, 1.0, len(SEED_FRAME6)).checksum_ok
+
+
+def test_seed_frames_take_the_fast_path():
+    decoder = PacketDecoder()
+    pkt = decoder._fast_ipv4(SEED_FRAME, 1.0, len(SEED_FRAME))
+    assert isinstance(pkt, Packet) and pkt.checksum_ok and pkt.payload == b"payload-bytes"
+    pkt6 = decoder._fast_ipv6(SEED_FRAME6, 1.0, len(SEED_FRAME6))
+    assert isinstance(pkt6, Packet) and pkt6.checksum_ok and pkt6.payload == b"odd-payload"
