@@ -11,7 +11,10 @@ line-appended -> committed latency over that interval.
     python -m benchmarks.soak --minutes 2 --rate 500 --out /tmp/soak.png
 
 Verdict: memory is "flat" when its largest value after the warm-up (the first
-``--warmup`` samples) is at most 10% above the value at the end of the warm-up.
+``--warmup`` samples, default 12 = 2 minutes: the bounded caches fill during it, i.e.
+SQLite's 64 MiB page cache and the engine's 100,000-prompt verdict cache) is at most 10%
+above the value at the end of the warm-up.  The samples are also written as JSON beside
+the PNG (``--out`` with ``.json``), and ``--replot FILE.json`` redraws a run's plot.
 """
 
 from __future__ import annotations
@@ -74,13 +77,20 @@ def soak(*, minutes: float, rate: int, interval_s: float, model: str | None, war
                 progress.update(task, completed=min(total_s, elapsed),
                                 description=f"soak: {samples[-1]['rss_mib']} MiB, p99 {samples[-1]['p99_ms']} ms")
         service.stop()
+    samples = [s for s in samples if s["committed_in_window"]]  # the idle tail after the writer ended
+    return judge({"rate": rate, "minutes": minutes, "interval_s": interval_s,
+                  "model": service.classifier.model_version if service.classifier else "none",
+                  "samples": samples, "machine": machine()}, warmup)
+
+
+def judge(result: dict, warmup: int) -> dict:
+    """Memory after the warm-up, its largest growth after that, and the verdict."""
+    samples = result["samples"]
     base = samples[min(warmup, len(samples)) - 1]["rss_mib"] if samples else float("nan")
     after = [s["rss_mib"] for s in samples[warmup:]] or [base]
     growth = max(after) / base - 1 if base == base and base > 0 else float("nan")
-    return {"rate": rate, "minutes": minutes, "interval_s": interval_s,
-            "model": service.classifier.model_version if service.classifier else "none",
-            "samples": samples, "rss_after_warmup_mib": base, "max_growth": round(growth, 4),
-            "memory_flat": bool(growth <= 0.10), "machine": machine()}
+    return {**result, "warmup_samples": warmup, "rss_after_warmup_mib": base, "max_growth": round(growth, 4),
+            "memory_flat": bool(growth <= 0.10)}
 
 
 def plot(result: dict, out: Path) -> None:
@@ -92,11 +102,13 @@ def plot(result: dict, out: Path) -> None:
     t = [s["t_s"] / 60 for s in result["samples"]]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     ax1.plot(t, [s["rss_mib"] for s in result["samples"]], marker="o", color="#2c7be5")
+    ax1.axvline(t[result["warmup_samples"] - 1] if len(t) >= result["warmup_samples"] else 0, color="#999",
+                linestyle=":", label="end of warm-up")
     ax1.axhline(result["rss_after_warmup_mib"] * 1.10, color="#c0392b", linestyle="--", label="+10% of post-warm-up")
     ax1.set_ylabel("gateway RSS (MiB)")
     ax1.legend(loc="lower right")
-    ax1.set_title(f"soak: live tail at {result['rate']} flows/s, model {result['model']}, "
-                  f"max growth {100 * result['max_growth']:.1f}%")
+    ax1.set_title(f"soak: live tail at {result['rate']} flows/s, model {result['model']}\n"
+                  f"RSS growth after warm-up: max {100 * result['max_growth']:.1f}%", fontsize=10)
     ax2.plot(t, [s["p50_ms"] for s in result["samples"]], marker=".", label="p50")
     ax2.plot(t, [s["p99_ms"] for s in result["samples"]], marker=".", label="p99")
     ax2.set_ylabel("line -> committed (ms)")
@@ -111,17 +123,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--rate", type=int, default=1000, help="flows/s appended (default 1000)")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between samples (default 10)")
-    ap.add_argument("--warmup", type=int, default=3, help="samples counted as warm-up (default 3)")
+    ap.add_argument("--warmup", type=int, default=12, help="samples counted as warm-up (default 12)")
+    ap.add_argument("--replot", type=Path, help="redraw (and re-judge) a saved run's JSON instead of running")
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory, or 'none'")
     ap.add_argument("--out", type=Path, default=HERE / "soak.png")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.replot:
+        result = judge(json.loads(a.replot.read_text()), a.warmup)
+        plot(result, a.out)
+        print(f"memory after warm-up {result['rss_after_warmup_mib']} MiB, max growth "
+              f"{100 * result['max_growth']:.1f}% -> {'flat' if result['memory_flat'] else 'GROWING'}; plot {a.out}")
+        return 0
     model = None if a.model == "none" else a.model
     if model and not Path(model).is_dir():
         print(f"note: no model at {model}; soaking store-only (no classification)", file=sys.stderr)
         model = None
     result = soak(minutes=a.minutes, rate=a.rate, interval_s=a.interval, model=model, warmup=a.warmup)
     plot(result, a.out)
+    a.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     if a.json:
         print(json.dumps(result))
         return 0
