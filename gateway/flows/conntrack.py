@@ -16,8 +16,9 @@ The rules follow Zeek (``src/packet_analysis/protocol/tcp/TCPSessionAdapter.cc``
 * orientation: ``likely_server_ports`` flip at creation (``^``), SYN/SYN-ACK reversal, and the
   DNS/NTP first-message flips.
 * timers: an unanswered SYN ends after ``tcp_attempt_delay``; closed/reset connections
-  ``tcp_close_delay`` after their last packet; inactivity (UDP/ICMP 1 min, TCP 1 min during
-  the handshake then 5 min); a new SYN with a new ISN starts a new record (reuse).
+  ``tcp_close_delay`` after their last packet; inactivity (UDP/ICMP 1 min, UDP DNS 10 s,
+  TCP 1 min during the handshake then 5 min); a new SYN with a new ISN starts a new record
+  (reuse).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ TCP_INACTIVITY = 300.0
 UDP_INACTIVITY = 60.0
 ICMP_INACTIVITY = 60.0
 UNKNOWN_INACTIVITY = 60.0
+DNS_SESSION_TIMEOUT = 10.0  # dns_session_timeout: UDP DNS sessions end sooner
 # scripts/base/protocols/conn/inactivity.zeek: long-lived interactive services.
 PORT_INACTIVITY = {21: 3600.0, 22: 3600.0, 23: 3600.0, 513: 3600.0}
 ANALYZER_INACTIVITY = {"ssh": 3600.0, "ftp": 3600.0}
@@ -401,7 +403,7 @@ class Conn:
 
 _ORIG, _RESP = 1, 2
 # timer kinds
-_T_INACTIVITY, _T_ATTEMPT, _T_DELETE, _T_EXPIRE, _T_RESET = 0, 1, 2, 3, 4
+_T_INACTIVITY, _T_ATTEMPT, _T_DELETE, _T_EXPIRE, _T_RESET, _T_DNS = 0, 1, 2, 3, 4, 5
 
 # Application analyzers attached by port (what Zeek's DPD would try first) for `service`.
 _APP_BY_PORT = {
@@ -587,6 +589,13 @@ class ConnTracker:
                     self._remove(conn)
             elif kind == _T_EXPIRE:
                 self._expire_timer(conn, when)
+            elif kind == _T_DNS:
+                # DNS_Analyzer::ExpireTimer: a UDP DNS session ends after dns_session_timeout
+                # (less a second of slack) without packets
+                if when - conn.last_time >= DNS_SESSION_TIMEOUT - 1.0:
+                    self._remove(conn)
+                else:
+                    self._timer(when + DNS_SESSION_TIMEOUT, _T_DNS, conn)
 
     def _expire_timer(self, conn: Conn, t: float) -> None:
         if not conn.is_active:
@@ -981,6 +990,8 @@ class ConnTracker:
                 conn.flip_roles()
             conn.app = self._app_for(UDP, conn.resp_p)
             self._timer(t + UDP_INACTIVITY, _T_INACTIVITY, conn)
+            if conn.app == "dns":
+                self._timer(t + DNS_SESSION_TIMEOUT, _T_DNS, conn)
         is_orig = src == conn.orig_h and sport == conn.orig_p
         if not pkt.checksum_ok:
             # UDPSessionAdapter::HandleBadChecksum: C/c on the 1st, 10th, 100th ...

@@ -219,6 +219,15 @@ def test_dns_reply_from_originator_flips_when_ports_cannot_tell():
 def test_udp_inactivity_timeout_starts_a_new_record():
     recs = run([udp(1.0, A, 40000, B, 9999, b"a"), udp(62.0, A, 40000, B, 9999, b"b")])
     assert [r.ts for r in recs] == [1.0, 62.0]
+    # within the minute: one record
+    assert len(run([udp(1.0, A, 40000, B, 9999, b"a"), udp(50.0, A, 40000, B, 9999, b"b")])) == 1
+
+
+def test_udp_dns_sessions_end_after_dns_session_timeout():
+    q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"\x00" * 5
+    # 10 s timer, with a second of slack: 15 s apart is two sessions, 5 s apart is one
+    assert len(run([udp(1.0, A, 40000, B, 53, q), udp(16.0, A, 40000, B, 53, q)])) == 2
+    assert len(run([udp(1.0, A, 40000, B, 53, q), udp(6.0, A, 40000, B, 53, q)])) == 1
 
 
 def test_udp_bad_checksum():
