@@ -144,3 +144,18 @@ def test_unreachable_database_is_one_clear_line(url, iot23_dir):
     for args in (["query"], ["stats"], ["feedback", "Cx", "benign"]):
         result = run(*args, "--db", url, ok=False)
         assert result.exit_code == 2 and result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+
+
+def test_database_refusing_writes_is_one_clear_line(db, iot23_dir):
+    from sqlalchemy import text
+
+    from gateway.store.db import open_store
+
+    engine, _ = open_store(db)
+    with engine.begin() as conn:  # a real write failure, like a full disk
+        conn.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON flows BEGIN SELECT RAISE(ABORT, 'disk full'); END"))
+    engine.dispose()
+    result = run("replay", "--no-classify", "--db", db, str(iot23_dir / SCENARIO / "conn.log.labeled"), ok=False)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: database sqlite:") and "disk full" in result.stderr
+    assert result.stderr.count("\n") == 1
