@@ -17,7 +17,6 @@ Public API used by the replay and the gateway service:
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import struct
@@ -126,10 +125,56 @@ def _source_name(fileobj) -> str:
     return str(getattr(fileobj, "name", "") or "<stream>")
 
 
+class _Gunzip:
+    """Incremental gunzip over a file object that keeps what it could decompress when the
+    stream is cut short (``GzipFile.read`` would raise and lose the last chunk)."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._buf = b""
+        self._done = False
+        self.truncated = False
+        self.error: str | None = None
+        self.name = getattr(raw, "name", None)
+
+    def _fill(self, n: int) -> None:
+        while len(self._buf) < n and not self._done:
+            chunk = self._raw.read(_READ_CHUNK)
+            if not chunk:
+                self._done = True
+                if not self._z.eof:
+                    self.truncated = True
+                    self.error = "compressed stream cut short"
+                break
+            try:
+                self._buf += self._z.decompress(chunk)
+                while self._z.eof and self._z.unused_data:  # concatenated gzip members
+                    rest = self._z.unused_data
+                    self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    self._buf += self._z.decompress(rest)
+            except zlib.error as exc:
+                self._done = True
+                self.truncated = True
+                self.error = f"corrupt compressed data ({exc})"
+
+    def read(self, n: int = -1) -> bytes:
+        self._fill(n if n >= 0 else 1 << 62)
+        if n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def peek(self, n: int = 1) -> bytes:
+        self._fill(n)
+        return self._buf[:n]
+
+
 def _open_maybe_gzip(fileobj: BinaryIO) -> BinaryIO:
     head = _peek(fileobj, 4)
     if head[:2] == GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=fileobj, mode="rb")  # type: ignore[return-value]
+        return _Gunzip(fileobj)  # type: ignore[return-value]
     return fileobj
 
 
@@ -196,8 +241,9 @@ def iter_frames(fileobj: BinaryIO, stats: CaptureStats | None = None) -> Iterato
             raise NotACaptureError(
                 f"{name}: not a pcap/pcapng file (starts with {head[:4].hex() or 'nothing'})"
             )
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # truncated/corrupt gzip stream
-        _truncated(stats, name, f"compressed stream cut short ({exc})")
+    finally:
+        if isinstance(f, _Gunzip) and f.truncated and not stats.truncated:
+            _truncated(stats, name, f.error or "compressed stream cut short")
 
 
 def _truncated(stats: CaptureStats, name: str, what: str) -> None:

@@ -334,3 +334,15 @@ def test_worker_processes_give_the_same_records(tmp_path, fixtures_dir):
                              stats.packets, stats.flows, stats.skipped)
         assert logs[1] == logs[2]
     assert len(logs[1][0]) == 2  # the vlan-mpls trace without -C: two valid connections
+
+
+def test_truncated_gzip_capture_keeps_flows():
+    frames, *_ = tcp_session()
+    blob = gzip.compress(pcap_bytes(frames))
+    (rec,), stats = records_of(blob[: len(blob) - 30])
+    # what could be decompressed is kept: the packets before the cut
+    assert stats.truncated and "truncated capture" in stats.warnings[0]
+    assert 0 < stats.packets < len(frames) and rec.orig_pkts + rec.resp_pkts == stats.packets
+    # concatenated gzip members are one stream
+    (rec,), stats = records_of(blob + gzip.compress(b""))
+    assert not stats.truncated and stats.packets == len(frames)
