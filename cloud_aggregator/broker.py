@@ -50,7 +50,8 @@ def render_config(text: str, *, port: int, workdir: Path) -> str:
 
 class LocalBroker:
     """A mosquitto child process; ``stop()``/``start()`` keep its port and data directory
-    (so a restart keeps persisted retained messages)."""
+    (so a restart keeps persisted retained messages and sessions). ``cleanup()`` removes
+    a data directory made outside ``workdir``."""
 
     def __init__(self, *, workdir: str | Path, config: str | Path = DEV_CONFIG, port: int | None = None):
         self.binary = find_mosquitto()
@@ -58,14 +59,20 @@ class LocalBroker:
             raise BrokerError("mosquitto is not installed (make system-deps installs it)")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        # mosquitto started as root drops to the 'mosquitto' user: let it write persistence here
-        os.chmod(self.workdir, 0o1777)
+        self.data_dir = self.workdir
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            # mosquitto started as root drops to the 'mosquitto' user, which cannot reach a
+            # directory below a private (0700) parent: persist in a world-usable one instead.
+            import tempfile
+
+            self.data_dir = Path(tempfile.mkdtemp(prefix="fedgate-mosquitto-"))
+            os.chmod(self.data_dir, 0o1777)
         config = Path(config)
         if not config.is_file():
             raise BrokerError(f"{config}: broker config not found")
         self.port = port or free_port()
         self.config_path = self.workdir / "mosquitto.conf"
-        self.config_path.write_text(render_config(config.read_text(), port=self.port, workdir=self.workdir))
+        self.config_path.write_text(render_config(config.read_text(), port=self.port, workdir=self.data_dir))
         self.log_path = self.workdir / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 
@@ -95,8 +102,13 @@ class LocalBroker:
                 self.proc.wait()
         self.proc = None
 
+    def cleanup(self) -> None:
+        self.stop()
+        if self.data_dir != self.workdir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
     def __enter__(self) -> "LocalBroker":
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.cleanup()

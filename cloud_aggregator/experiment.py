@@ -463,7 +463,7 @@ def run_one(settings: ExperimentSettings, prep: Prepared, *, strategy: str, comp
             service.stop()
         if monitor is not None:
             monitor.stop()
-        broker.stop()
+        broker.cleanup()
     rows = sorted((r for r in rows if r[0] <= settings.rounds), key=lambda r: r[0])
     result.rounds = _round_rows(rows, monitor, t0, initial_metrics, n_gateways=len(prep.gateways))
     result.summary = _summarise(result, settings, monitor, t0=t0, setup_s=gateways_up - started,
