@@ -67,12 +67,17 @@ PROTOCOL_SERVER_PORTS: dict[str, frozenset[tuple[int, int]]] = {
 }
 DEFAULT_LIKELY_SERVER_PORTS: frozenset[tuple[int, int]] = frozenset().union(*PROTOCOL_SERVER_PORTS.values())
 
-# Site::private_address_space (scripts/base/utils/site.zeek): Zeek's default local_nets.
+# Site::private_address_space (scripts/base/utils/site.zeek, the IANA special-purpose
+# registries with their 6to4 images): Zeek's default local_nets.
 DEFAULT_LOCAL_NETS: tuple[str, ...] = (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15",
-    "198.51.100.0/24", "203.0.113.0/24", "240.0.0.0/4", "255.255.255.255/32",
-    "::1/128", "fe80::/10", "fc00::/7", "100::/64", "2001:2::/48", "2001:db8::/32",
+    "0.0.0.0/8", "2002::/24", "10.0.0.0/8", "2002:a00::/24", "100.64.0.0/10", "2002:6440::/26",
+    "127.0.0.0/8", "2002:7f00::/24", "169.254.0.0/16", "2002:a9fe::/32", "172.16.0.0/12",
+    "2002:ac10::/28", "192.0.0.0/24", "2002:c000::/40", "192.0.2.0/24", "2002:c000:200::/40",
+    "192.168.0.0/16", "2002:c0a8::/32", "198.18.0.0/15", "2002:c612::/31", "198.51.100.0/24",
+    "2002:c633:6400::/40", "203.0.113.0/24", "2002:cb00:7100::/40", "240.0.0.0/4", "2002:f000::/20",
+    "255.255.255.255/32", "2002:ffff:ffff::/48",
+    "::/128", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:2::/48", "2001:db8::/32",
+    "fc00::/7", "fe80::/10",
 )
 
 # Timeouts from scripts/base/init-bare.zeek (seconds).
