@@ -13,6 +13,7 @@ import click
 
 from gateway.output import emit_json, emit_mapping, emit_rows
 
+SUMMARY_COLUMNS = ("accuracy", "precision", "recall", "f1", "label_accuracy", "macro_f1")
 DATA_HELP = "Data directory or labelled conn.log (repeatable); every conn.log.labeled below it is used."
 
 
@@ -181,7 +182,8 @@ def evaluate(models, data, split, epochs, no_latency, as_json):
     if split == "scenario":
         emit_rows(result["rows"], title=f"leave-one-scenario-out (student preset {result['preset']}, seed {result['seed']})")
         return
-    emit_rows(result["rows"], title=f"paper split test part ({result['flows']['test']} flows, seed {result['seed']})")
+    columns = ["model", *SUMMARY_COLUMNS, "p50_ms", "p99_ms", "flows_per_s", "max_logit_diff"]
+    emit_rows(result["rows"], columns, title=f"paper split test part ({result['flows']['test']} flows, seed {result['seed']})")
     detail = result["detail"]
     emit_rows(detail["per_label"], ["label", "precision", "recall", "f1", "support"], title=f"per label: {detail['model']}")
     present = [i for i, row in enumerate(detail["confusion"]) if sum(row) or sum(r[i] for r in detail["confusion"])]

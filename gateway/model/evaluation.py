@@ -102,7 +102,7 @@ def evaluate_paper(
     task = progress.add_task("evaluate", total=len(model_dirs) + int(forest)) if progress else None
     for model_dir in model_dirs:
         info = validate_model_dir(model_dir, need_onnx=True)
-        name = f"{info.metadata.get('kind', 'model')} {info.version}"
+        name = info.version
         if info.metadata.get("data_digest") != prepared.digest:
             notes.append(f"{model_dir}: trained on other data than given (digest differs); test flows may have been seen")
         if int(info.metadata.get("training", {}).get("split_seed", DEFAULT_SEED)) != seed:
