@@ -341,9 +341,24 @@ class InferenceEngine:
         self.close()
 
 
-def load_classifier(model_dir: str | Path, *, provider: str | None = None, int8: bool = False, **kwargs) -> InferenceEngine:
-    """The classifier ``fedgate replay --model DIR`` uses (validated before use).
-
-    ``provider`` defaults to ``$FEDGATE_PROVIDER`` or ``auto``.
-    """
-    return InferenceEngine(model_dir, provider=provider or os.environ.get("FEDGATE_PROVIDER", "auto"), int8=int8, **kwargs)
+def load_classifier(
+    model_dir: str | Path,
+    *,
+    provider: str | None = None,
+    int8: bool = False,
+    threads: int | None = None,
+    max_batch: int = 256,
+    max_wait_ms: float = 2.0,
+    cache_size: int = 100_000,
+) -> InferenceEngine:
+    """The classifier ``fedgate replay --model DIR`` and the gateway use (validated
+    before use).  ``provider`` defaults to ``$FEDGATE_PROVIDER`` or ``auto``."""
+    return InferenceEngine(
+        model_dir,
+        provider=provider or os.environ.get("FEDGATE_PROVIDER", "auto"),
+        int8=int8,
+        threads=threads,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        cache_size=cache_size,
+    )
