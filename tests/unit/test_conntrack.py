@@ -339,3 +339,31 @@ def test_connection_table_is_bounded():
     assert tracker.open_connections <= 10
     assert tracker.skipped["connection_table_full"] == 15
     assert len(out) + len(tracker.flush()) == 25
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 0x3F), st.integers(0, 6), st.integers(0, 6),
+                          st.integers(0, 3), st.booleans()), min_size=1, max_size=25))
+def test_any_tcp_packet_sequence_stays_within_the_transition_table(steps):
+    """Random flags, sequence numbers, directions and checksums: no IllegalTransition, sane output."""
+    tracker = ConnTracker()
+    out = []
+    t = 1.0
+    for from_orig, flags, seq_step, ack_step, length, ok in steps:
+        t += 0.5
+        seq, ack = 1000 + seq_step * 100, 5000 + ack_step * 100
+        if from_orig:
+            p = tcp(t, A, 40000, B, 80, flags, seq, ack, b"x" * length, ok=ok)
+        else:
+            p = tcp(t, B, 80, A, 40000, flags, ack, seq, b"y" * length, ok=ok)
+        out.extend(tracker.feed(p))
+    out.extend(tracker.flush())
+    assert out
+    for rec in out:
+        assert rec.conn_state in {"S0", "S1", "SF", "REJ", "S2", "S3", "RSTO", "RSTR", "RSTOS0", "RSTRH",
+                                  "SH", "SHR", "OTH"}
+        assert rec.orig_pkts >= 0 and rec.resp_pkts >= 0
