@@ -12,8 +12,8 @@ null/loopback (0, 108), Linux cooked SLL (113) and SLL2 (276), PPP (9, 50), IEEE
 frames (105) and radiotap (127).  Inside: 802.1Q/802.1ad/QinQ VLAN tags, MPLS label
 stacks, PPPoE sessions, IPv4 (with fragment reassembly), IPv6 (extension headers, fragments),
 and tunnels as Zeek decapsulates them (up to ``Tunnel::max_depth`` = 2): IP-in-IP (4/41) and
-GRE (incl. PPTP and ERSPAN) yield the inner packet; VXLAN, Geneve, Teredo and GTP-U are UDP
-packets of their own that also carry an ``inner`` packet.  Checksums (IPv4 header, TCP, UDP, ICMP, ICMPv6) are verified
+GRE (incl. PPTP and ERSPAN) yield the inner packet; VXLAN, Geneve, Teredo, GTP-U and AYIYA are
+UDP packets of their own that also carry an ``inner`` packet.  Checksums (IPv4 header, TCP, UDP, ICMP, ICMPv6) are verified
 unless ``ignore_checksums`` (Zeek's ``-C``); a bad transport checksum is reported on the packet
 (``checksum_ok=False``) because Zeek still creates the connection and notes ``C``/``c``.
 """
@@ -86,7 +86,7 @@ PROTO_ESP = 50
 PROTO_MOBILITY = 135
 # Zeek's Tunnel::max_depth, and the UDP ports its tunnel analyzers are registered for.
 MAX_TUNNEL_DEPTH = 2
-UDP_TUNNEL_PORTS = {4789: "vxlan", 6081: "geneve", 3544: "teredo", 2152: "gtpv1"}
+UDP_TUNNEL_PORTS = {4789: "vxlan", 6081: "geneve", 3544: "teredo", 2152: "gtpv1", 5072: "ayiya"}
 
 # IPv6 extension headers that chain with a (next header, length) prefix.
 _IPV6_EXT_GENERIC = frozenset({0, 43, 60, 139, 140})
@@ -717,6 +717,12 @@ class PacketDecoder:
                         off += length
                 if n > off and data[off] >> 4 in (4, 6):
                     inner = self._ip_by_version(data, off, ts, False, depth)
+        elif kind == "ayiya":
+            # identity of 2**n bytes, signature of 4*m bytes, next header 4/41, opcode 1 = forward
+            if n >= 8:
+                hdr = 8 + (1 << (data[0] >> 4)) + (data[1] >> 4) * 4
+                if data[2] & 0x0F == 1 and data[3] in (PROTO_IPIP, PROTO_IPV6_IN_IP) and n > hdr:
+                    inner = self._ip_by_version(data, hdr, ts, False, depth)
         if isinstance(inner, str):  # the outer packet is fine; note why its payload is not
             self.skipped[inner] -= 1
             if not self.skipped[inner]:

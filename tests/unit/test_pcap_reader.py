@@ -346,3 +346,16 @@ def test_truncated_gzip_capture_keeps_flows():
     # concatenated gzip members are one stream
     (rec,), stats = records_of(blob + gzip.compress(b""))
     assert not stats.truncated and stats.packets == len(frames)
+
+
+def test_ayiya_and_gtp_carry_inner_connections():
+    inner = raw(_inner_udp())
+    ayiya = bytes([0x00, 0x00, 0x01, 4]) + b"\x00" * 4 + b"\x01" + inner  # 1-byte identity, no signature
+    gtp = bytes([0x30, 0xFF]) + len(inner).to_bytes(2, "big") + b"\x00\x00\x00\x01" + inner
+    for port, header in ((5072, ayiya), (2152, gtp)):
+        outer = ETH() / IP(src=C, dst=S) / UDP(sport=40000, dport=port) / header
+        recs, _ = records_of(pcap_bytes([(1.0, raw(outer))]))
+        carried = next(r for r in recs if r.resp_p == 2000)
+        assert carried.orig_h == "172.16.0.1" and carried.orig_ip_bytes == 34
+        carrier = next(r for r in recs if r.resp_p == port)
+        assert carried.tunnel_parents == (carrier.uid,)
