@@ -359,3 +359,17 @@ def test_ayiya_and_gtp_carry_inner_connections():
         assert carried.orig_h == "172.16.0.1" and carried.orig_ip_bytes == 34
         carrier = next(r for r in recs if r.resp_p == port)
         assert carried.tunnel_parents == (carrier.uid,)
+
+
+def test_ipv6_fragments_are_reassembled():
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, fragment6
+
+    big = IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrFragment(id=9) / UDP(sport=7000, dport=8000) / (
+        b"q" * 3000)
+    frags = fragment6(big, 1280)
+    assert len(frags) > 2
+    frames = [(1.0 + i * 0.001, raw(ETH() / f)) for i, f in enumerate(frags)]
+    (rec,), stats = records_of(pcap_bytes(frames))
+    # one datagram: payload length rewritten to the reassembled size, fragment header dropped
+    assert (rec.orig_pkts, rec.orig_bytes) == (1, None) and rec.orig_ip_bytes == 40 + 8 + 3000
+    assert stats.skipped_total == 0
