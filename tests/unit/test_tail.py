@@ -209,19 +209,27 @@ def test_position_validation():
         min_size=1,
         max_size=40,
     ),
-    rotate_after=st.integers(0, 1),
+    switch=st.sampled_from(["rename", "truncate"]),  # how the second log replaces the first
+    switch_early=st.booleans(),  # as soon as the first is written, or only at the end
 )
-def test_random_appends_restarts_and_a_rotation_lose_and_duplicate_nothing(tmp_path_factory, steps, rotate_after):
+def test_random_appends_restarts_and_a_switch_lose_and_duplicate_nothing(tmp_path_factory, steps, switch, switch_early):
     path = tmp_path_factory.mktemp("tail") / "conn.log"
     files = [log_text(OPEN_1, 0, 12, close=True).encode(), log_text(OPEN_2, 12, 12).encode()]
     want = uids(read_log(files[0])[0] + read_log(files[1])[0])
+
+    def replace_log() -> None:  # only ever after a poll that read everything written
+        if switch == "rename":
+            os.rename(path, path.with_name(f"conn.{os.urandom(4).hex()}.log"))
+        else:
+            open(path, "wb").close()  # copytruncate
+
     current, written = 0, 0
     tail = ConnLogTail(path)
     got = []
     path.touch()
     for size, restart in steps:
-        if written == len(files[current]) and current == 0 and rotate_after == 1:
-            os.rename(path, path.with_name(f"conn.{len(got)}.log"))
+        if written == len(files[current]) and current == 0 and switch_early:
+            replace_log()
             current, written = 1, 0
         chunk = files[current][written : written + size]
         append(path, chunk)
@@ -235,7 +243,7 @@ def test_random_appends_restarts_and_a_rotation_lose_and_duplicate_nothing(tmp_p
     append(path, files[current][written:])
     if current == 0:
         got += tail.poll()[0]
-        os.rename(path, path.with_name("conn.last.log"))
+        replace_log()
         append(path, files[1])
     got += tail.poll()[0]
     assert uids(got) == want
