@@ -372,7 +372,7 @@ def _strategy_params(settings: ExperimentSettings, strategy: str) -> dict:
         # holds DDoS); sample_weighted: see GSFS (gateways of very different sizes).
         return {"rho": 1.0, "eta": 0.5, "staleness_exponent": 0.5, "deadline_s": settings.gsfs_deadline_s,
                 "sample_weighted": True,
-                "trigger": {"tau": 0.01, "ema": 0.9, "k": 3.0, "warmup": max(1, steps // 2), "eval_every": steps}}
+                "trigger": {"tau": 0.02, "ema": 0.9, "k": 4.0, "warmup": max(1, steps // 2), "eval_every": steps}}
     if strategy == "fedopt":
         return {"eta": 0.03, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3, "round_timeout_s": settings.round_timeout_s}
     return {"eta": 1.0, "round_timeout_s": settings.round_timeout_s}
