@@ -38,8 +38,10 @@ class EngineHotSwap:
 
         out = self.models_dir / f"global-{version}"
         parent = f"global-{self.swapped[-1]}" if self.swapped else self.engine.model_version
+        # the alert threshold chosen on validation data stays with the detector
         save_model_dir(self.learner.model, self.learner.tokenizer, self.learner.labels, out,
-                       version=f"global-{version}", parent=parent, metrics=dict(metrics), onnx=True)
+                       version=f"global-{version}", parent=parent, threshold=self.engine.threshold,
+                       metrics={k: float(v) for k, v in metrics.items()}, extra={"source": "federated"}, onnx=True)
         self.engine.swap(out)
         self.swapped.append(version)
         self._prune()
