@@ -827,16 +827,25 @@ class ConnTracker:
                 s = (ack_seq - 1) & M32
                 peer.start_seq = peer.ack_seq = peer.last_seq = s
             else:
-                rel_ack, ack_underflow = self._relative_seq(peer, ack_seq, peer.ack_seq, peer.ack_wraps)
+                pack = peer.ack_seq
+                d = (ack_seq - pack) & M32
+                delta_ack = d - 0x100000000 if d & 0x80000000 else d
+                if peer.ack_wraps == 0 and not (delta_ack > 0 and ack_seq < pack):
+                    # no wrap-around: get_relative_seq reduces to seq_delta(ack, start)
+                    d = (ack_seq - peer.start_seq) & M32
+                    rel_ack = d - 0x100000000 if d & 0x80000000 else d
+                    ack_underflow = rel_ack < 0
+                else:
+                    rel_ack, ack_underflow = self._relative_seq(peer, ack_seq, pack, peer.ack_wraps)
                 if ack_underflow:
                     rel_ack = 0
                 elif not rst:
-                    delta_ack = seq_delta(ack_seq, peer.ack_seq)
                     if not (ack_seq == 0 and delta_ack > TOO_LARGE_SEQ_DELTA) and delta_ack > 0:
                         peer.update_ack_seq(ack_seq)
 
         # update_last_seq
-        delta_last = seq_delta(seq_one_past, endpoint.last_seq)
+        d = (seq_one_past - endpoint.last_seq) & M32
+        delta_last = d - 0x100000000 if d & 0x80000000 else d
         if (syn or rst) and (delta_last > TOO_LARGE_SEQ_DELTA or delta_last < -TOO_LARGE_SEQ_DELTA):
             pass
         elif fin and endpoint.last_seq == ((endpoint.start_seq + 1) & M32):
@@ -1175,7 +1184,9 @@ class ConnTracker:
         hit = self._addr_cache.get(raw)
         if hit is None:
             ip = ipaddress.ip_address(raw)
-            local = any(ip in net for net in self.local_nets) if self.local_nets else None
+            local = None
+            if self.local_nets:
+                local = any(ip in net for net in self.local_nets if net.version == ip.version)
             hit = (str(ip), local)
             if len(self._addr_cache) > 200_000:
                 self._addr_cache.clear()
