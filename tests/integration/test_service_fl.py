@@ -6,6 +6,7 @@ while the live tail keeps detecting; later flows carry the new model version."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from pathlib import Path
 
@@ -76,20 +77,30 @@ def test_global_model_is_validated_exported_and_hot_swapped_while_detecting(tmp_
         write_at_rate(log, rate=5000, count=300, uid_offset=5000)
         assert wait_until(lambda: store_counts(cfg.database_url)[2] == 300, 30)
         aggregator.start()  # publishes the signed retained global model, version 0
-        assert wait_until(lambda: service.classifier.model_version == "global-0", 90), service.status()["errors"]
+        assert wait_until(lambda: service.classifier.model_version.startswith("global-"), 90), \
+            service.status()["errors"]
         assert (tmp_path / "state" / "models" / "global-0" / "model.onnx").exists()
         write_at_rate(log, rate=5000, count=200, uid_offset=5300)
         assert wait_until(lambda: store_counts(cfg.database_url)[0] == 500, 30)
-        assert wait_until(lambda: detections_by_version(cfg.database_url).get("global-0") == 200, 30), \
-            detections_by_version(cfg.database_url)
-        assert detections_by_version(cfg.database_url)["student-seed0"] == 300
-        with urllib.request.urlopen(service.http.url + "/api/status", timeout=5) as r:
-            status = json.loads(r.read())
-        assert status["model_version"] == "global-0" and status["fl"]["version"] == 0
+        # the gateway may go on: train, upload, the aggregator aggregates (one live client),
+        # and version 1 is swapped in too; either way each flow has one detection
+        by_version = detections_by_version(cfg.database_url)
+        assert by_version.pop("student-seed0") == 300
+        assert set(by_version) <= {"global-0", "global-1", "global-2"} and sum(by_version.values()) == 200
+
+        def settled() -> dict | None:
+            with urllib.request.urlopen(service.http.url + "/api/status", timeout=5) as r:
+                st = json.loads(r.read())
+            return st if st["model_version"] == f"global-{st['fl']['version']}" else None
+
+        assert wait_until(lambda: settled() is not None, 60)
+        version = settled()["fl"]["version"]
         with urllib.request.urlopen(service.http.url + "/metrics", timeout=5) as r:
             metrics = r.read().decode()
-        assert 'fedgate_gw_model_info{version="global-0"} 1.0' in metrics
-        assert "fedgate_gw_fl_global_version 0.0" in metrics and "fedgate_gw_fl_globals_loaded_total 1.0" in metrics
+        assert f'fedgate_gw_model_info{{version="global-{version}"}} 1.0' in metrics
+        assert f"fedgate_gw_fl_global_version {float(version)}" in metrics
+        loaded = re.search(r"^fedgate_gw_fl_globals_loaded_total (\S+)$", metrics, re.M)
+        assert loaded and float(loaded.group(1)) >= 1
     finally:
         service.stop()
         aggregator.stop()
