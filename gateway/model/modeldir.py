@@ -99,9 +99,12 @@ def validate_model_dir(model_dir: str | Path, *, need_onnx: bool = True, int8: b
     for key in ("vocab_size", "hidden_size", "num_labels", "id2label", "pad_token_id"):
         if key not in config and not (key == "num_labels" and "id2label" in config):
             raise ModelDirError(d / CONFIG, f"lacks {key!r}")
+    for key in ("vocab_size", "hidden_size"):
+        if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1:
+            raise ModelDirError(d / CONFIG, f"{key} must be a positive integer, got {config[key]!r}")
     metadata = _read_json(d / METADATA)
-    if not isinstance(metadata, dict) or "version" not in metadata or "template" not in metadata:
-        raise ModelDirError(d / METADATA, "lacks 'version' or 'template'")
+    if not isinstance(metadata, dict) or "version" not in metadata or not isinstance(metadata.get("template"), dict):
+        raise ModelDirError(d / METADATA, "lacks 'version' or a 'template' object")
     try:
         tokenizer = FlowTokenizer.load(d / TOKENIZER)
     except TokenizerError as exc:
@@ -120,7 +123,10 @@ def validate_model_dir(model_dir: str | Path, *, need_onnx: bool = True, int8: b
         labels = LabelSet(raw_labels)
     except (TypeError, ValueError) as exc:
         raise ModelDirError(d / LABELS, f"bad label list ({exc})") from None
-    id2label = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
+    try:
+        id2label = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
+    except (TypeError, ValueError, AttributeError):
+        raise ModelDirError(d / CONFIG, "id2label is not a mapping of class ids to names") from None
     if id2label != list(labels.names):
         raise ModelDirError(d / LABELS, f"labels {list(labels.names)} differ from config.json's id2label {id2label}")
     _check_weights(d / WEIGHTS, config)

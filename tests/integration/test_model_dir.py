@@ -134,6 +134,22 @@ def test_mismatches_are_named(trained, tmp_path):
         validate_model_dir(d)
 
 
+@pytest.mark.parametrize("file,edit,message", [
+    ("metadata.json", lambda d: {**d, "template": "edge-compact"}, "template"),
+    ("metadata.json", lambda d: [d], "version"),
+    ("config.json", lambda d: {**d, "id2label": ["Benign"]}, "id2label"),
+    ("config.json", lambda d: {**d, "vocab_size": "many"}, "vocab_size must be a positive integer"),
+    ("config.json", lambda d: {**d, "model_type": "bert"}, "OPT"),
+    ("labels.json", lambda d: {"Benign": 0}, "label"),
+])
+def test_hostile_small_files_are_named(trained, tmp_path, file, edit, message):
+    d = _copy(trained[1], tmp_path)
+    data = json.loads((d / file).read_text())
+    (d / file).write_text(json.dumps(edit(data)))
+    with pytest.raises(ModelDirError, match=rf"{file.replace('.', '[.]')}: .*{message}"):
+        validate_model_dir(d)
+
+
 def test_onnx_of_another_label_set_is_refused(trained, tmp_path, data_dir):
     """An ONNX file whose logits do not match config.json's labels."""
     from gateway.model.data import encode, load_scenarios
