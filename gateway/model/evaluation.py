@@ -65,6 +65,12 @@ def _row(name: str, report: dict, **extra) -> dict:
     return {"model": name, **{k: report[k] for k in SUMMARY_KEYS}, **extra}
 
 
+def _speed(run: Callable[[np.ndarray], object], ids: np.ndarray) -> dict:
+    lat = measure_latency(run, ids)
+    return {"p50_ms": round(lat["p50_ms"], 3), "p99_ms": round(lat["p99_ms"], 3),
+            "flows_per_s": int(measure_throughput(run, ids))}
+
+
 def _report_from_probs(probs: np.ndarray, y: np.ndarray, labels: LabelSet, threshold: float) -> dict:
     return classification_report(y, probs.argmax(-1), malicious_score(probs), labels.names, threshold=threshold)
 
@@ -113,7 +119,7 @@ def evaluate_paper(
         report = _report_from_probs(softmax(onnx_logits.astype(np.float64)), ds.y, info.labels, info.threshold)
         speed = {}
         if latency:
-            speed = {**measure_latency(loaded.logits, ds.ids), "flows_per_s": measure_throughput(loaded.logits, ds.ids)}
+            speed = _speed(loaded.logits, ds.ids)
         rows.append(_row(f"{name} (onnx)", report, **speed))
         if detail is None:
             detail = {"model": name, "per_label": report["per_label"], "confusion": report["confusion"], "labels": report["labels"]}
@@ -126,7 +132,7 @@ def evaluate_paper(
             q_report = _report_from_probs(softmax(q.logits(ds.ids).astype(np.float64)), ds.y, info.labels, info.threshold)
             q_speed = {}
             if latency:
-                q_speed = {**measure_latency(q.logits, ds.ids), "flows_per_s": measure_throughput(q.logits, ds.ids)}
+                q_speed = _speed(q.logits, ds.ids)
             rows.append(_row(f"{name} (onnx int8)", q_report, **q_speed))
         if progress:
             progress.advance(task)
