@@ -29,6 +29,7 @@ from aggregator_helpers import dev_config_text
 from benchmarks.live_latency import start_writer
 from brokers import Mosquitto, find_mosquitto
 from gateway_helpers import (
+    DEFAULT_MODEL,
     Listener,
     RuleClassifier,
     gateway_config,
@@ -71,7 +72,9 @@ def stop(proc: subprocess.Popen) -> None:
 def test_kill9_under_load_loses_and_doubles_nothing(tmp_path, rate, total, rotate_every):
     log = tmp_path / "conn.log"
     log.touch()
-    doc = gateway_doc(tmp_path, poll=0.05)
+    # the shipped model when it is there (each flow's detection commits with it), else store-only
+    model = str(DEFAULT_MODEL) if (DEFAULT_MODEL / "model.onnx").exists() else None
+    doc = gateway_doc(tmp_path, poll=0.05, model=model, fl={"enabled": False})
     conf = write_toml(tmp_path / "gw.toml", doc)
     url = doc["gateway"]["database"]
     writer = start_writer(log, rate=rate, count=total, rotate_every=rotate_every)
@@ -87,8 +90,9 @@ def test_kill9_under_load_loses_and_doubles_nothing(tmp_path, rate, total, rotat
         assert writer.wait(timeout=60) == 0
         assert wait_until(lambda: store_counts(url)[0] >= total, 60), store_counts(url)
         time.sleep(0.5)  # anything extra would show now
-        rows, uids, _ = store_counts(url)
+        rows, uids, dets = store_counts(url)
         assert (rows, uids) == (total, total), f"{rows} rows, {uids} distinct uids, {total} lines written"
+        assert dets == (total if model else 0)
         if rotate_every:
             assert len(list(tmp_path.glob("conn.log.*"))) == total // rotate_every
         assert kills == 2
