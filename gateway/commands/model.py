@@ -104,7 +104,7 @@ def train(data, out, preset, base_model, epochs, seed, int8, as_json):
 @click.option("--no-int8", is_flag=True, help="Do not write model.int8.onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def distill(teacher, data, out, epochs, temperature, alpha, seed, no_int8, as_json):
-    """Distil a student (about 1/25 of the teacher) from TEACHER on the same split.
+    """Distil a student (about 1/15 of the teacher's parameters) from TEACHER on the same split.
 
     \b
     Example:
