@@ -61,6 +61,20 @@ def measure_throughput(run: Callable[[np.ndarray], object], ids: np.ndarray, *, 
     return best
 
 
+def finite_or_none(value):
+    """NaN (an undefined metric, e.g. F1 of a benign-only scenario) becomes None, so the
+    JSON output stays valid JSON and tables print '-'."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 def _row(name: str, report: dict, **extra) -> dict:
     return {"model": name, **{k: report[k] for k in SUMMARY_KEYS}, **extra}
 
@@ -141,14 +155,14 @@ def evaluate_paper(
         rows.append(_row("random forest", forest_report(prepared, train_idx, val_idx, test_idx, labels, seed=seed)))
         if progress:
             progress.advance(task)
-    return {
+    return finite_or_none({
         "split": "paper",
         "seed": seed,
         "flows": {"train": len(train_idx), "validation": len(val_idx), "test": len(test_idx)},
         "rows": rows,
         "detail": detail,
         "notes": notes,
-    }
+    })
 
 
 def evaluate_scenarios(
@@ -196,4 +210,4 @@ def evaluate_scenarios(
             })
             if progress:
                 progress.advance(task)
-    return {"split": "scenario", "preset": preset, "seed": seed, "rows": rows}
+    return finite_or_none({"split": "scenario", "preset": preset, "seed": seed, "rows": rows})

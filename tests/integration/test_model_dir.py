@@ -226,6 +226,6 @@ def test_cli_scenario_split(trained, data_dir):
     res = CliRunner().invoke(main, ["model", "evaluate", "--model", str(student.path), "--data", str(data_dir),
                                     "--split", "scenario", "--epochs", "2", "--json"])
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.output.strip().splitlines()[-1])["rows"]
+    rows = json.loads(res.output.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"{c} in JSON"))["rows"]
     assert sorted(r["held_out"] for r in rows) == sorted(SCENARIOS)
     assert all(0 <= r["student_accuracy"] <= 1 and 0 <= r["rf_accuracy"] <= 1 for r in rows)
