@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         while time.perf_counter() - t < args.seconds or n == 0:
             engine.classify(chunk)
             n += len(chunk)
-        rows.append({"what": f"engine.classify (verdict cache {'on' if cache else 'off'})", "threads": "ort default",
+        rows.append({"what": f"engine.classify (verdict cache {'on' if cache else 'off'})", "threads": 1,
                      "batch": len(chunk), "flows_per_s": round(n / (time.perf_counter() - t))})
 
     onnx_best = max(r["flows_per_s"] for r in best["onnx fp32"])
