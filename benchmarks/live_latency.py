@@ -125,14 +125,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def gateway_config(workdir: Path, *, model: str | None, poll_interval_s: float, batch_size: int = 256,
-                   threads: int | None = None):
+                   threads: int | None = None, mqtt_port: int | None = None):
     from gateway.config import config_from_dict
 
     doc = {
         "gateway": {"id": "bench", "database": f"sqlite:///{workdir / 'gw.db'}"},
         "source": {"zeek_log": str(workdir / "conn.log"), "poll_interval_s": poll_interval_s},
         "inference": {"batch_size": batch_size, **({"threads": threads} if threads else {})},
-        "mqtt": {"enabled": False},
+        "mqtt": {"enabled": mqtt_port is not None, "port": mqtt_port or 1883},
+        "fl": {"enabled": False},
         "http": {"listen": ""},
     }
     if model:
@@ -155,13 +156,20 @@ class LatencyProbe:
 
 
 def measure(rate: int, seconds: float, *, model: str | None, poll_interval_s: float = 0.01,
-            warmup_s: float = 1.0, threads: int | None = None, workdir_root: str | None = None) -> dict:
+            warmup_s: float = 1.0, threads: int | None = None, workdir_root: str | None = None,
+            mqtt: bool = False) -> dict:
     from gateway.service import GatewayService
 
     with tempfile.TemporaryDirectory(prefix="fedgate-live-", dir=workdir_root) as tmp:
         workdir = Path(tmp)
         (workdir / "conn.log").touch()
-        cfg = gateway_config(workdir, model=model, poll_interval_s=poll_interval_s, threads=threads)
+        broker = None
+        if mqtt:  # alerts then go through the durable outbox to a real broker, as in production
+            from cloud_aggregator.broker import LocalBroker
+
+            broker = LocalBroker(workdir=workdir / "broker").start()
+        cfg = gateway_config(workdir, model=model, poll_interval_s=poll_interval_s, threads=threads,
+                             mqtt_port=broker.port if broker else None)
         probe = LatencyProbe(warmup_s)
 
         class ProbedService(GatewayService):
@@ -179,6 +187,8 @@ def measure(rate: int, seconds: float, *, model: str | None, poll_interval_s: fl
         while probe.records < count and time.monotonic() < deadline:
             time.sleep(0.05)
         service.stop()
+        if broker is not None:
+            broker.stop()
         lat = probe.latencies
         return {
             "rate": rate, "seconds": seconds, "warmup_s": warmup_s, "lines": count, "committed": probe.records,
@@ -188,6 +198,7 @@ def measure(rate: int, seconds: float, *, model: str | None, poll_interval_s: fl
             "max_ms": round(1000 * max(lat), 1) if lat else None,
             "mean_ms": round(1000 * statistics.fmean(lat), 1) if lat else None,
             "inference_batches": int(service.metrics.value("fedgate_gw_inference_seconds_count")),
+            "alerts": int(service.metrics.value("fedgate_gw_alerts_total")), "mqtt": mqtt,
         }
 
 
@@ -216,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory, or 'none' to store only")
     p.add_argument("--poll", type=float, default=0.01, help="tail poll interval in seconds")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads ([inference] threads)")
+    p.add_argument("--mqtt", action="store_true",
+                   help="start a local mosquitto (broker_config/dev.conf): alerts go through the outbox")
     p.add_argument("--workdir", default=None, help="where the log and the SQLite store go (default: $TMPDIR)")
     p.add_argument("--warmup", type=float, default=None,
                    help="seconds left out at the start (default 1 with --quick, else 5): the engine's "
@@ -229,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         model = None
     warmup = a.warmup if a.warmup is not None else (1.0 if a.quick else 5.0)
     rows = [measure(int(r), seconds, model=model, poll_interval_s=a.poll, threads=a.threads, workdir_root=a.workdir,
-                    warmup_s=warmup) for r in a.rates.split(",")]
+                    warmup_s=warmup, mqtt=a.mqtt) for r in a.rates.split(",")]
     info = machine()
     if a.json:
         print(json.dumps({"machine": info, "results": rows}))
@@ -238,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shown = [{"flows/s": r["rate"], "s": r["seconds"], "committed": r["committed"], "offered/s": r["offered_per_s"],
               "p50 ms": r["p50_ms"], "p99 ms": r["p99_ms"], "max ms": r["max_ms"],
-              "batches": r["inference_batches"]} for r in rows]
+              "batches": r["inference_batches"], "alerts": r["alerts"] if r["mqtt"] else "-"} for r in rows]
     emit_rows(shown, title=f"live tail latency, line appended -> detection committed; model {rows[0]['model']}; "
                            f"warm-up {warmup:g} s left out (cpus {info['cpus']}, load {info['load_avg_1m']}, "
                            f"python {info['python']})")

@@ -168,6 +168,8 @@ class InferenceSection:
     alert_threshold [None]: malicious score at or above which a detection is published
       on ``{prefix}/gw/{id}/alerts``; None uses the model's own threshold.
     alerts [true]: publish alerts at all.
+    alert_interval_s [0.5]: alerts are gathered and sent as one message per interval
+      (at most 500 detections each).
     threads [None]: ONNX Runtime intra-op threads (None: one per core); 1 leaves the
       other cores to parsing, the store and training on a small box.
     """
@@ -177,6 +179,7 @@ class InferenceSection:
     max_wait_ms: float = 5.0
     alert_threshold: float | None = None
     alerts: bool = True
+    alert_interval_s: float = 0.5
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -187,6 +190,7 @@ class InferenceSection:
             _require(0.0 <= self.alert_threshold <= 1.0, "inference.alert_threshold", "must be in [0, 1]")
         if self.threads is not None:
             _require(1 <= self.threads <= 256, "inference.threads", "must be in 1..256")
+        _require(0 < self.alert_interval_s <= 60, "inference.alert_interval_s", "must be in (0, 60] seconds")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,9 +18,10 @@ the writers):
   and model updates), the retained status with its last will;
 * ``status-http``: the status page, ``/api/status`` and Prometheus ``/metrics``.
 
-After each committed batch the detections at or above the alert threshold are written
-to the durable outbox (topic ``{prefix}/gw/{id}/alerts``), so alerts raised while the
-broker is down are delivered when it is back.
+After each committed batch the detections at or above the alert threshold go to an
+alert thread that writes them to the durable outbox (topic ``{prefix}/gw/{id}/alerts``),
+one message per ``alert_interval_s``, so alerts raised while the broker is down are
+delivered when it is back, and the sources never wait for it.
 
 Shutdown (:meth:`GatewayService.stop`): the sources finish and commit the batch in hand
 (offsets saved with it), the outbox worker says "offline" on the status topic and
@@ -149,6 +150,79 @@ def alert_payload(gateway_id: str, model_version: str, detections: Sequence[Rece
     }, separators=(",", ":")).encode()
 
 
+class AlertQueue:
+    """Gathers the alerts of committed batches and writes them to the durable outbox
+    from its own thread, one message per ``interval_s`` (at most
+    ``MAX_ALERTS_PER_MESSAGE`` detections each), all in one transaction.
+
+    Why a thread: the sources' next batch does not wait for the outbox write, and the
+    broker sees a few larger messages instead of one per batch (fewer acknowledgements
+    to record, so fewer writers competing for SQLite).  Alerts still in memory when the
+    process is killed are lost (the detections themselves are committed); a graceful
+    stop writes them first.
+    """
+
+    def __init__(self, *, sessions, topic: str, gateway_id: str, interval_s: float,
+                 on_error: Callable[[str], None]):
+        self.sessions = sessions
+        self.topic = topic
+        self.gateway_id = gateway_id
+        self.interval_s = interval_s
+        self.on_error = on_error
+        self._queue: queue.Queue[tuple[str, list[RecentDetection]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="alerts", daemon=True)
+
+    def start(self) -> "AlertQueue":
+        self._thread.start()
+        return self
+
+    def put(self, model_version: str, alerts: list[RecentDetection]) -> None:
+        self._queue.put((model_version, alerts))
+
+    def _run(self) -> None:
+        pending: dict[str, list[RecentDetection]] = {}
+        first_at: float | None = None
+        while True:
+            timeout = None if first_at is None else max(0.0, first_at + self.interval_s - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = ()  # the interval is over: write
+            if item is None:  # stop: write what is left, then end
+                self._write(pending)
+                return
+            if item:
+                version, alerts = item
+                pending.setdefault(version, []).extend(alerts)
+                first_at = first_at if first_at is not None else time.monotonic()
+                if sum(map(len, pending.values())) < MAX_ALERTS_PER_MESSAGE:
+                    continue
+            if self._write(pending):
+                pending, first_at = {}, None
+            else:  # the store refused: try again after a pause, keep the alerts
+                first_at = time.monotonic()
+
+    def _write(self, pending: dict[str, list[RecentDetection]]) -> bool:
+        if not pending:
+            return True
+        try:
+            with self.sessions.begin() as session:
+                for version, alerts in pending.items():
+                    for i in range(0, len(alerts), MAX_ALERTS_PER_MESSAGE):
+                        repository.outbox_add(session, self.topic,
+                                              alert_payload(self.gateway_id, version,
+                                                            alerts[i:i + MAX_ALERTS_PER_MESSAGE]), qos=1)
+            return True
+        except SQLAlchemyError as exc:
+            self.on_error(str(exc).splitlines()[0])
+            return False
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+
 # ---------------------------------------------------------------- the link worker (no FL)
 
 
@@ -234,6 +308,7 @@ class GatewayService:
         self.outbox = None
         self.fl_client = None
         self.link_worker: LinkWorker | None = None
+        self.alert_queue: AlertQueue | None = None
         self.http = None
         self.started_at: float | None = None
         self.state = "starting"
@@ -333,6 +408,14 @@ class GatewayService:
             self.link_worker = LinkWorker(link=self.link, outbox=self.outbox, status=self.status_summary,
                                           interval_s=cfg.fl.status_interval_s).start()
         self.metrics.add_callback(self._link_figures)
+        if cfg.inference.alerts:
+            self.alert_queue = AlertQueue(sessions=self.sessions, topic=self.alert_topic, gateway_id=cfg.gateway.id,
+                                          interval_s=cfg.inference.alert_interval_s,
+                                          on_error=self._alert_write_failed).start()
+
+    def _alert_write_failed(self, reason: str) -> None:
+        self.metrics.store_errors.inc()
+        log.error("alerts not queued yet (kept in memory, retried): %s", reason)
 
     def _build_fl_client(self):
         from gateway.fl.client import ClientSettings, FLClient
@@ -415,6 +498,9 @@ class GatewayService:
             t.join(max(0.1, deadline - time.monotonic()))
             if t.is_alive():
                 log.error("thread %s did not finish within %.0fs", t.name, timeout)
+        if self.alert_queue is not None:
+            self.alert_queue.stop()  # the last alerts reach the outbox before the link goes
+            self._let_outbox_drain(min(2.0, max(0.0, deadline - time.monotonic())))
         if self.fl_client is not None:
             self.fl_client.stop()
         if self.link_worker is not None:
@@ -427,6 +513,18 @@ class GatewayService:
         if self.engine is not None:
             self.engine.dispose()
         self.state = "stopped"
+
+    def _let_outbox_drain(self, seconds: float) -> None:
+        """Give a connected link a moment to send what is queued (what is not sent stays
+        in the outbox table and goes after the next start)."""
+        end = time.monotonic() + seconds
+        while self.link is not None and self.link.connected and time.monotonic() < end:
+            try:
+                if self.outbox.pending() == 0:
+                    return
+            except SQLAlchemyError:
+                return
+            time.sleep(0.05)
 
     # ------------------------------------------------------------ sources
     def _run_tail(self) -> None:
@@ -583,15 +681,8 @@ class GatewayService:
         self.recent.extend(alerts)
         if alerts and self.config.inference.alerts:
             m.alerts.inc(len(alerts))
-            if self.outbox is not None:
-                version = self.classifier.model_version if self.classifier else "none"
-                for i in range(0, len(alerts), MAX_ALERTS_PER_MESSAGE):
-                    payload = alert_payload(self.config.gateway.id, version, alerts[i:i + MAX_ALERTS_PER_MESSAGE])
-                    try:
-                        self.outbox.put(self.alert_topic, payload, qos=1)
-                    except SQLAlchemyError as exc:
-                        m.store_errors.inc()
-                        log.error("alert not queued: %s", describe_db_error(self.engine, exc))
+            if self.alert_queue is not None:
+                self.alert_queue.put(self.classifier.model_version if self.classifier else "none", alerts)
 
     # ------------------------------------------------------------ status
     def _link_figures(self) -> dict:
