@@ -10,6 +10,10 @@ store) follows it.  For every record, latency = the time its batch's transaction
     python -m benchmarks.live_latency --quick             # 5 s each
     python -m benchmarks.live_latency --rates 1000 --seconds 60 --json
     python -m benchmarks.live_latency --model none        # no classification (store only)
+    python -m benchmarks.live_latency --no-mqtt           # no broker, no alerts
+
+With mosquitto installed (the default then) a local broker is started and the gateway
+publishes alerts through its durable outbox, as in production.
 
 The writer is also what the fault drills and the soak run use to put load on a live
 log (``python -m benchmarks.live_latency write --path conn.log --rate 500 --count 5000``).
@@ -227,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory, or 'none' to store only")
     p.add_argument("--poll", type=float, default=0.01, help="tail poll interval in seconds")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads ([inference] threads)")
-    p.add_argument("--mqtt", action="store_true",
-                   help="start a local mosquitto (broker_config/dev.conf): alerts go through the outbox")
+    p.add_argument("--mqtt", action=argparse.BooleanOptionalAction, default=None,
+                   help="start a local mosquitto (broker_config/dev.conf) so alerts go through the outbox to "
+                        "a broker, as in production (default: when mosquitto is installed)")
     p.add_argument("--workdir", default=None, help="where the log and the SQLite store go (default: $TMPDIR)")
     p.add_argument("--warmup", type=float, default=None,
                    help="seconds left out at the start (default 1 with --quick, else 5): the engine's "
@@ -241,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: no model at {model}; measuring store-only latency (no classification)", file=sys.stderr)
         model = None
     warmup = a.warmup if a.warmup is not None else (1.0 if a.quick else 5.0)
+    if a.mqtt is None:
+        from cloud_aggregator.broker import find_mosquitto
+
+        a.mqtt = find_mosquitto() is not None
     rows = [measure(int(r), seconds, model=model, poll_interval_s=a.poll, threads=a.threads, workdir_root=a.workdir,
                     warmup_s=warmup, mqtt=a.mqtt) for r in a.rates.split(",")]
     info = machine()
