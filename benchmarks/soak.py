@@ -39,7 +39,8 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def soak(*, minutes: float, rate: int, interval_s: float, model: str | None, warmup: int) -> dict:
+def soak(*, minutes: float, rate: int, interval_s: float, model: str | None, warmup: int,
+         mqtt: bool = False) -> dict:
     from rich.progress import Progress
 
     from gateway.service import GatewayService
@@ -50,7 +51,12 @@ def soak(*, minutes: float, rate: int, interval_s: float, model: str | None, war
     with tempfile.TemporaryDirectory(prefix="fedgate-soak-") as tmp:
         workdir = Path(tmp)
         (workdir / "conn.log").touch()
-        cfg = gateway_config(workdir, model=model, poll_interval_s=0.01)
+        broker = None
+        if mqtt:  # alerts through the outbox to a real broker, as in production
+            from cloud_aggregator.broker import LocalBroker
+
+            broker = LocalBroker(workdir=workdir / "broker").start()
+        cfg = gateway_config(workdir, model=model, poll_interval_s=0.01, mqtt_port=broker.port if broker else None)
 
         class ProbedService(GatewayService):
             def after_commit(self, source, records, verdicts):
@@ -77,9 +83,12 @@ def soak(*, minutes: float, rate: int, interval_s: float, model: str | None, war
                 progress.update(task, completed=min(total_s, elapsed),
                                 description=f"soak: {samples[-1]['rss_mib']} MiB, p99 {samples[-1]['p99_ms']} ms")
         service.stop()
+        if broker is not None:
+            broker.stop()
     samples = [s for s in samples if s["committed_in_window"]]  # the idle tail after the writer ended
     return judge({"rate": rate, "minutes": minutes, "interval_s": interval_s,
                   "model": service.classifier.model_version if service.classifier else "none",
+                  "mqtt": mqtt, "alerts": int(service.metrics.value("fedgate_gw_alerts_total")),
                   "samples": samples, "machine": machine()}, warmup)
 
 
@@ -127,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replot", type=Path, help="redraw (and re-judge) a saved run's JSON instead of running")
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory, or 'none'")
     ap.add_argument("--out", type=Path, default=HERE / "soak.png")
+    ap.add_argument("--mqtt", action=argparse.BooleanOptionalAction, default=None,
+                    help="local mosquitto + alerts through the outbox (default: when mosquitto is installed)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.replot:
@@ -139,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     if model and not Path(model).is_dir():
         print(f"note: no model at {model}; soaking store-only (no classification)", file=sys.stderr)
         model = None
-    result = soak(minutes=a.minutes, rate=a.rate, interval_s=a.interval, model=model, warmup=a.warmup)
+    if a.mqtt is None:
+        from cloud_aggregator.broker import find_mosquitto
+
+        a.mqtt = find_mosquitto() is not None
+    result = soak(minutes=a.minutes, rate=a.rate, interval_s=a.interval, model=model, warmup=a.warmup,
+                  mqtt=a.mqtt)
     plot(result, a.out)
     a.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     if a.json:
