@@ -163,7 +163,10 @@ class LoadedModel:
         Safe under concurrent calls: answers are gathered in a local dict, so another
         call clearing the shared cache cannot lose them.
         """
-        rows = [tuple(r) for r in ids.tolist()]
+        return self.verdicts_for_rows([tuple(r) for r in ids.tolist()], max_batch=max_batch)
+
+    def verdicts_for_rows(self, rows: list[tuple[int, ...]], *, max_batch: int = 256) -> list[Verdict]:
+        """:meth:`verdicts_for_ids` for rows already as tuples (the tokenizer's own)."""
         cache = self._verdicts
         local: dict[tuple[int, ...], Verdict] = {}
         missing: list[tuple[int, ...]] = []
@@ -192,7 +195,8 @@ class LoadedModel:
     def classify(self, records: Sequence[ConnRecord], *, max_batch: int = 256) -> list[Verdict]:
         if not records:
             return []
-        return self.verdicts_for_ids(self.tokenizer.encode(records), max_batch=max_batch)
+        encode = self.tokenizer.encode_record  # tuples: no array round trip on the hot path
+        return self.verdicts_for_rows([encode(r) for r in records], max_batch=max_batch)
 
 
 class _Request:
