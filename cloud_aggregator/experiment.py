@@ -511,8 +511,15 @@ def _summarise(result: RunResult, settings: ExperimentSettings, monitor: Monitor
     target = next((r for r in result.rounds if r["central_f1"] is not None and r["central_f1"] >= settings.target_f1),
                   None)
     sizes = [b for _, b in monitor.update_times]
+    tail = [r for r in result.rounds[1:]][-3:]
+
+    def mean_of(key):
+        vals = [r[key] for r in tail if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
     return {
         "rounds_reached": last["round"],
+        "last3_central_accuracy": mean_of("central_accuracy"), "last3_central_f1": mean_of("central_f1"),
         "final_central_accuracy": last["central_accuracy"], "final_central_f1": last["central_f1"],
         "final_client_accuracy": last["client_accuracy"], "final_client_f1": last["client_f1"],
         "uploads": last["uploads"], "bytes_up": last["bytes_up"], "bytes_down": last["bytes_down"],
@@ -598,6 +605,7 @@ def summary_rows(report: dict) -> list[dict]:
         rows.append({
             "run": r["label"], "rounds": s["rounds_reached"],
             "central_acc": s["final_central_accuracy"], "central_f1": s["final_central_f1"],
+            "last3_acc": s.get("last3_central_accuracy"), "last3_f1": s.get("last3_central_f1"),
             "client_acc": s["final_client_accuracy"], "client_f1": s["final_client_f1"],
             "uploads": s["uploads"], "MB_up": s["bytes_up"] / 1e6, "MB_down": s["bytes_down"] / 1e6,
             "update_KB": None if s["mean_update_bytes"] is None else s["mean_update_bytes"] / 1e3,
@@ -630,21 +638,26 @@ def write_report(report: dict, out: Path) -> None:
     lines.append("|" + "---|" * len(cols))
     for r in rows:
         lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")
-    lines += ["", f"Time to target: first round whose central F1 >= {st['target_f1']}.", ""]
+    lines += ["", f"last3: mean over the last three rounds (one round can land between two modes). "
+              f"Time to target: first round whose central F1 >= {st['target_f1']}. raw/update: raw float32 "
+              f"delta bytes over the mean wire bytes of an update. client: each gateway's own model after its "
+              f"local training, scored on the pooled test parts (non-IID: a gateway that saw one scenario "
+              f"scores low on the others).", ""]
     lines += ["## Gateways", "", "| gateway | training flows (cap) | test flows |", "|---|---|---|"]
     for g in report["gateways"]:
         lines.append(f"| {g['id']} | {g['train_flows']} ({g['train_flows_before_cap']}) | {g['test_flows']} |")
     for r in report["runs"]:
         lines += ["", f"## {r['label']}: per round", "",
                   "| round | central acc | central F1 | client acc | client F1 | aggregated | uploads | "
-                  "KB up | KB down | round s | elapsed s | DP eps |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "KB up | KB down | round s | elapsed s | DP eps | gateways aggregated |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in r["rounds"]:
             lines.append(
                 f"| {row['round']} | {_fmt(row['central_accuracy'])} | {_fmt(row['central_f1'])} | "
                 f"{_fmt(row['client_accuracy'])} | {_fmt(row['client_f1'])} | {row['updates_aggregated']} | "
                 f"{row['uploads']} | {row['bytes_up'] / 1e3:.1f} | {row['bytes_down'] / 1e3:.1f} | "
-                f"{_fmt(row['round_s'], '.1f')} | {row['elapsed_s']:.1f} | {_fmt(row['dp_epsilon'], '.3g')} |")
+                f"{_fmt(row['round_s'], '.1f')} | {row['elapsed_s']:.1f} | {_fmt(row['dp_epsilon'], '.3g')} | "
+                f"{', '.join(row.get('senders') or []) or '-'} |")
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     (out / "report.md").write_text("\n".join(lines))
 
