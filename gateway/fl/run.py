@@ -76,12 +76,16 @@ def main(gateway_id, db_url, model_dir, host, port, prefix, verify_key, eval_dat
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    learner = TorchLearner(model_dir, threads=threads)
-    engine, sessions = open_store(db_url)
-    eval_ds = None
-    if eval_data:
-        eval_ds = load_eval_data(learner, Path(eval_data))
-    key = signing.load_public_key(verify_key) if verify_key else None
+    from gateway.model.modeldir import ModelDirError
+    from gateway.store.db import StoreError
+
+    try:
+        learner = TorchLearner(model_dir, threads=threads)
+        engine, sessions = open_store(db_url)
+        eval_ds = load_eval_data(learner, Path(eval_data)) if eval_data else None
+        key = signing.load_public_key(verify_key) if verify_key else None
+    except (ModelDirError, StoreError, OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
     link = GatewayLink(MqttSettings(host=host, port=port, client_id=f"gw-{gateway_id}", keepalive_s=10,
                                     reconnect_min_s=1, reconnect_max_s=5),
                        gateway_id=gateway_id, prefix=prefix)

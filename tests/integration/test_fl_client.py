@@ -305,3 +305,14 @@ def test_fedavg_round_announcement_is_answered_once(broker, store, model_dir, ke
     finally:
         client.stop()
         agg.stop()
+
+
+def test_gateway_process_reports_a_bad_model_directory_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "gateway.fl.run", "--gateway-id", "gw-x", "--db",
+                          f"sqlite:///{tmp_path / 'x.db'}", "--model", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "config.json" in out.stderr and "Traceback" not in out.stderr
