@@ -1,7 +1,7 @@
 """Replay with classification: a >= 1,000,000-line conn.log into SQLite, end to end.
 
-Builds an IoT-23-format log of ``--lines`` lines from ``data/iot23`` (data lines cycled,
-fresh uids; with ``--jitter`` (default) the byte and duration fields of each line are
+Builds an IoT-23-format log of ``--lines`` lines from ``data/iot23`` (the ingest
+benchmark's log: data lines cycled, fresh uids; with ``--jitter`` (default) the byte and duration fields of each line are
 scaled by a random factor in [0.8, 1.25], so prompts vary like real traffic and the
 engine's caches cannot simply replay 43k known answers), then times
 ``gateway.ingest.replay`` — what ``fedgate replay`` runs — into a fresh SQLite file:
@@ -41,37 +41,33 @@ JITTER_INT = (9, 10, 17, 19)
 
 
 def build_log(out: Path, lines: int, data_dir: Path, *, jitter: bool, seed: int = 0) -> int:
-    files = sorted(data_dir.glob("*/conn.log.labeled"))
-    header: list[bytes] = []
-    body: list[list[bytes]] = []
-    for i, f in enumerate(files):
-        for raw in f.read_bytes().splitlines():
-            if raw.startswith(b"#"):
-                if i == 0 and not raw.startswith(b"#close"):
-                    header.append(raw)
-                continue
-            if raw:
-                body.append(raw.split(b"\t"))
+    """The ingest benchmark's log (IoT-23 lines cycled, fresh uids), then, with
+    ``jitter``, each line's duration and byte counts scaled by a random factor."""
+    from benchmarks.ingest import build_conn_log
+
+    if not jitter:
+        return build_conn_log(out, lines, data_dir=data_dir)
+    plain = out.with_name(out.name + ".plain")
+    build_conn_log(plain, lines, data_dir=data_dir)
     rnd = random.Random(seed)
-    with open(out, "wb") as fh:
-        fh.write(b"\n".join(header) + b"\n")
+    with open(plain, "rb") as src, open(out, "wb") as dst:
         chunk: list[bytes] = []
-        for n in range(lines):
-            cols = list(body[n % len(body)])
-            cols[1] = b"CB%016x" % n
-            if jitter:
+        for raw in src:
+            if not raw.startswith(b"#"):
+                cols = raw.rstrip(b"\n").split(b"\t")
                 for c in JITTER_FLOAT:
                     if cols[c] != b"-":
                         cols[c] = b"%.6f" % (float(cols[c]) * rnd.uniform(0.8, 1.25))
                 for c in JITTER_INT:
                     if cols[c] != b"-":
                         cols[c] = b"%d" % int(int(cols[c]) * rnd.uniform(0.8, 1.25))
-            chunk.append(b"\t".join(cols) + b"\n")
+                raw = b"\t".join(cols) + b"\n"
+            chunk.append(raw)
             if len(chunk) >= 50_000:
-                fh.write(b"".join(chunk))
+                dst.write(b"".join(chunk))
                 chunk = []
-        fh.write(b"".join(chunk))
-        fh.write(b"#close\t2026-01-01-00-00-00\n")
+        dst.write(b"".join(chunk))
+    plain.unlink()
     return out.stat().st_size
 
 
