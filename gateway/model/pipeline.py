@@ -122,31 +122,15 @@ def train_model(
         model = from_base_model(base_model, tokenizer, labels, seed=seed)
     else:
         model = build_model(p, tokenizer, labels, seed=seed)
-    n_epochs = p.epochs if epochs is None else epochs
-    started = time.perf_counter()
-    train_epochs(
-        model, train_ds, epochs=n_epochs, lr=lr or p.lr, seed=seed, batch_size=p.batch_size,
-        on_epoch=_Epochs(progress, f"train {preset}", n_epochs),
-    )
-    threshold, val_metrics = fit_threshold(model, val_ds)
-    return save_model_dir(
-        model, tokenizer, labels, out,
-        threshold=threshold,
-        metrics={"validation": val_metrics},
-        data_digest=prepared.digest,
-        int8=int8,
+    return _train_and_save(
+        model, tokenizer, labels, train_ds, val_ds, out,
+        preset=preset, epochs=epochs, lr=lr, seed=seed, digest=prepared.digest, int8=int8, parent=None,
+        progress=progress, description=f"train {preset}",
         extra={
-            "preset": preset,
             "kind": "teacher" if preset == "teacher" else "student",
             "base_model": str(base_model) if base_model else None,
-            "training": {
-                "loss": "cross-entropy", "epochs": n_epochs, "seed": seed, "lr": lr or p.lr,
-                "split": "paper", "split_seed": prepared.seed, "train_rows": len(train_ds),
-                "train_flows": int(train_ds.flows), "seconds": round(time.perf_counter() - started, 1),
-                "data": prepared.paths,
-            },
-            "parameters_by_preset": parameter_count(model),
         },
+        training={"loss": "cross-entropy", "split_seed": prepared.seed, "data": prepared.paths},
     )
 
 
@@ -184,33 +168,49 @@ def distill_model(
     ratio = parameter_count(student) / parameter_count(teacher)
     if ratio > 0.1:
         log.warning("student has %.0f%% of the teacher's parameters (target <= 10%%)", 100 * ratio)
+    return _train_and_save(
+        student, tokenizer, labels, train_ds, val_ds, out,
+        preset=preset, epochs=epochs, lr=lr, seed=seed, digest=prepared.digest, int8=int8,
+        parent=str(t_meta["version"]), progress=progress, description=f"distill {preset}",
+        extra={"kind": "student", "teacher": {"version": t_meta["version"], "parameters": parameter_count(teacher)}},
+        training={"loss": "distillation", "temperature": temperature, "alpha": alpha,
+                  "split_seed": split_seed, "data": prepared.paths},
+        teacher_logits=t_logits, temperature=temperature, alpha=alpha,
+    )
+
+
+def _train_and_save(
+    model, tokenizer, labels, train_ds: FlowDataset, val_ds: FlowDataset, out, *,
+    preset: str, epochs: int | None, lr: float | None, seed: int, digest: str, int8: bool,
+    parent: str | None, progress, description: str, extra: dict, training: dict, **loss,
+) -> ModelInfo:
+    """Train (``loss``: distillation arguments of train_epochs, if any), choose the
+    threshold on ``val_ds``, save the directory with its metadata."""
+    p = PRESETS[preset]
     n_epochs = p.epochs if epochs is None else epochs
+    lr = lr or p.lr
     started = time.perf_counter()
     train_epochs(
-        student, train_ds, epochs=n_epochs, lr=lr or p.lr, seed=seed, batch_size=p.batch_size,
-        teacher_logits=t_logits, temperature=temperature, alpha=alpha,
-        on_epoch=_Epochs(progress, f"distill {preset}", n_epochs),
+        model, train_ds, epochs=n_epochs, lr=lr, seed=seed, batch_size=p.batch_size,
+        on_epoch=_Epochs(progress, description, n_epochs), **loss,
     )
-    threshold, val_metrics = fit_threshold(student, val_ds)
+    threshold, val_metrics = fit_threshold(model, val_ds)
     return save_model_dir(
-        student, tokenizer, labels, out,
-        parent=str(t_meta["version"]),
+        model, tokenizer, labels, out,
+        parent=parent,
         threshold=threshold,
         metrics={"validation": val_metrics},
-        data_digest=prepared.digest,
+        data_digest=digest,
         int8=int8,
         extra={
             "preset": preset,
-            "kind": "student",
-            "teacher": {"version": t_meta["version"], "parameters": parameter_count(teacher)},
+            **extra,
             "training": {
-                "loss": "distillation", "temperature": temperature, "alpha": alpha,
-                "epochs": n_epochs, "seed": seed, "lr": lr or p.lr, "split": "paper",
-                "split_seed": split_seed, "train_rows": len(train_ds),
-                "train_flows": int(train_ds.flows), "seconds": round(time.perf_counter() - started, 1),
-                "data": prepared.paths,
+                **training, "epochs": n_epochs, "seed": seed, "lr": lr, "split": "paper",
+                "train_rows": len(train_ds), "train_flows": int(train_ds.flows),
+                "seconds": round(time.perf_counter() - started, 1),
             },
-            "parameters_by_preset": parameter_count(student),
+            "parameters_by_preset": parameter_count(model),
         },
     )
 
