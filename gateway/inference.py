@@ -62,7 +62,6 @@ def _probe_cuda() -> bool:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     try:
-        import onnx
         from onnx import TensorProto, helper
 
         node = helper.make_node("Identity", ["x"], ["y"])
@@ -74,8 +73,8 @@ def _probe_cuda() -> bool:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         so = ort.SessionOptions()
         so.log_severity_level = 4  # the failed CUDA load is expected on CPU boxes
-        sess = ort.InferenceSession(onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString(),
-                                    so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         return sess.get_providers()[0] == "CUDAExecutionProvider"
     except Exception as exc:  # any load failure means: no usable CUDA
         log.debug("CUDA provider probe failed: %s", exc)
