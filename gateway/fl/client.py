@@ -65,6 +65,9 @@ from gateway.store import repository as repo
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("gsfs", "fedavg", "fedopt")
+# The retained control message arrives just after the retained global model: a GSFS
+# session waits this long for it (it may say FedAvg) before starting on its own.
+CONTROL_GRACE_S = 2.0
 
 
 class ClientConfigError(ValueError):
@@ -182,6 +185,7 @@ class FLClient:
         self.control: Control | None = None
         self.answered_rounds: set[int] = set()
         self.gsfs_due = False
+        self._global_at = 0.0
         self.last_eval: dict = {}
         self._data_key: tuple[int, int] | None = None
         self.train_data: FlowDataset | None = None
@@ -344,6 +348,7 @@ class FLClient:
         self._ensure_data()
         self.trigger.reset(self._val_metric() if len(self.val_data) else None)
         self.gsfs_due = True
+        self._global_at = self.clock()
 
     def _ensure_data(self) -> None:
         """(Re)load the local labelled flows when the store changed; split them."""
@@ -373,6 +378,8 @@ class FLClient:
         if self.lifecycle.state is not ClientState.IDLE or self.version is None:
             return
         if self.strategy == "gsfs":
+            if self.control is None and self.clock() - self._global_at < CONTROL_GRACE_S:
+                return
             if self.gsfs_due:
                 self.gsfs_due = False
                 self.train_gsfs()
