@@ -57,7 +57,9 @@ def test_classify_matches_the_session_and_labels(model_dirs, records):
     assert engine.classify([]) == []
     # the cache of distinct prompts gives the same answers as no cache
     uncached = InferenceEngine(model_dirs[0], provider="cpu", cache_size=0)
-    assert uncached.classify(records) == verdicts
+    again = uncached.classify(records)
+    assert [v[0] for v in again] == [v[0] for v in verdicts]
+    assert [v[1] for v in again] == pytest.approx([v[1] for v in verdicts], abs=1e-5)
     assert uncached.model._verdicts == {}
 
 
@@ -70,7 +72,8 @@ def test_submit_batches_requests(model_dirs, records):
             version, verdicts = f.result(timeout=30)
             assert version == "v1" and len(verdicts) == 5
             got.extend(verdicts)
-        assert got == direct
+        assert [g[0] for g in got] == [d[0] for d in direct]
+        assert [g[1] for g in got] == pytest.approx([d[1] for d in direct], abs=1e-5)
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit(records[:1])
 
@@ -108,7 +111,7 @@ def test_hot_swap_under_load_drops_and_doubles_nothing(model_dirs, records):
 
     def swapper() -> None:
         for k in itertools.count():
-            if stop.is_set():
+            if stop.is_set() and k >= 2:
                 return
             engine.swap(model_dirs[(k + 1) % 2])
 
@@ -127,8 +130,10 @@ def test_hot_swap_under_load_drops_and_doubles_nothing(model_dirs, records):
     assert engine.swaps >= 2
     versions = {v for v, _ in results.values()}
     assert versions <= {"v1", "v2"}
-    for i, (version, verdict) in results.items():
-        assert verdict == expected[version][i]
+    for i, (version, (label, score)) in results.items():
+        # ORT's sums may differ in the last bits with the batch's shape
+        assert label == expected[version][i][0]
+        assert score == pytest.approx(expected[version][i][1], abs=1e-5)
 
 
 def test_bad_swap_keeps_the_current_model(model_dirs, records, tmp_path):
