@@ -353,6 +353,7 @@ class GatewayService:
         else:
             log.warning("no model configured: flows are stored without detections")
         self._check_sources()
+        self.metrics.add_callback(self._link_figures)  # scrape-time figures (tail, outbox, FL)
         if cfg.mqtt.enabled:
             self._start_link()
         if cfg.http.listen:
@@ -407,7 +408,6 @@ class GatewayService:
             self.outbox = Outbox(sessions=self.sessions, publish=self.link.publish)
             self.link_worker = LinkWorker(link=self.link, outbox=self.outbox, status=self.status_summary,
                                           interval_s=cfg.fl.status_interval_s).start()
-        self.metrics.add_callback(self._link_figures)
         if cfg.inference.alerts:
             self.alert_queue = AlertQueue(sessions=self.sessions, topic=self.alert_topic, gateway_id=cfg.gateway.id,
                                           interval_s=cfg.inference.alert_interval_s,
