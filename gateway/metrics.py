@@ -23,6 +23,7 @@ queue_depth                         flows read but not yet committed (capture qu
 model_info{version}                 1 for the model version in use
 mqtt_connected                      1 while the broker connection is up
 outbox_pending                      durable messages not yet acknowledged by the broker
+tail_backlog_bytes                  bytes of the live conn.log not yet committed
 fl_uploads_total                    model updates queued for the aggregator
 fl_upload_bytes_total               bytes of those updates
 fl_globals_loaded_total             global models validated and loaded
@@ -71,6 +72,7 @@ class _CallbackCollector:
             ("fl_globals_loaded", "counter", "global models validated and loaded"),
             ("fl_global_version", "gauge", "global model version in use (-1: none)"),
             ("outbox_pending", "gauge", "durable messages not yet acknowledged by the broker"),
+            ("tail_backlog_bytes", "gauge", "bytes of the live conn.log not yet committed"),
         ):
             if name not in values or values[name] is None:
                 continue

@@ -34,6 +34,7 @@ import collections
 import inspect
 import json
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -700,7 +701,22 @@ class GatewayService:
                 figures["outbox_pending"] = self.outbox.pending()
             except SQLAlchemyError:
                 figures["outbox_pending"] = None
+        if self.config.source.zeek_log and self.sessions is not None:
+            figures["tail_backlog_bytes"] = self._tail_backlog()
         return figures
+
+    def _tail_backlog(self) -> int | None:
+        """Bytes of the current conn.log past the committed position (is the tail keeping up?)."""
+        path = self.config.source.zeek_log
+        try:
+            st = os.stat(path)
+            with self.sessions() as session:
+                saved = repository.load_offset(session, ingest.default_source(path))
+        except (OSError, SQLAlchemyError):
+            return None
+        if saved is None or saved.file_identity != f"{st.st_dev}:{st.st_ino}":
+            return st.st_size  # nothing of this file committed yet (new or rotated)
+        return max(0, st.st_size - saved.offset)
 
     def status_summary(self) -> dict:
         """The compact figures published on the retained status topic."""
@@ -743,6 +759,7 @@ class GatewayService:
             "inference_batches": int(m.value("fedgate_gw_inference_seconds_count")),
             "inference_seconds_sum": m.value("fedgate_gw_inference_seconds_sum"),
             "outbox_pending": figures.get("outbox_pending"),
+            "tail_backlog_bytes": figures.get("tail_backlog_bytes"),
             "recent_detections": [vars(d) for d in list(self.recent)[-50:]][::-1],
             "fl": fl,
             "errors": list(self.errors),

@@ -183,6 +183,7 @@ def test_full_disk_gives_clear_error_and_recovers(tmp_path, caplog, kind):
         assert "is not usable" in messages and "full" in messages, messages[-500:]
         assert service.state == "running"  # the process keeps going
         assert wait_until(lambda: service.status()["store_errors"] > 0, 5)  # and says so
+        assert service.status()["tail_backlog_bytes"] > 0  # the lines it could not store yet
         # free the space: the tail catches up from its last committed position
         if real_fs:
             filler.unlink()
@@ -192,6 +193,7 @@ def test_full_disk_gives_clear_error_and_recovers(tmp_path, caplog, kind):
         assert wait_until(lambda: store_counts(cfg.database_url)[0] == total, 60), store_counts(cfg.database_url)
         rows, uids, dets = store_counts(cfg.database_url)
         assert rows == uids == dets == total
+        assert wait_until(lambda: service.status()["tail_backlog_bytes"] == 0, 10)
     finally:
         service.stop()
         if real_fs:

@@ -70,6 +70,7 @@ def test_live_tail_detects_stores_alerts_and_reports(tmp_path, broker):
         assert f"fedgate_gw_flows_total{{source=\"{(tmp_path / 'conn.log').resolve()}\"}} {float(n)}" in metrics
         assert 'fedgate_gw_model_info{version="rules-1"} 1.0' in metrics
         assert "fedgate_gw_inference_seconds_bucket" in metrics and "fedgate_gw_outbox_pending 0.0" in metrics
+        assert "fedgate_gw_tail_backlog_bytes 0.0" in metrics  # caught up
         page = get(service.http.url + "/").decode()
         assert "<title>fedgate gateway</title>" in page
     finally:

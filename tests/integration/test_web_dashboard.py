@@ -34,7 +34,8 @@ def exported_series(tmp_path) -> set[str]:
     gw.detections.labels("Benign").inc()
     gw.set_model_version("v1")
     gw.add_callback(lambda: {"fl_uploads": 1, "fl_upload_bytes": 10, "fl_globals_loaded": 1, "fl_global_version": 3,
-                             "outbox_pending": 0, "fl_rejected": {"signature": 1}})
+                             "outbox_pending": 0, "tail_backlog_bytes": 0,
+                             "fl_rejected": {"signature": 1}})
     text = gw.exposition().decode()
     # a real aggregator DB (initial checkpoint written by the service itself)
     db = str(tmp_path / "agg.db")
