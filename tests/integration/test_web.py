@@ -88,6 +88,7 @@ def test_gateway_page_shows_live_figures(tmp_path, broker, browser):
         assert browser.title == "fedgate gateway"
         assert wait_until(lambda: text_of(browser, "flows") == "400", 15), text_of(browser, "flows")
         assert text_of(browser, "model") == "rules-1"
+        assert wait_until(lambda: text_of(browser, "backlog") == "0", 10)  # caught up with the log
         assert wait_until(lambda: text_of(browser, "mqtt") == "connected", 10)
         labels = text_of(browser, "labels")
         assert "PartOfAHorizontalPortScan" in labels and "Benign" in labels
