@@ -77,7 +77,7 @@ def test_aggregator_command_serves_page_status_and_metrics(tmp_path):
     import safetensors.numpy as st_numpy
 
     from aggregator_helpers import dev_config_text
-    from brokers import Mosquitto, free_port
+    from brokers import Mosquitto
     from gateway_helpers import wait_until
 
     broker = Mosquitto(config_text=dev_config_text(), workdir=tmp_path / "broker").start()
@@ -85,10 +85,19 @@ def test_aggregator_command_serves_page_status_and_metrics(tmp_path):
     (tmp_path / "agg.toml").write_text(
         '[aggregator]\ndatabase = "agg.db"\ninitial_model = "initial.safetensors"\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n[strategy]\nname = "gsfs"\n')
-    port = free_port()
+    # port 0: the command picks a free port and says which (no race with other listeners)
     proc = subprocess.Popen([sys.executable, "-m", "cloud_aggregator.cli", "run", "--config",
-                             str(tmp_path / "agg.toml"), "--http", f"127.0.0.1:{port}"],
+                             str(tmp_path / "agg.toml"), "--http", "127.0.0.1:0"],
                             stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in proc.stderr:  # ends if the process dies
+        said.append(line)
+        found = re.search(r"status page http://127\.0\.0\.1:(\d+)/", line)
+        if found:
+            port = int(found.group(1))
+            break
+    else:
+        pytest.fail("no status page line: " + "".join(said)[-2000:])
 
     def get(path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
@@ -101,7 +110,7 @@ def test_aggregator_command_serves_page_status_and_metrics(tmp_path):
             return False
 
     try:
-        assert wait_until(serving, 60), proc.stderr.read() if proc.poll() is not None else "not serving"
+        assert wait_until(serving, 60), "".join(said)[-2000:]
         metrics = get("/metrics")
         assert "fedgate_agg_store_up 1.0" in metrics and "fedgate_agg_pool_size 0.0" in metrics
         status = json.loads(get("/api/status"))
@@ -109,7 +118,7 @@ def test_aggregator_command_serves_page_status_and_metrics(tmp_path):
         assert "<title>fedgate aggregator</title>" in get("/")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err
+        assert proc.returncode == 0, "".join(said) + err
     finally:
         if proc.poll() is None:
             proc.kill()
