@@ -24,17 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import queue
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import click
 
