@@ -107,8 +107,9 @@ class AggregatorCollector:
         def counter(name: str, text: str, value) -> CounterMetricFamily:
             return CounterMetricFamily(f"{PREFIX}_{name}", text, value=float(value or 0))
 
-        yield gauge("global_version", "version of the current global model", state.get("version"))
-        yield gauge("round", "current round number", state.get("round"))
+        if state:  # no state row before the aggregator's first start: no version to report
+            yield gauge("global_version", "version of the current global model", state.get("version"))
+            yield gauge("round", "current round number", state.get("round"))
         yield counter("aggregations", "global versions produced", f["aggregations"])
         yield gauge("pool_size", "updates waiting to be aggregated", f["pool_size"])
         yield gauge("clients_alive", "gateways whose status says online", f["clients_alive"])

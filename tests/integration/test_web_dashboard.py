@@ -103,9 +103,9 @@ def test_aggregator_command_serves_page_status_and_metrics(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
             return r.read().decode()
 
-    def serving() -> bool:
+    def serving() -> bool:  # the page may be up a moment before the aggregator wrote its state
         try:
-            return "fedgate_agg_global_version 0.0" in get("/metrics")
+            return "fedgate_agg_global_version 0.0" in get("/metrics") and bool(json.loads(get("/api/status"))["state"])
         except OSError:
             return False
 
