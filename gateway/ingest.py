@@ -558,7 +558,9 @@ def _replay_file(
         summary.duplicates += n - stored
         summary.detections += dets
         if verdicts is not None:
-            lab, cor, lcor = score_against_labels(records, verdicts)
+            lab, cor, lcor = score_against_labels(
+                records, verdicts, threshold=getattr(classifier, "threshold", MALICIOUS_THRESHOLD)
+            )
             summary.labelled += lab
             summary.correct += cor
             summary.label_correct += lcor

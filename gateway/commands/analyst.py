@@ -91,9 +91,6 @@ def _store(url: str | None) -> Iterator:
         engine.dispose()
 
 
-DEFAULT_MODEL_DIR = Path("models/default")
-
-
 def _load_classifier(model_dir: str | None, no_classify: bool):
     """The classifier replay uses: --model DIR, else models/default when it exists."""
     if no_classify:
@@ -102,7 +99,9 @@ def _load_classifier(model_dir: str | None, no_classify: bool):
         if model_dir is not None:
             raise click.ClickException("--model needs gateway.inference, which this installation lacks")
         return None
-    model = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+    from gateway.model.modeldir import default_model_dir
+
+    model = Path(model_dir) if model_dir else default_model_dir()
     if model_dir is None and not model.is_dir():
         click.echo(f"note: no model at {model}; storing flows without detections "
                    "(build one with `make model`, or pass --model DIR / --no-classify)", err=True)

@@ -46,6 +46,15 @@ REQUIRED = (CONFIG, WEIGHTS, TOKENIZER, LABELS, METADATA)
 METADATA_SCHEMA = 1
 
 
+def default_model_dir() -> Path:
+    """Where the committed default student lives: ``./models/default`` when the current
+    directory has one (a checkout, a deployment), else the one beside this source tree."""
+    local = Path("models") / "default"
+    if local.is_dir():
+        return local
+    return Path(__file__).resolve().parents[2] / "models" / "default"
+
+
 class ModelDirError(ValueError):
     """A model directory is incomplete or inconsistent; ``path`` names the file."""
 
