@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# Services the integration tests start themselves (mosquitto, openssl) and the headless
-# browser of the status-page tests (chromium, chromium-driver); installed only when
+# Services the integration tests start themselves (mosquitto, openssl), the headless
+# browser of the status-page tests (chromium, chromium-driver) and libpcap (scapy compiles
+# live-capture BPF filters with it); installed only when
 # missing, so this is a no-op on a prepared box.
 system-deps:
 	@missing=""; \
@@ -18,6 +19,7 @@ system-deps:
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	ldconfig -p 2>/dev/null | grep -q 'libpcap\.so' || missing="$$missing libpcap0.8"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
