@@ -52,6 +52,27 @@ def gsfs_weights(submission_counts: Sequence[int], staleness: Sequence[int], *,
     return normalise(s * staleness_discount(staleness, staleness_exponent))
 
 
+def sample_coverage(window: Mapping[str, int], known: Mapping[str, int], *, unheard: int = 0) -> float:
+    """Share of all clients' samples held by this window's senders:
+    sum_{i in window} n_i / (sum_{j in known | window} n_j + unheard * mean n).
+
+    ``known`` holds the newest count of every client heard from (the window's counts
+    replace theirs); ``unheard`` live clients never heard from count with the mean of
+    the known ones. Scaling a sample-weighted window average by it treats every client
+    that did not report as a zero delta: the full-participation average
+    sum_j (n_j / N) delta_j with delta_j = 0 for the quiet ones.
+    """
+    counts = {**dict(known), **dict(window)}
+    if any(int(n) < 0 for n in counts.values()) or unheard < 0:
+        raise ValueError("sample counts and unheard clients cannot be negative")
+    if not counts:
+        raise ValueError("need at least one client")
+    total = float(sum(int(n) for n in counts.values()))
+    total += unheard * total / len(counts)
+    mine = float(sum(int(n) for n in window.values()))
+    return 1.0 if total <= 0 else mine / total
+
+
 # ---------------------------------------------------------------- tensor algebra
 
 
@@ -93,6 +114,11 @@ def subtract(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> Tensor
     """a - b over a's floating tensors (how a client turns a model into a delta)."""
     return {k: (np.asarray(a[k], np.float32) - np.asarray(b[k], np.float32))
             for k in a if np.issubdtype(np.asarray(a[k]).dtype, np.floating)}
+
+
+def scale(delta: Mapping[str, np.ndarray], factor: float) -> Tensors:
+    """factor * delta (float32)."""
+    return {k: (np.asarray(v, np.float32) * np.float32(factor)).astype(np.float32) for k, v in delta.items()}
 
 
 def global_norm(delta: Mapping[str, np.ndarray]) -> float:

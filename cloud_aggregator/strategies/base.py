@@ -51,11 +51,15 @@ class StrategyState:
     adam: AdamState | None = None
     dp_steps: int = 0
     dp_sampling_rates: tuple[float, ...] = ()  # q of every noised aggregation (accountant input)
+    # newest sample count of every client that ever uploaded (GSFS coverage scaling)
+    client_samples: tuple[tuple[str, int], ...] = ()
 
     def to_tensors(self) -> tuple[Tensors, dict[str, Any]]:
         """Arrays and JSON-able scalars for a checkpoint."""
         arrays: Tensors = {}
         meta: dict[str, Any] = {"dp_steps": self.dp_steps, "dp_sampling_rates": list(self.dp_sampling_rates)}
+        if self.client_samples:
+            meta["client_samples"] = dict(self.client_samples)
         if self.adam is not None:
             meta["adam_t"] = self.adam.t
             arrays.update({f"adam.m/{k}": v for k, v in self.adam.m.items()})
@@ -70,7 +74,9 @@ class StrategyState:
             v = {k[len("adam.v/"):]: x for k, x in arrays.items() if k.startswith("adam.v/")}
             adam = AdamState(m, v, int(meta["adam_t"]))
         return cls(adam=adam, dp_steps=int(meta.get("dp_steps", 0)),
-                   dp_sampling_rates=tuple(float(q) for q in meta.get("dp_sampling_rates", ())))
+                   dp_sampling_rates=tuple(float(q) for q in meta.get("dp_sampling_rates", ())),
+                   client_samples=tuple(sorted((str(k), int(n))
+                                               for k, n in dict(meta.get("client_samples", {})).items())))
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,11 @@ class Strategy:
                 view_size: int) -> tuple[Tensors, StrategyState, dict[str, Any]]:
         return agg.weighted_average(deltas, weights), state, {}
 
+    def step_scale(self, updates: Sequence[UpdateView], state: StrategyState,
+                   live_clients: int = 0) -> tuple[float, StrategyState]:
+        """Factor applied to the combined delta before the server step (1: none)."""
+        return 1.0, state
+
     def server_step(self, global_weights: Mapping[str, np.ndarray], delta: Tensors,
                     state: StrategyState) -> tuple[Tensors, StrategyState]:
         return agg.add_scaled(global_weights, delta, self.eta), state
@@ -128,6 +139,10 @@ class Strategy:
         weights = self.client_weights(updates, version)
         delta, state, info = self.combine([u.delta for u in updates], weights, state,
                                           max(live_clients, len(updates)))
+        scale, state = self.step_scale(updates, state, live_clients)
+        if scale != 1.0:
+            delta = agg.scale(delta, scale)
+            info = {**info, "step_scale": scale}
         new_weights, state = self.server_step(global_weights, delta, state)
         # per-sender L2 norms of what arrived: a gateway pushing the model off course
         # stands out in the round history (and the robust wrapper bounds it)
@@ -178,6 +193,9 @@ class StrategyWrapper(Strategy):
 
     def combine(self, deltas, weights, state, view_size):
         return self.inner.combine(deltas, weights, state, view_size)
+
+    def step_scale(self, updates, state, live_clients=0):
+        return self.inner.step_scale(updates, state, live_clients)
 
     def server_step(self, global_weights, delta, state):
         return self.inner.server_step(global_weights, delta, state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -30,6 +31,15 @@ class GSFS(Strategy):
       (tau, ema, k, warmup, eval_every).
     sample_weighted [False]: also weight each update by its sample count n_i
       (pi_i ~ s_i * n_i * discount); for gateways of very different sizes (non-IID).
+    coverage_scaled [False]: scale the step by the window's share of the samples of all
+      clients (:func:`aggregate.sample_coverage`). A client that did not upload is, by
+      GSFS's own premise, one whose model did not change significantly: it counts as a
+      zero delta instead of dropping out of the average. A window that only small
+      gateways reached then moves the global model by their share of the data, not as
+      if they were everyone (without it, a window of benign-only gateways pulls every
+      prompt towards benign; the next window pulls back: the curve swings). Sample
+      counts are the newest each client sent (kept in the strategy state); a live
+      client not heard from yet counts with the mean of the known ones.
     """
 
     name = "gsfs"
@@ -37,7 +47,7 @@ class GSFS(Strategy):
 
     def __init__(self, *, rho: float = 0.6, eta: float = 1.0, staleness_exponent: float = 0.5,
                  deadline_s: float = 60.0, min_updates: int = 1, trigger: dict | None = None,
-                 sample_weighted: bool = False):
+                 sample_weighted: bool = False, coverage_scaled: bool = False):
         super().__init__(eta=eta, min_updates=min_updates)
         if not 0 < rho <= 1:
             raise ValueError("rho must be in (0, 1]")
@@ -50,6 +60,7 @@ class GSFS(Strategy):
         self.deadline_s = float(deadline_s)
         self.trigger = dict(trigger or {})
         self.sample_weighted = bool(sample_weighted)
+        self.coverage_scaled = bool(coverage_scaled)
 
     def quorum(self, live: int) -> int:
         """K = ceil(rho * N), at least 1."""
@@ -71,6 +82,14 @@ class GSFS(Strategy):
         if self.sample_weighted:
             pi = agg.normalise(pi * np.asarray([u.num_samples for u in updates], dtype=np.float64))
         return pi
+
+    def step_scale(self, updates, state, live_clients=0):
+        if not self.coverage_scaled:
+            return 1.0, state
+        window = {u.sender: int(u.num_samples) for u in updates}
+        known = {**dict(state.client_samples), **window}
+        coverage = agg.sample_coverage(window, known, unheard=max(0, int(live_clients) - len(known)))
+        return coverage, replace(state, client_samples=tuple(sorted(known.items())))
 
     def control(self):
         out = {"strategy": self.name}

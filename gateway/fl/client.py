@@ -140,6 +140,7 @@ class ClientCounters:
     control_rejected: int = 0
     train_steps: int = 0
     triggers: Counter = field(default_factory=Counter)
+    quiet_versions: int = 0  # GSFS versions skipped by the trigger's cooldown
 
 
 class _StopTraining(Exception):
@@ -408,6 +409,12 @@ class FLClient:
             self._ensure_data()
         if len(self.train_data) == 0:
             return
+        base_metric = self.trigger.state.reference  # P of this global version (reset on arrival)
+        if not self.trigger.admit(base_metric):
+            self.counters.quiet_versions += 1
+            log.info("gateway %s: quiet on version %s (cooldown; the global model looks as at its last upload)",
+                     self.settings.gateway_id, self.version)
+            return
         self.lifecycle.fire(ClientEvent.TRAIN_START)
         uploads = 0
         data, _ = self._round_plan()
@@ -430,6 +437,7 @@ class FLClient:
                 self._upload(round_=self.version or 0, data=data,
                              metrics={"val_metric": metric, "trigger_" + fired: 1.0, "steps": float(step)})
                 self.trigger.reset(metric)
+                self.trigger.uploaded(base_metric)
                 uploads += 1
                 if uploads >= self.settings.max_uploads_per_version:
                     raise _StopTraining
@@ -504,7 +512,7 @@ class FLClient:
             "uploads": c.uploads, "bytes_up": c.bytes_up, "bytes_down": c.bytes_down,
             "globals_loaded": c.globals_loaded, "rejected": dict(c.rejected),
             "control_rejected": c.control_rejected, "train_steps": c.train_steps,
-            "triggers": dict(c.triggers), "outbox_acked": self.outbox.acked, "eval": self.last_eval,
+            "triggers": dict(c.triggers), "quiet_versions": c.quiet_versions, "outbox_acked": self.outbox.acked, "eval": self.last_eval,
         }
 
     def publish_status(self) -> None:

@@ -22,6 +22,16 @@ reference metric becomes the given value, the step counter and the warm-up resta
 two uploads are at least ``warmup`` steps apart), the layer statistics are kept (they
 describe the gradient scale, which a new reference does not change).
 
+Cooldown (``cooldown`` > 0, off by default): after an upload from global version v the
+client stays quiet for the next ``cooldown`` global versions (:meth:`GSFSTrigger.admit`
+says so when a version arrives), unless the new global model's metric differs by more
+than ``tau`` from the metric of v, the global its upload started from: the global model
+changed for this client, so it speaks again at once. Why: a gateway whose data the
+global model cannot fit (a few malicious flows that look like everyone else's benign
+ones) improves its local P by more than ``tau`` after every local session and would
+upload the same message every version; the server already has it. A collapse of the
+global model on the client's data still makes it upload at once.
+
 The whole state is a frozen :class:`TriggerState` value (``trigger.state`` out,
 ``GSFSTrigger(config=..., state=...)`` in), so a client can persist or inspect it.
 """
@@ -49,6 +59,9 @@ class TriggerConfig:
                 (default 20); also the minimum distance in steps between two uploads
                 through the gradient trigger
     eval_every  E: evaluate P every E local steps, >= 1 (default 25)
+    cooldown    global versions to stay quiet after an upload unless the global model's
+                metric moved by more than tau since (see the module doc), >= 0
+                (default 0: off)
     """
 
     tau: float = 0.01
@@ -56,6 +69,7 @@ class TriggerConfig:
     k: float = 3.0
     warmup: int = 20
     eval_every: int = 25
+    cooldown: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -78,6 +92,8 @@ class TriggerConfig:
             raise TriggerConfigError(f"warmup must be >= 1, got {self.warmup}")
         if self.eval_every < 1:
             raise TriggerConfigError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.cooldown < 0:
+            raise TriggerConfigError(f"cooldown must be >= 0, got {self.cooldown}")
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "TriggerConfig":
         """A copy with the given settings replaced (e.g. from the retained control topic).
@@ -112,6 +128,8 @@ class TriggerState:
     observed: int = 0  # gradient observations since the last reset (warm-up counter)
     reference: float | None = None  # P_ref
     layers: Mapping[str, LayerStats] = field(default_factory=dict)
+    quiet_left: int = 0  # global versions still to skip (cooldown)
+    upload_base_metric: float | None = None  # P of the global model the last upload started from
 
 
 @dataclass(frozen=True)
@@ -191,6 +209,25 @@ class GSFSTrigger:
         if not math.isfinite(metric) or abs(metric - ref) > self.config.tau:
             return Decision(fire=True, reason="performance", metric=metric)
         return Decision(metric=metric)
+
+    def uploaded(self, base_metric: float | None) -> None:
+        """An upload left, computed from the global model whose metric was ``base_metric``:
+        start the cooldown."""
+        self.state = replace(self.state, quiet_left=self.config.cooldown,
+                             upload_base_metric=None if base_metric is None else float(base_metric))
+
+    def admit(self, global_metric: float | None) -> bool:
+        """A new global version arrived with metric ``global_metric``: may the client
+        train and upload on it? False while the cooldown runs and the global model looks
+        to this client as it did when it last uploaded (within ``tau``)."""
+        st = self.state
+        if st.quiet_left <= 0:
+            return True
+        same = (global_metric is not None and st.upload_base_metric is not None
+                and math.isfinite(float(global_metric))
+                and abs(float(global_metric) - st.upload_base_metric) <= self.config.tau)
+        self.state = replace(st, quiet_left=st.quiet_left - 1 if same else 0)
+        return not same
 
     def reset(self, reference: float | None) -> None:
         """After an upload or a received global model: new P_ref, restart counters."""
