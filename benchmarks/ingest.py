@@ -46,8 +46,9 @@ def fresh_uid(n: int) -> str:
     return "C" + "".join(reversed(digits))
 
 
-def build_conn_log(out: Path, lines: int, *, data_dir: Path = DATA_DIR, uid_offset: int = 0) -> int:
-    """Write an IoT-23-format conn.log of ``lines`` data lines with fresh uids; returns bytes."""
+def iot23_templates(data_dir: Path = DATA_DIR, *, maxsplit: int = -1) -> tuple[list[bytes], list[list[bytes]]]:
+    """IoT-23 header lines (first file's, without #close) and every data line split on tabs
+    (at most ``maxsplit`` times): the material the load-building benchmarks reuse."""
     files = sorted(data_dir.glob("*/conn.log.labeled"))
     if not files:
         raise SystemExit(f"no IoT-23 logs under {data_dir}")
@@ -58,9 +59,14 @@ def build_conn_log(out: Path, lines: int, *, data_dir: Path = DATA_DIR, uid_offs
             if raw.startswith(b"#"):
                 if i == 0 and not raw.startswith(b"#close"):
                     header.append(raw)
-                continue
-            if raw:
-                body.append(raw.split(b"\t", 2))
+            elif raw:
+                body.append(raw.split(b"\t", maxsplit))
+    return header, body
+
+
+def build_conn_log(out: Path, lines: int, *, data_dir: Path = DATA_DIR, uid_offset: int = 0) -> int:
+    """Write an IoT-23-format conn.log of ``lines`` data lines with fresh uids; returns bytes."""
+    header, body = iot23_templates(data_dir, maxsplit=2)
     with open(out, "wb") as fh:
         fh.write(b"\n".join(header) + b"\n")
         chunk: list[bytes] = []

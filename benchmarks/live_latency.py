@@ -47,19 +47,9 @@ TICK_S = 0.005  # the writer appends a chunk every 5 ms
 
 def templates(data_dir: Path = DATA_DIR) -> tuple[list[bytes], list[list[bytes]]]:
     """IoT-23 header lines (without #close) and data lines split into fields."""
-    files = sorted(data_dir.glob("*/conn.log.labeled"))
-    if not files:
-        raise SystemExit(f"no IoT-23 logs under {data_dir}")
-    header: list[bytes] = []
-    body: list[list[bytes]] = []
-    for i, f in enumerate(files):
-        for raw in f.read_bytes().splitlines():
-            if raw.startswith(b"#"):
-                if i == 0 and not raw.startswith(b"#close"):
-                    header.append(raw)
-            elif raw:
-                body.append(raw.split(b"\t"))
-    return header, body
+    from benchmarks.ingest import iot23_templates
+
+    return iot23_templates(data_dir)
 
 
 def make_line(fields: list[bytes], uid: str, ts: float) -> bytes:
