@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -308,6 +307,7 @@ class GatewayService:
         self.link = None
         self.outbox = None
         self.fl_client = None
+        self._hotswap = None  # EngineHotSwap, made on the first global model
         self.link_worker: LinkWorker | None = None
         self.alert_queue: AlertQueue | None = None
         self.http = None
@@ -458,22 +458,16 @@ class GatewayService:
         if not callable(getattr(inner, "swap", None)):
             log.warning("engine %r cannot hot-swap; keeping %s", type(inner).__name__, self.classifier.model_version)
             return
-        from gateway.model.modeldir import save_model_dir
+        from gateway.fl.hotswap import EngineHotSwap
 
-        learner = self.fl_client.learner
-        models = Path(self.config.gateway.state_dir) / "models"
-        out = models / f"global-{version}"
+        if self._hotswap is None:  # the newest three stay (the current one and two to fall back to)
+            self._hotswap = EngineHotSwap(engine=inner, learner=self.fl_client.learner,
+                                          models_dir=Path(self.config.gateway.state_dir) / "models", keep=3)
         started = time.perf_counter()
-        save_model_dir(learner.model, learner.tokenizer, learner.labels, out, version=f"global-{version}",
-                       parent=self.classifier.model_version, threshold=self.classifier.threshold,
-                       metrics={k: float(v) for k, v in metrics.items()}, extra={"source": "federated"})
-        inner.swap(out)
+        self._hotswap(version, weights, metrics)
         self.metrics.set_model_version(self.classifier.model_version)
         log.info("detection now uses %s (exported and swapped in %.1fs)", self.classifier.model_version,
                  time.perf_counter() - started)
-        keep = sorted((p for p in models.glob("global-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)[:-3]
-        for old in keep:  # the newest three stay (the current one and two to fall back to)
-            shutil.rmtree(old, ignore_errors=True)
 
     def _start_http(self) -> None:
         from gateway.web.server import StatusServer, json_route, static_route
