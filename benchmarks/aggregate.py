@@ -49,7 +49,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/aggregate.py` as well as `-m`
     sys.path.insert(0, str(REPO_ROOT))
 
-from cloud_aggregator import store  # noqa: E402
 from cloud_aggregator.pool import PooledUpdate, UpdatePool  # noqa: E402
 from cloud_aggregator.strategies import build_strategy  # noqa: E402
 from gateway.output import emit_json, emit_rows  # noqa: E402
