@@ -94,18 +94,23 @@ def test_verify_catches_a_broken_unit(systemd_root):
 
 
 def _compose_command() -> list[str] | None:
+    """A Compose v2 client: the files use the Compose Specification (top-level `name`),
+    which the legacy Python docker-compose 1.x refuses."""
     docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        return [docker, "compose"]
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
+    candidates = ([[docker, "compose"]] if docker else []) + (
+        [["docker-compose"]] if shutil.which("docker-compose") else [])
+    for cmd in candidates:
+        out = subprocess.run([*cmd, "version", "--short"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip().lstrip("v").split(".")[0].isdigit() \
+                and int(out.stdout.strip().lstrip("v").split(".")[0]) >= 2:
+            return cmd
     return None
 
 
 def test_compose_files_pass_docker_compose_config(tmp_path):
     compose = _compose_command()
     if compose is None:
-        pytest.skip("no docker client with compose (docker compose / docker-compose)")
+        pytest.skip("no Compose v2 client (docker compose / docker-compose >= 2)")
     env = {**os.environ, "FEDGATE_PKI": str(tmp_path / "pki")}
     out = subprocess.run(
         [*compose, "-f", str(REPO / "deploy/compose.yaml"), "-f",
