@@ -363,15 +363,16 @@ def _strategy_params(settings: ExperimentSettings, strategy: str) -> dict:
         # P is evaluated once, at the end of the step budget; the gradient trigger may
         # fire from half-way on. rho = 1: wait for every live gateway that triggers, or
         # the deadline. sample_weighted: gateways of very different sizes (non-IID).
-        # coverage_scaled: a window only some gateways reached moves the model by their
-        # share of the data (quiet gateways count as zero deltas); without it a window of
-        # benign-only gateways pulled every prompt to benign and the next pulled back
-        # (central accuracy swung between 0.32 and 0.97), so eta can be 1 (FedAvg's).
+        # remember_quiet: a gateway that stayed quiet takes part with its newest local
+        # model (without it, a window without the one DDoS gateway pulled every prompt
+        # towards benign and the next pulled back: central accuracy swung between 0.32
+        # and 0.97); coverage_scaled: a live gateway not heard from yet counts as a zero
+        # delta, not as absent. With both, eta can be 1 (FedAvg's).
         # cooldown 1: a gateway the global model cannot fit (a few malicious flows that
         # look like other gateways' benign ones) would upload the same message every
         # version; it skips one version unless the global model changed for it.
         return {"rho": 1.0, "eta": 1.0, "staleness_exponent": 0.5, "deadline_s": settings.gsfs_deadline_s,
-                "sample_weighted": True, "coverage_scaled": True,
+                "sample_weighted": True, "coverage_scaled": True, "remember_quiet": True,
                 "trigger": {"tau": 0.02, "ema": 0.9, "k": 4.0, "warmup": max(1, steps // 2), "eval_every": steps,
                             "cooldown": 1}}
     if strategy == "fedopt":

@@ -53,6 +53,10 @@ class StrategyState:
     dp_sampling_rates: tuple[float, ...] = ()  # q of every noised aggregation (accountant input)
     # newest sample count of every client that ever uploaded (GSFS coverage scaling)
     client_samples: tuple[tuple[str, int], ...] = ()
+    # GSFS remember_quiet: each client's newest local model (global + its delta) and
+    # (sender, sample count, version it was stored at)
+    remembered: Mapping[str, Tensors] = field(default_factory=dict)
+    remembered_meta: tuple[tuple[str, int, int], ...] = ()
 
     def to_tensors(self) -> tuple[Tensors, dict[str, Any]]:
         """Arrays and JSON-able scalars for a checkpoint."""
@@ -60,6 +64,10 @@ class StrategyState:
         meta: dict[str, Any] = {"dp_steps": self.dp_steps, "dp_sampling_rates": list(self.dp_sampling_rates)}
         if self.client_samples:
             meta["client_samples"] = dict(self.client_samples)
+        if self.remembered_meta:
+            meta["remembered"] = {s: [n, v] for s, n, v in self.remembered_meta}
+            for sender, model in self.remembered.items():
+                arrays.update({f"remembered/{sender}/{k}": v for k, v in model.items()})
         if self.adam is not None:
             meta["adam_t"] = self.adam.t
             arrays.update({f"adam.m/{k}": v for k, v in self.adam.m.items()})
@@ -73,7 +81,15 @@ class StrategyState:
             m = {k[len("adam.m/"):]: v for k, v in arrays.items() if k.startswith("adam.m/")}
             v = {k[len("adam.v/"):]: x for k, x in arrays.items() if k.startswith("adam.v/")}
             adam = AdamState(m, v, int(meta["adam_t"]))
+        remembered: dict[str, Tensors] = {}
+        for key, value in arrays.items():
+            if key.startswith("remembered/"):
+                sender, name = key[len("remembered/"):].split("/", 1)
+                remembered.setdefault(sender, {})[name] = value
+        remembered_meta = tuple(sorted((str(s), int(nv[0]), int(nv[1]))
+                                       for s, nv in dict(meta.get("remembered", {})).items()))
         return cls(adam=adam, dp_steps=int(meta.get("dp_steps", 0)),
+                   remembered=remembered, remembered_meta=remembered_meta,
                    dp_sampling_rates=tuple(float(q) for q in meta.get("dp_sampling_rates", ())),
                    client_samples=tuple(sorted((str(k), int(n))
                                                for k, n in dict(meta.get("client_samples", {})).items())))

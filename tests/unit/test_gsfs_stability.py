@@ -145,3 +145,52 @@ def test_control_topic_may_set_the_cooldown():
     assert TriggerConfig().with_overrides(ctl.trigger).cooldown == 1
     with pytest.raises(ControlError):
         parse_control(b'{"strategy": "gsfs", "trigger": {"cooldown": -2}}')
+
+
+# ------------------------------------------------------------------ remembered quiet clients
+
+
+def test_remember_quiet_by_hand():
+    g = GSFS(eta=1.0, sample_weighted=True, staleness_exponent=0.0, remember_quiet=True)
+    state = StrategyState(remembered={"c": {"w": np.array([2.0], np.float32)}}, remembered_meta=(("c", 300, 0),))
+    res = g.aggregate(W0, [upd("a", 1.0, n=100, base=1)], version=1, state=state)
+    # quiet c takes part as delta 2 - 0 = 2: weights [100, 300] / 400 -> 0.25 * 1 + 0.75 * 2
+    assert res.weights["w"][0] == pytest.approx(1.75)
+    assert res.senders == ("a",) and res.client_weights == pytest.approx((0.25,))
+    assert res.info["remembered"] == {"c": pytest.approx(0.75)}
+    # a's newest local model is remembered as this global + its delta; c's is kept
+    assert float(res.state.remembered["a"]["w"][0]) == pytest.approx(1.0)
+    assert float(res.state.remembered["c"]["w"][0]) == pytest.approx(2.0)
+    assert res.state.remembered_meta == (("a", 100, 1), ("c", 300, 0))
+    arrays, meta = res.state.to_tensors()
+    back = StrategyState.from_tensors(arrays, meta)
+    assert back.remembered_meta == res.state.remembered_meta
+    np.testing.assert_array_equal(back.remembered["a"]["w"], res.state.remembered["a"]["w"])
+
+
+def test_remembered_models_are_discounted_by_the_versions_since():
+    g = GSFS(eta=1.0, sample_weighted=True, staleness_exponent=1.0, remember_quiet=True)
+    state = StrategyState(remembered={"c": {"w": np.array([2.0], np.float32)}}, remembered_meta=(("c", 300, 0),))
+    res = g.aggregate(W0, [upd("a", 1.0, n=100, base=1)], version=1, state=state)
+    # c: staleness 1 -> (1 + 1)^-1 = 0.5: weights [100, 150] / 250 -> 0.4 * 1 + 0.6 * 2
+    assert res.weights["w"][0] == pytest.approx(1.6)
+
+
+def test_remembered_models_pull_to_a_fixed_point_not_without_end():
+    # quiet big client remembered at 1.0 (n = 300); small one (n = 100) steps to its optimum 0
+    g = GSFS(eta=1.0, sample_weighted=True, staleness_exponent=0.0, remember_quiet=True)
+    w = dict(W0)
+    state = StrategyState(remembered={"big": {"w": np.array([1.0], np.float32)}}, remembered_meta=(("big", 300, 0),))
+    for v in range(1, 6):
+        res = g.aggregate(w, [upd("small", -float(w["w"][0]), n=100, base=v)], version=v, state=state)
+        w, state = res.weights, res.state
+        # w + 0.25 * (0 - w) + 0.75 * (1 - w) = 0.75 every time
+        assert float(w["w"][0]) == pytest.approx(0.75)
+
+
+def test_remember_quiet_stops_the_swing_between_windows():
+    # the alternating windows of the coverage test: both clients' newest models count in
+    # every window, so the global sits at the weighted mean 0.9 * 1 + 0.1 * 0 = 0.9
+    trace = _alternating_windows(GSFS(eta=1.0, sample_weighted=True, staleness_exponent=0.0, remember_quiet=True))
+    assert trace[0] == pytest.approx(1.0)  # only "big" known yet
+    assert trace[1:] == pytest.approx([0.9] * (len(trace) - 1), abs=1e-6)
