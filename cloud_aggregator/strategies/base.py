@@ -146,27 +146,44 @@ class Strategy:
                     state: StrategyState) -> tuple[Tensors, StrategyState]:
         return agg.add_scaled(global_weights, delta, self.eta), state
 
+    def quiet_updates(self, global_weights: Mapping[str, np.ndarray], updates: Sequence[UpdateView],
+                      version: int, state: StrategyState) -> list[UpdateView]:
+        """Extra members of this aggregation for clients that did not report (none)."""
+        return []
+
+    def remember(self, global_weights: Mapping[str, np.ndarray], updates: Sequence[UpdateView],
+                 version: int, state: StrategyState) -> StrategyState:
+        """State after ``updates`` were applied to ``global_weights`` (unchanged)."""
+        return state
+
     def aggregate(self, global_weights: Mapping[str, np.ndarray], updates: Sequence[UpdateView], *,
                   version: int, state: StrategyState | None = None, live_clients: int = 0) -> Aggregation:
         """New global weights from ``updates`` (as chosen by :meth:`eligible`)."""
         if not updates:
             raise ValueError("nothing to aggregate")
         state = state or StrategyState()
-        weights = self.client_weights(updates, version)
-        delta, state, info = self.combine([u.delta for u in updates], weights, state,
-                                          max(live_clients, len(updates)))
-        scale, state = self.step_scale(updates, state, live_clients)
+        fresh = list(updates)
+        quiet = self.quiet_updates(global_weights, fresh, version, state)
+        members = fresh + quiet
+        weights = self.client_weights(members, version)
+        delta, state, info = self.combine([u.delta for u in members], weights, state,
+                                          max(live_clients, len(members)))
+        scale, state = self.step_scale(members, state, live_clients)
         if scale != 1.0:
             delta = agg.scale(delta, scale)
             info = {**info, "step_scale": scale}
         new_weights, state = self.server_step(global_weights, delta, state)
+        state = self.remember(global_weights, fresh, version, state)
+        k = len(fresh)
+        if quiet:
+            info = {**info, "remembered": {u.sender: round(float(w), 6) for u, w in zip(quiet, weights[k:])}}
         # per-sender L2 norms of what arrived: a gateway pushing the model off course
         # stands out in the round history (and the robust wrapper bounds it)
         info = {"delta_norm": agg.global_norm(delta),
-                "update_norms": {u.sender: round(agg.global_norm(u.delta), 6) for u in updates},
-                "client_metrics": client_metric_means(updates, weights), **info}
-        return Aggregation(new_weights, state, tuple(u.sender for u in updates),
-                           tuple(float(w) for w in weights), info)
+                "update_norms": {u.sender: round(agg.global_norm(u.delta), 6) for u in fresh},
+                "client_metrics": client_metric_means(fresh, weights[:k]), **info}
+        return Aggregation(new_weights, state, tuple(u.sender for u in fresh),
+                           tuple(float(w) for w in weights[:k]), info)
 
 
 def client_metric_means(updates: Sequence[UpdateView], weights: np.ndarray) -> dict[str, float]:
@@ -212,6 +229,12 @@ class StrategyWrapper(Strategy):
 
     def step_scale(self, updates, state, live_clients=0):
         return self.inner.step_scale(updates, state, live_clients)
+
+    def quiet_updates(self, global_weights, updates, version, state):
+        return self.inner.quiet_updates(global_weights, updates, version, state)
+
+    def remember(self, global_weights, updates, version, state):
+        return self.inner.remember(global_weights, updates, version, state)
 
     def server_step(self, global_weights, delta, state):
         return self.inner.server_step(global_weights, delta, state)

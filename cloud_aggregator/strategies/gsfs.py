@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 
 from cloud_aggregator.strategies import aggregate as agg
-from cloud_aggregator.strategies.base import PoolView, Strategy, StrategyState, UpdateView
+from cloud_aggregator.strategies.base import PoolView, Strategy, UpdateView
 
 
 class GSFS(Strategy):
@@ -105,30 +105,25 @@ class GSFS(Strategy):
         coverage = agg.sample_coverage(window, known, unheard=max(0, int(live_clients) - len(known)))
         return coverage, replace(state, client_samples=tuple(sorted(known.items())))
 
-    def aggregate(self, global_weights, updates, *, version, state=None, live_clients=0):
+    def quiet_updates(self, global_weights, updates, version, state):
         if not self.remember_quiet:
-            return super().aggregate(global_weights, updates, version=version, state=state,
-                                     live_clients=live_clients)
-        state = state or StrategyState()
+            return []
         fresh = {u.sender for u in updates}
-        quiet = [UpdateView(sender=sender, delta=agg.subtract(state.remembered[sender], global_weights),
-                            num_samples=n, base_version=stored_at, submissions=1)
-                 for sender, n, stored_at in state.remembered_meta
-                 if sender not in fresh and sender in state.remembered]
-        result = super().aggregate(global_weights, list(updates) + quiet, version=version, state=state,
-                                   live_clients=live_clients)
-        remembered = {s: m for s, m in state.remembered.items() if s not in fresh}
-        meta = {s: (n, v) for s, n, v in state.remembered_meta if s not in fresh}
+        return [UpdateView(sender=sender, delta=agg.subtract(state.remembered[sender], global_weights),
+                           num_samples=n, base_version=stored_at, submissions=1)
+                for sender, n, stored_at in state.remembered_meta
+                if sender not in fresh and sender in state.remembered]
+
+    def remember(self, global_weights, updates, version, state):
+        if not self.remember_quiet:
+            return state
+        remembered = dict(state.remembered)
+        meta = {s: (n, v) for s, n, v in state.remembered_meta}
         for u in updates:  # the newest local model of each reporter: this global + its delta
             remembered[u.sender] = agg.add_scaled({k: global_weights[k] for k in u.delta}, u.delta, 1.0)
             meta[u.sender] = (int(u.num_samples), int(version))
-        new_state = replace(result.state, remembered=remembered,
-                            remembered_meta=tuple(sorted((s, n, v) for s, (n, v) in meta.items())))
-        k = len(updates)
-        info = {**result.info, "remembered": {s: round(w, 6) for s, w in
-                                              zip(result.senders[k:], result.client_weights[k:])}}
-        return replace(result, state=new_state, senders=result.senders[:k],
-                       client_weights=result.client_weights[:k], info=info)
+        return replace(state, remembered=remembered,
+                       remembered_meta=tuple(sorted((s, n, v) for s, (n, v) in meta.items())))
 
     def control(self):
         out = {"strategy": self.name}

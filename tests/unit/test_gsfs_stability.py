@@ -194,3 +194,11 @@ def test_remember_quiet_stops_the_swing_between_windows():
     trace = _alternating_windows(GSFS(eta=1.0, sample_weighted=True, staleness_exponent=0.0, remember_quiet=True))
     assert trace[0] == pytest.approx(1.0)  # only "big" known yet
     assert trace[1:] == pytest.approx([0.9] * (len(trace) - 1), abs=1e-6)
+
+
+def test_wrappers_keep_the_remembered_models():
+    inner = GSFS(eta=1.0, sample_weighted=True, staleness_exponent=0.0, remember_quiet=True)
+    dp = DifferentialPrivacy(inner, clip_norm=100.0, noise_multiplier=0.0, rng=np.random.default_rng(0))
+    state = StrategyState(remembered={"c": {"w": np.array([2.0], np.float32)}}, remembered_meta=(("c", 300, 0),))
+    res = dp.aggregate(W0, [upd("a", 1.0, n=100, base=1)], version=1, state=state)
+    assert res.weights["w"][0] == pytest.approx(1.75) and "a" in res.state.remembered
