@@ -101,21 +101,24 @@ def train(data, out, preset, base_model, epochs, seed, int8, as_json):
 @click.option("--temperature", type=click.FloatRange(min=0.05), default=2.0, show_default=True, help="Softmax temperature of the KL term.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.3, show_default=True, help="Weight of the KL term (1 - alpha: cross-entropy).")
 @click.option("--seed", type=int, default=None, help="Training seed [the teacher's split seed].")
+@click.option("--candidates", type=click.IntRange(1), default=1, show_default=True,
+              help="Students trained (seeds SEED, SEED+1, ...); the best validation macro-F1 is kept.")
 @click.option("--no-int8", is_flag=True, help="Do not write model.int8.onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def distill(teacher, data, out, epochs, temperature, alpha, seed, no_int8, as_json):
+def distill(teacher, data, out, epochs, temperature, alpha, seed, candidates, no_int8, as_json):
     """Distil a student (about 1/15 of the teacher's parameters) from TEACHER on the same split.
 
     \b
     Example:
       fedgate model distill --teacher build/teacher --data data/iot23 --out build/student
+      fedgate model distill --teacher build/teacher --data data/iot23 --out build/student --candidates 3
     """
     from gateway.model.pipeline import distill_model
 
     try:
         with _progress() as progress:
             info = distill_model(teacher, list(data), out, epochs=epochs, temperature=temperature, alpha=alpha,
-                                 seed=seed, int8=not no_int8, progress=progress)
+                                 seed=seed, candidates=candidates, int8=not no_int8, progress=progress)
     except (ValueError, OSError) as exc:
         raise _fail(exc) from None
     _model_summary(info, as_json, "distilled student")

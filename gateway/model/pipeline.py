@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from gateway.model.train import evaluate, predict_logits, train_epochs
 
 log = logging.getLogger(__name__)
 DEFAULT_SEED = 23
+DEFAULT_CANDIDATES = 3  # students trained by build_default; the best on validation is kept
 
 
 @dataclass
@@ -118,12 +119,13 @@ def train_model(
     labels = LabelSet.from_labels(prepared.names[i] for i in tr_idx)
     train_ds = encode(train_records, tokenizer, labels).dedupe()
     val_ds = encode(_take(prepared.records, va_idx), tokenizer, labels).dedupe()
-    if base_model is not None:
-        model = from_base_model(base_model, tokenizer, labels, seed=seed)
-    else:
-        model = build_model(p, tokenizer, labels, seed=seed)
+    def make_model(model_seed: int):
+        if base_model is not None:
+            return from_base_model(base_model, tokenizer, labels, seed=model_seed)
+        return build_model(p, tokenizer, labels, seed=model_seed)
+
     return _train_and_save(
-        model, tokenizer, labels, train_ds, val_ds, out,
+        make_model, tokenizer, labels, train_ds, val_ds, out,
         preset=preset, epochs=epochs, lr=lr, seed=seed, digest=prepared.digest, int8=int8, parent=None,
         progress=progress, description=f"train {preset}",
         extra={
@@ -146,12 +148,17 @@ def distill_model(
     alpha: float = 0.3,
     lr: float | None = None,
     int8: bool = True,
+    candidates: int = 1,
     train_index: np.ndarray | None = None,
     val_index: np.ndarray | None = None,
     progress=None,
 ) -> ModelInfo:
     """Distil a student from a teacher directory on the same split the teacher used
-    (its split seed), with the teacher's tokenizer and labels."""
+    (its split seed), with the teacher's tokenizer and labels.
+
+    ``candidates`` > 1 trains that many students (seeds ``seed``, ``seed + 1``, ...)
+    and keeps the one with the best validation macro-F1 (then binary F1): with one or
+    two validation flows per rare label, a single run's rare-label result is luck."""
     teacher, tokenizer, labels, t_meta = load_student(teacher_dir)
     split_seed = int(t_meta.get("training", {}).get("split_seed", DEFAULT_SEED))
     seed = split_seed if seed is None else seed
@@ -164,12 +171,12 @@ def distill_model(
     val_ds = encode(_take(prepared.records, va_idx), tokenizer, labels).dedupe()
     t_logits = predict_logits(teacher, train_ds.ids)
     p = PRESETS[preset]
-    student = build_model(p, tokenizer, labels, seed=seed)
-    ratio = parameter_count(student) / parameter_count(teacher)
+    ratio = parameter_count(build_model(p, tokenizer, labels, seed=seed)) / parameter_count(teacher)
     if ratio > 0.1:
         log.warning("student has %.0f%% of the teacher's parameters (target <= 10%%)", 100 * ratio)
     return _train_and_save(
-        student, tokenizer, labels, train_ds, val_ds, out,
+        lambda model_seed: build_model(p, tokenizer, labels, seed=model_seed), tokenizer, labels,
+        train_ds, val_ds, out, candidates=candidates,
         preset=preset, epochs=epochs, lr=lr, seed=seed, digest=prepared.digest, int8=int8,
         parent=str(t_meta["version"]), progress=progress, description=f"distill {preset}",
         extra={"kind": "student", "teacher": {"version": t_meta["version"], "parameters": parameter_count(teacher)}},
@@ -180,21 +187,35 @@ def distill_model(
 
 
 def _train_and_save(
-    model, tokenizer, labels, train_ds: FlowDataset, val_ds: FlowDataset, out, *,
+    make_model: Callable[[int], object], tokenizer, labels, train_ds: FlowDataset, val_ds: FlowDataset, out, *,
     preset: str, epochs: int | None, lr: float | None, seed: int, digest: str, int8: bool,
-    parent: str | None, progress, description: str, extra: dict, training: dict, **loss,
+    parent: str | None, progress, description: str, extra: dict, training: dict, candidates: int = 1, **loss,
 ) -> ModelInfo:
-    """Train (``loss``: distillation arguments of train_epochs, if any), choose the
-    threshold on ``val_ds``, save the directory with its metadata."""
+    """Train ``make_model(seed)`` (``loss``: distillation arguments of train_epochs, if
+    any) for ``candidates`` consecutive seeds, choose each one's threshold on
+    ``val_ds``, keep the best on validation (macro-F1, then F1), save it with metadata."""
+    if candidates < 1:
+        raise ValueError("candidates must be >= 1")
     p = PRESETS[preset]
     n_epochs = p.epochs if epochs is None else epochs
     lr = lr or p.lr
     started = time.perf_counter()
-    train_epochs(
-        model, train_ds, epochs=n_epochs, lr=lr, seed=seed, batch_size=p.batch_size,
-        on_epoch=_Epochs(progress, description, n_epochs), **loss,
-    )
-    threshold, val_metrics = fit_threshold(model, val_ds)
+    best, tried = None, []
+    for model_seed in range(seed, seed + candidates):
+        model = make_model(model_seed)
+        label = description if candidates == 1 else f"{description} seed {model_seed}"
+        train_epochs(
+            model, train_ds, epochs=n_epochs, lr=lr, seed=model_seed, batch_size=p.batch_size,
+            class_power=p.class_power, on_epoch=_Epochs(progress, label, n_epochs), **loss,
+        )
+        threshold, val_metrics = fit_threshold(model, val_ds)
+        rank = (val_metrics.get("macro_f1", 0.0), val_metrics.get("f1", 0.0))
+        tried.append({"seed": model_seed, "val_macro_f1": rank[0], "val_f1": rank[1]})
+        if best is None or rank > best[0]:
+            best = (rank, model_seed, model, threshold, val_metrics)
+    _, seed, model, threshold, val_metrics = best
+    if candidates > 1:
+        training = {**training, "candidates": tried}
     return save_model_dir(
         model, tokenizer, labels, out,
         parent=parent,
@@ -207,6 +228,7 @@ def _train_and_save(
             **extra,
             "training": {
                 **training, "epochs": n_epochs, "seed": seed, "lr": lr, "split": "paper",
+                "class_power": p.class_power,
                 "train_rows": len(train_ds), "train_flows": int(train_ds.flows),
                 "seconds": round(time.perf_counter() - started, 1),
             },
@@ -221,5 +243,6 @@ def build_default(
     """Teacher then distilled student (with int8), reproducibly from ``data``."""
     prepared = prepare(data, seed=seed)
     teacher = train_model(prepared, teacher_out, preset="teacher", seed=seed, progress=progress)
-    student = distill_model(teacher.path, prepared, out, seed=seed, int8=True, progress=progress)
+    student = distill_model(teacher.path, prepared, out, seed=seed, int8=True, candidates=DEFAULT_CANDIDATES,
+                            progress=progress)
     return teacher, student

@@ -103,14 +103,16 @@ class FlowTokenizer:
             raise TokenizerError(f"{source}: expected one [TEMPLATE:name:vN] marker, found {len(markers)}")
         name, version = markers[0]["name"], int(markers[0]["version"])
         try:
-            template = get_template(name)
+            newest = get_template(name)
         except KeyError as exc:
             raise TokenizerError(f"{source}: {exc.args[0]}") from None
-        if template.version != version:
+        try:
+            template = get_template(name, version)
+        except KeyError:
             raise TokenizerVersionError(
                 f"{source}: built for template {name} v{version}, but this fedgate has "
-                f"v{template.version}; rebuild the model (fedgate model train)"
-            )
+                f"v{newest.version} (and none of that version); rebuild the model (fedgate model train)"
+            ) from None
         try:
             return cls(hf, template)
         except TokenizerError as exc:

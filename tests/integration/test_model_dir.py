@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from gateway.model.modeldir import ModelDirError, load_student, validate_model_dir
+from gateway.model.prompt import get_template
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +55,7 @@ def test_directory_contents_and_metadata(trained):
             "labels.json", "metadata.json"} <= files
     meta = student.metadata
     assert meta["parent"] == teacher.version and meta["version"].startswith("student-")
-    assert meta["template"] == {"name": "edge-compact", "version": 1}
+    assert meta["template"] == {"name": "edge-compact", "version": get_template("edge-compact").version}
     assert meta["data_digest"] == teacher.metadata["data_digest"] and len(meta["data_digest"]) == 64
     assert 0.0 < meta["threshold"] < 1.0
     assert {"accuracy", "f1", "macro_f1"} <= set(meta["metrics"]["validation"])
@@ -116,7 +117,7 @@ def test_mismatches_are_named(trained, tmp_path):
     teacher, student = trained
     d = _copy(student, tmp_path)
     text = (d / "tokenizer.json").read_text()
-    (d / "tokenizer.json").write_text(text.replace("[TEMPLATE:edge-compact:v1]", "[TEMPLATE:edge-compact:v7]"))
+    (d / "tokenizer.json").write_text(text.replace(f"[TEMPLATE:edge-compact:v{get_template('edge-compact').version}]", "[TEMPLATE:edge-compact:v7]"))
     with pytest.raises(ModelDirError, match=r"tokenizer\.json: .*v7"):
         validate_model_dir(d)
     (d / "tokenizer.json").write_text(text)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from gateway.flows.record import ConnRecord
 from gateway.model.prompt import (
-    COMPACT, END, TEMPLATES, Template, count_bucket, duration_bucket, get_template, host_class, port_word, register,
+    COMPACT, COMPACT_V2, END, TEMPLATE_VERSIONS, TEMPLATES, Template, count_bucket, duration_bucket, get_template,
+    host_class, per_packet_bucket, port_word, register,
 )
 from gateway.model.tokenizer import FlowTokenizer, TokenizerError, TokenizerVersionError, marker_token
 
@@ -52,11 +53,37 @@ def test_template_has_fixed_length_and_ends_with_end():
         words = COMPACT.words(r)
         assert len(words) == COMPACT.length
         assert words[-1] == END
-    assert get_template("edge-compact") is COMPACT
+    assert get_template("edge-compact", 1) is COMPACT
+    assert get_template("edge-compact") is COMPACT_V2  # the newest version builds new models
     with pytest.raises(KeyError, match="registered"):
         get_template("nope")
+    with pytest.raises(KeyError, match="edge-compact/v9"):
+        get_template("edge-compact", 9)
     with pytest.raises(ValueError, match="already registered"):
         register(COMPACT)
+
+
+def test_v2_reads_bytes_per_packet_instead_of_ip_bytes():
+    download = TRAIN[2]  # 150 B in 54 packets out, 67,212 B in 50 packets back
+    v1, v2 = COMPACT.words(download), COMPACT_V2.words(download)
+    assert len(v2) == COMPACT_V2.length == COMPACT.length and v2[-1] == END
+    assert "obp:2" in v2 and f"rbp:{count_bucket(67212 / 50)}" in v2
+    assert not any(w.startswith(("oib:", "rib:")) for w in v2)
+    assert [w for w in v1 if not w.startswith(("oib:", "rib:"))] == [w for w in v2 if not w.startswith(("obp:", "rbp:"))]
+    # the same download seen with other totals keeps its per-packet words
+    twin = download._replace(orig_bytes=151, resp_bytes=64551, orig_pkts=59, resp_pkts=48)
+    assert {w for w in COMPACT_V2.words(twin) if w[:4] in ("obp:", "rbp:")} == {w for w in v2 if w[:4] in ("obp:", "rbp:")}
+    assert per_packet_bucket(None, 3) == per_packet_bucket(10, 0) == per_packet_bucket(10, None) == "-"
+    assert per_packet_bucket(-10, 2) == "neg" and per_packet_bucket(10, -1) == "-"
+
+
+def test_an_older_template_version_still_loads(tmp_path):
+    for template in (COMPACT, COMPACT_V2):
+        tok = FlowTokenizer.build(TRAIN, template)
+        tok.save(tmp_path / "tokenizer.json")
+        back = FlowTokenizer.load(tmp_path / "tokenizer.json")
+        assert back.template is template
+        np.testing.assert_array_equal(back.encode(TRAIN), tok.encode(TRAIN))
 
 
 def test_unknown_words_map_to_unk_and_fast_path_matches_library():
@@ -98,7 +125,7 @@ def test_version_mismatch_is_a_clear_error(tmp_path):
     path = tmp_path / "tokenizer.json"
     tok.save(path)
     _rewrite_marker(path, marker_token(COMPACT), "[TEMPLATE:edge-compact:v99]")
-    with pytest.raises(TokenizerVersionError, match=r"tokenizer\.json.*v99.*v1"):
+    with pytest.raises(TokenizerVersionError, match=r"tokenizer\.json.*v99.*v2"):
         FlowTokenizer.load(path)
 
 
@@ -135,18 +162,19 @@ ints = st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2**64))
 floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True))
 
 
+@pytest.mark.parametrize("template", [COMPACT, COMPACT_V2], ids=lambda t: t.ident)
 @settings(max_examples=150, deadline=None)
 @given(proto=st.text(max_size=10), service=text, state=text, history=text, orig_h=st.text(max_size=40),
        resp_h=st.text(max_size=40), orig_p=st.integers(-1, 70000), resp_p=st.integers(-1, 70000),
        duration=floats, ob=ints, rb=ints, opk=ints, rpk=ints, mb=ints, lo=st.one_of(st.none(), st.booleans()))
-def test_hostile_records_never_crash(proto, service, state, history, orig_h, resp_h, orig_p, resp_p,
+def test_hostile_records_never_crash(template, proto, service, state, history, orig_h, resp_h, orig_p, resp_p,
                                      duration, ob, rb, opk, rpk, mb, lo):
-    tok = FlowTokenizer.build(TRAIN, COMPACT)
+    tok = FlowTokenizer.build(TRAIN, template)
     r = ConnRecord(ts=0.0, uid="X", orig_h=orig_h, orig_p=orig_p, resp_h=resp_h, resp_p=resp_p, proto=proto,
                    service=service, duration=duration, orig_bytes=ob, resp_bytes=rb, conn_state=state,
                    history=history, orig_pkts=opk, resp_pkts=rpk, missed_bytes=mb, local_orig=lo)
     ids = tok.encode([r])
-    assert ids.shape == (1, COMPACT.length)
+    assert ids.shape == (1, template.length)
     assert ids.min() >= 0 and ids.max() < tok.vocab_size
     assert ids[0, -1] == tok.vocab[END]
 
@@ -162,3 +190,4 @@ def test_a_second_template_can_be_registered_and_is_kept_apart():
         assert FlowTokenizer.from_hf(tok.hf).template is short
     finally:
         TEMPLATES.pop("test-short", None)
+        TEMPLATE_VERSIONS.pop(("test-short", 3), None)
