@@ -230,3 +230,22 @@ def test_cli_scenario_split(trained, data_dir):
     rows = json.loads(res.output.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"{c} in JSON"))["rows"]
     assert sorted(r["held_out"] for r in rows) == sorted(SCENARIOS)
     assert all(0 <= r["student_accuracy"] <= 1 and 0 <= r["rf_accuracy"] <= 1 for r in rows)
+
+
+def test_distill_keeps_the_best_of_several_candidates_on_validation(trained, tmp_path, data_dir):
+    """``candidates=2`` trains seeds s and s+1 and keeps the one with the higher
+    validation macro-F1 (then F1); the metadata lists both and names the kept seed."""
+    from gateway.model.pipeline import distill_model
+
+    teacher, _ = trained
+    info = distill_model(teacher.path, [data_dir], tmp_path / "best", epochs=2, seed=5, candidates=2, int8=False)
+    tried = info.metadata["training"]["candidates"]
+    assert [c["seed"] for c in tried] == [5, 6]
+    best = max(tried, key=lambda c: (c["val_macro_f1"], c["val_f1"]))
+    assert info.metadata["training"]["seed"] == best["seed"]
+    assert info.metadata["metrics"]["validation"]["macro_f1"] == best["val_macro_f1"]
+    # the kept candidate is exactly the single run of its seed (reproducible)
+    single = distill_model(teacher.path, [data_dir], tmp_path / "single", epochs=2, seed=best["seed"], int8=False)
+    assert single.metadata["version"] == info.metadata["version"]
+    with pytest.raises(ValueError, match="candidates"):
+        distill_model(teacher.path, [data_dir], tmp_path / "none", epochs=1, candidates=0, int8=False)
