@@ -157,10 +157,17 @@ class AlertQueue:
 
     Why a thread: the sources' next batch does not wait for the outbox write, and the
     broker sees a few larger messages instead of one per batch (fewer acknowledgements
-    to record, so fewer writers competing for SQLite).  Alerts still in memory when the
-    process is killed are lost (the detections themselves are committed); a graceful
-    stop writes them first.
+    to record, so fewer writers competing for SQLite).
+
+    At-least-once across a kill: each write also saves a cursor (the time the write
+    began, marked ``running``; a graceful stop marks it ``clean``) in the same
+    transaction.  On start, after an unclean stop, :meth:`recover` queues again the
+    detections stored since ``cursor - RECOVERY_MARGIN_S`` that reach the threshold: the
+    detections are committed before their alerts are queued, so nothing held in memory
+    at the kill is lost; a few alerts may be sent twice (receivers key them by uid).
     """
+
+    RECOVERY_MARGIN_S = 30.0  # covers batches created before a write but committed after it
 
     def __init__(self, *, sessions, topic: str, gateway_id: str, interval_s: float,
                  on_error: Callable[[str], None]):
@@ -169,8 +176,35 @@ class AlertQueue:
         self.gateway_id = gateway_id
         self.interval_s = interval_s
         self.on_error = on_error
+        self.cursor_key = f"alerts:{topic}"
         self._queue: queue.Queue[tuple[str, list[RecentDetection]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="alerts", daemon=True)
+
+    def recover(self, *, threshold: float) -> int:
+        """Queue again what an unclean stop may have lost; mark the cursor running.
+        Returns how many alerts were queued again."""
+        requeued = 0
+        with self.sessions.begin() as session:
+            cursor = repository.load_offset(session, self.cursor_key)
+            if cursor is not None and cursor.file_identity != "clean":
+                since = cursor.offset / 1000.0 - self.RECOVERY_MARGIN_S
+                by_version: dict[str, list[RecentDetection]] = {}
+                for c in repository.detections_to_alert(session, since=since, min_score=threshold):
+                    by_version.setdefault(c.model_version, []).append(RecentDetection(
+                        c.ts, c.source, c.uid, c.orig_h, c.resp_h, c.resp_p, c.proto, c.label,
+                        round(float(c.score), 4)))
+                for version, alerts in by_version.items():
+                    self.put(version, alerts)
+                    requeued += len(alerts)
+                if requeued:
+                    log.warning("alerts: the last stop was not clean; %d alerts of detections stored "
+                                "since %.0f queued again (at-least-once)", requeued, since)
+            self._save_cursor(session, "running")
+        return requeued
+
+    def _save_cursor(self, session, state: str, at: float | None = None) -> None:
+        repository.save_offset(session, self.cursor_key, file_identity=state,
+                               offset=int((time.time() if at is None else at) * 1000))
 
     def start(self) -> "AlertQueue":
         self._thread.start()
@@ -189,7 +223,7 @@ class AlertQueue:
             except queue.Empty:
                 item = ()  # the interval is over: write
             if item is None:  # stop: write what is left, then end
-                self._write(pending)
+                self._write(pending, final=True)
                 return
             if item:
                 version, alerts = item
@@ -202,11 +236,13 @@ class AlertQueue:
             else:  # the store refused: try again after a pause, keep the alerts
                 first_at = time.monotonic()
 
-    def _write(self, pending: dict[str, list[RecentDetection]]) -> bool:
-        if not pending:
+    def _write(self, pending: dict[str, list[RecentDetection]], *, final: bool = False) -> bool:
+        if not pending and not final:
             return True
+        began = time.time()
         try:
             with self.sessions.begin() as session:
+                self._save_cursor(session, "clean" if final else "running", at=began)
                 for version, alerts in pending.items():
                     for i in range(0, len(alerts), MAX_ALERTS_PER_MESSAGE):
                         repository.outbox_add(session, self.topic,
@@ -412,7 +448,13 @@ class GatewayService:
         if cfg.inference.alerts:
             self.alert_queue = AlertQueue(sessions=self.sessions, topic=self.alert_topic, gateway_id=cfg.gateway.id,
                                           interval_s=cfg.inference.alert_interval_s,
-                                          on_error=self._alert_write_failed).start()
+                                          on_error=self._alert_write_failed)
+            try:
+                self.alert_queue.recover(
+                    threshold=self._threshold if self._threshold is not None else DEFAULT_ALERT_THRESHOLD)
+            except SQLAlchemyError as exc:
+                raise ServiceError(f"gateway.database: {describe_db_error(self.engine, exc)}") from exc
+            self.alert_queue.start()
 
     def _alert_write_failed(self, reason: str) -> None:
         self.metrics.store_errors.inc()

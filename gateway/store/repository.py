@@ -420,6 +420,36 @@ QUERY_COLUMNS = (
 )
 
 
+class AlertCandidate(NamedTuple):
+    ts: float
+    source: str
+    uid: str
+    orig_h: str
+    resp_h: str
+    resp_p: int
+    proto: str
+    label: str
+    score: float
+    model_version: str
+
+
+def detections_to_alert(
+    session: Session, *, since: float, min_score: float, limit: int = 100_000
+) -> list[AlertCandidate]:
+    """Detections stored after ``since`` (epoch s) scoring at least ``min_score``, oldest
+    first, with the flow fields an alert carries: what a gateway alerts again after a
+    stop that may have lost alerts still held in memory."""
+    stmt = (
+        select(Flow.ts, Detection.source, Detection.uid, Flow.orig_h, Flow.resp_h, Flow.resp_p,
+               Flow.proto, Detection.label, Detection.score, Detection.model_version)
+        .join(Flow, and_(Flow.source == Detection.source, Flow.uid == Detection.uid))
+        .where(Detection.created_at > since, Detection.score >= min_score)
+        .order_by(Detection.id)
+        .limit(limit)
+    )
+    return [AlertCandidate(*row) for row in session.execute(stmt)]
+
+
 def query_flows(session: Session, q: FlowQuery) -> list[dict[str, Any]]:
     """Flows matching ``q``, newest first, with their latest detection and feedback."""
     # Correlated "latest row of this flow" look-ups use the (source, uid...) indexes and
