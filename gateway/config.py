@@ -115,6 +115,9 @@ class SourceSection:
     """``[source]``: where flows come from (at least one).
 
     zeek_log [None]: live Zeek conn.log to follow (rotation and truncation survived).
+    zeek_archive_globs [[]]: where Zeek archives rotated logs, as glob patterns (e.g.
+      "/opt/zeek/logs/*/conn.*.log.gz"); a restarted gateway finishes the file it was
+      reading there if it was rotated away while the gateway was down.
     poll_interval_s [0.02]: how often the tail looks for new lines; the floor of the
       line-to-detection latency.
     pcap_dir [None]: directory watched for capture files; each new file is replayed
@@ -130,6 +133,7 @@ class SourceSection:
     """
 
     zeek_log: str | None = None
+    zeek_archive_globs: tuple[str, ...] = ()
     poll_interval_s: float = 0.02
     pcap_dir: str | None = None
     pcap_pattern: str = "*.pcap*"

@@ -643,6 +643,7 @@ def follow(
     on_batch: Callable[[list[ConnRecord], list[tuple[str, float]] | None], None] | None = None,
     max_polls: int | None = None,
     counters: FollowCounters | None = None,
+    archive_globs: Sequence[str] = (),
 ) -> FollowCounters:
     """Follow a live Zeek ``conn.log`` until ``stop`` is set (or after ``max_polls`` polls).
 
@@ -655,6 +656,8 @@ def follow(
 
     source: key of the flows and of the saved position (default: the log's absolute path).
     interval: seconds to wait when caught up (a backlog is read without waiting).
+    archive_globs: where rotated logs are archived (the tail finds the file it was
+      reading there after a restart).
     """
     from gateway.flows.tail import ConnLogTail, TailPosition
 
@@ -670,7 +673,7 @@ def follow(
             committed = TailPosition.from_json(saved.header)
         except ValueError as exc:
             log.error("follow %s: saved position unusable (%s); starting at the beginning", path, exc)
-    tail = ConnLogTail(path, position=committed)
+    tail = ConnLogTail(path, position=committed, archive_globs=archive_globs)
     counters = counters if counters is not None else FollowCounters()  # a caller's: live figures
     polls = 0  # this call's polls (a caller's counters may carry earlier runs')
     failures = 0  # consecutive store errors, for the back-off
@@ -707,7 +710,7 @@ def follow(
                 wait = min(interval * 2 ** (failures - 1), MAX_RETRY_WAIT)
                 log.error("follow %s: %s; retrying in %.1fs", path, exc, wait)
                 tail.close()
-                tail = ConnLogTail(path, position=committed)
+                tail = ConnLogTail(path, position=committed, archive_globs=archive_globs)
                 stop.wait(wait)
                 continue
             failures = 0

@@ -569,6 +569,7 @@ class GatewayService:
         counters = ingest.follow(path, session_factory=self.sessions, classifier=self.classifier,
                                  interval=self.config.source.poll_interval_s, stop=self.stop_event,
                                  counters=self.tail_counters,
+                                 archive_globs=self.config.source.zeek_archive_globs,
                                  on_batch=lambda recs, verdicts: self.after_commit(
                                      ingest.default_source(path), recs, verdicts))
         log.info("tail %s ended: %s", path, counters)

@@ -108,3 +108,33 @@ def test_follow_updates_given_counters(store, tmp_path, log_lines):
     counters = follow(live, session_factory=factory, max_polls=1, interval=0.01)
     same = follow(live, session_factory=factory, max_polls=2, interval=0.01, counters=counters)
     assert same is counters and (counters.polls, counters.stored) == (3, 50)
+
+
+def test_follow_finishes_a_log_archived_while_down(store, tmp_path, log_lines):
+    """Zeek rotated the log, gzipped it into its archive and started a new one while the
+    gateway was down: with archive_globs the restarted follow finishes the archived file
+    first, then reads the new one; every flow is stored once."""
+    import gzip
+
+    _, factory = store
+    header, data = log_lines
+    live = tmp_path / "spool" / "conn.log"
+    live.parent.mkdir()
+    live.write_bytes(b"".join(header + data[:800]))
+    c = follow(live, session_factory=factory, max_polls=1, interval=0.01)
+    assert c.stored == 800
+
+    # while down: 400 more lines, rotation into a gzip archive, a new log with the rest
+    with open(live, "ab") as fh:
+        fh.write(b"".join(data[800:1200]))
+    archive = tmp_path / "logs" / "2026-11-24"
+    archive.mkdir(parents=True)
+    with gzip.open(archive / "conn.14:00:00-15:00:00.log.gz", "wb") as gz:
+        gz.write(live.read_bytes())
+    live.unlink()
+    live.write_bytes(b"".join(header + data[1200:]))
+
+    c = follow(live, session_factory=factory, max_polls=4, interval=0.01,
+               archive_globs=[str(tmp_path / "logs" / "*" / "conn.*.log.gz")])
+    assert count(factory) == len(data)
+    assert c.stored == len(data) - 800
