@@ -23,6 +23,7 @@ The rules follow Zeek (``src/packet_analysis/protocol/tcp/TCPSessionAdapter.cc``
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import ipaddress
@@ -407,6 +408,7 @@ class Conn:
 
 
 _ORIG, _RESP = 1, 2
+_ACK_PSH = ACK | PSH
 # timer kinds
 _T_INACTIVITY, _T_ATTEMPT, _T_DELETE, _T_EXPIRE, _T_RESET, _T_DNS = 0, 1, 2, 3, 4, 5
 
@@ -479,10 +481,17 @@ class ConnTracker:
         likely_server_ports: frozenset[tuple[int, int]] = DEFAULT_LIKELY_SERVER_PORTS,
         protocols: Iterable[str] | None = None,
         max_connections: int = 1_000_000,
+        fast_path: bool = True,
     ):
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
+        # ``fast_path`` (default True): plain ACK/PSH segments on a connection whose two
+        # endpoints are past the handshake take a shortcut with the same results (proved
+        # equal to the general path by tests/unit/test_conntrack_fast.py); False forces the
+        # general path everywhere.
+        self.fast_path = bool(fast_path)
         self.local_nets = tuple(ipaddress.ip_network(n, strict=False) for n in local_nets)
+        self._local_ranges = _address_ranges(self.local_nets)
         self.likely_server_ports = frozenset(likely_server_ports)
         self.protocols = None if protocols is None else frozenset(protocols)
         self.max_connections = max_connections
@@ -642,9 +651,15 @@ class ConnTracker:
     # ------------------------------------------------------------------ TCP
     def _tcp(self, pkt: Packet, t: float) -> None:
         src, dst, sport, dport = pkt.src, pkt.dst, pkt.sport, pkt.dport
-        key = _conn_key(6, src, sport, dst, dport)
+        if src < dst or (src == dst and sport < dport):  # _conn_key, inlined (hot path)
+            key = (6, src, sport, dst, dport)
+        else:
+            key = (6, dst, dport, src, sport)
         flags = pkt.flags
         conn = self.conns.get(key)
+        if (conn is not None and (flags == ACK or flags == _ACK_PSH) and conn.first_packet_seen == 3
+                and pkt.checksum_ok and self.fast_path and self._tcp_established(conn, pkt, t)):
+            return
         if conn is not None and flags & SYN and pkt.payload_len >= 0 and self._tcp_is_reuse(conn, pkt, t):
             self._remove(conn)
             conn = None
@@ -688,6 +703,89 @@ class ConnTracker:
             port_timeout = PORT_INACTIVITY.get(conn.resp_p)
             if port_timeout is not None:
                 conn.inactivity_timeout = port_timeout
+
+    def _tcp_established(self, conn: Conn, pkt: Packet, t: float) -> bool:
+        """:meth:`_tcp_process` + counting for a plain ACK/PSH segment on a connection whose
+        endpoints are both ESTABLISHED or PARTIAL (both directions already seen, no sequence
+        wrap-around so far): the general path's steps in the same order, with the branches
+        that cannot apply left out.  Returns False, having changed nothing, when the packet
+        needs the general path."""
+        (_ts, src, _dst, _proto, sport, _dport, ip_len, length, flags, base_seq, ack_seq, window,
+         _ok, payload, _opts, _tunnel, _inner) = pkt
+        if length < 0:
+            return False
+        is_orig = src == conn.orig_h and sport == conn.orig_p
+        if is_orig:
+            endpoint, peer = conn.orig, conn.resp
+        else:
+            endpoint, peer = conn.resp, conn.orig
+        st = endpoint.state
+        if not (PARTIAL <= st <= ESTABLISHED and PARTIAL <= peer.state <= ESTABLISHED):
+            return False
+        last = endpoint.last_seq
+        if endpoint.seq_wraps or not (base_seq >= last or (last - base_seq) < 0x80000000):
+            return False
+        pack = peer.ack_seq
+        d = (ack_seq - pack) & M32
+        delta_ack = d - 0x100000000 if d & 0x80000000 else d
+        if peer.ack_wraps or (delta_ack > 0 and ack_seq < pack):
+            return False
+        # --- from here on the packet is handled; nothing below returns False
+        d = (base_seq - endpoint.start_seq) & M32
+        rel_seq = d - 0x100000000 if d & 0x80000000 else d
+        # update_history: no SYN/FIN/RST
+        mask = HIST_DATA_PKT if length else HIST_ACK_PKT
+        if not is_orig:
+            mask <<= 16
+        if not conn.hist_mask & mask:
+            conn.hist_mask |= mask
+            conn.history += ("D" if length else "A") if is_orig else ("d" if length else "a")
+        if window:
+            if ((base_seq - endpoint.window_seq) & M32) < 0x80000000 and \
+                    ((ack_seq - endpoint.window_ack_seq) & M32) < 0x80000000:
+                endpoint.window = window << endpoint.window_scale
+                endpoint.window_ack_seq = ack_seq
+                endpoint.window_seq = base_seq
+        else:
+            self._update_window(endpoint, window, base_seq, ack_seq, flags)
+        if not (endpoint.did_close and peer.did_close):
+            conn.last_time = t
+        # ACK: the peer's relative ack and its highest ack
+        d = (ack_seq - peer.start_seq) & M32
+        rel_ack = d - 0x100000000 if d & 0x80000000 else d
+        if rel_ack < 0:
+            rel_ack = 0
+        elif delta_ack > 0 and not (ack_seq == 0 and delta_ack > TOO_LARGE_SEQ_DELTA):
+            peer.ack_seq = ack_seq  # no wrap: excluded above
+        # update_last_seq
+        seq_one_past = (base_seq + length) & M32
+        d = (seq_one_past - last) & M32
+        if d and not d & 0x80000000:
+            if seq_one_past < last:
+                endpoint.seq_wraps += 1
+            endpoint.last_seq = seq_one_past
+        elif length > 0:
+            endpoint.scaled("T", "rxmt_cnt", "rxmt_thresh")
+        # the state machine has nothing to do for a plain segment in these states
+        if peer.fin_cnt or rel_ack > peer.reassem_seq:
+            peer.ack_received(rel_ack)
+        if length > 0 and rel_seq >= 0:
+            if len(payload) >= length:
+                end = rel_seq + length
+                if end > endpoint.reassem_seq:
+                    if rel_seq <= endpoint.reassem_seq and not endpoint.blocks:
+                        endpoint.reassem_seq = end
+                    else:
+                        endpoint.data_sent(rel_seq, length)
+            if not conn.app_done:
+                self._detect_service(conn, pkt, is_orig)
+        if is_orig:
+            conn.orig_pkts += 1
+            conn.orig_ip_bytes += ip_len
+        else:
+            conn.resp_pkts += 1
+            conn.resp_ip_bytes += ip_len
+        return True
 
     def _tcp_is_reuse(self, conn: Conn, pkt: Packet, t: float) -> bool:
         """Zeek's TCPSessionAdapter::IsReuse for a SYN on an existing connection."""
@@ -1183,11 +1281,15 @@ class ConnTracker:
     def _addr(self, raw: bytes) -> tuple[str, bool | None]:
         hit = self._addr_cache.get(raw)
         if hit is None:
-            ip = ipaddress.ip_address(raw)
+            # dotted quad by hand (str(IPv4Address) is the same text, slower); IPv6 keeps
+            # ipaddress's RFC 5952 form
+            text = "%d.%d.%d.%d" % tuple(raw) if len(raw) == 4 else str(ipaddress.ip_address(raw))
             local = None
             if self.local_nets:
-                local = any(ip in net for net in self.local_nets if net.version == ip.version)
-            hit = (str(ip), local)
+                starts, ends = self._local_ranges[len(raw)]
+                i = bisect.bisect_right(starts, int.from_bytes(raw, "big")) - 1
+                local = i >= 0 and int.from_bytes(raw, "big") <= ends[i]
+            hit = (text, local)
             if len(self._addr_cache) > 200_000:
                 self._addr_cache.clear()
             self._addr_cache[raw] = hit
@@ -1239,6 +1341,24 @@ class ConnTracker:
 
 
 _EMPTY: tuple[()] = ()
+
+
+def _address_ranges(nets) -> dict[int, tuple[list[int], list[int]]]:
+    """Networks as merged, sorted [start, end] integer ranges per address length (4, 16), so
+    membership is one bisection instead of a test per network."""
+    out: dict[int, tuple[list[int], list[int]]] = {}
+    for size, version in ((4, 4), (16, 6)):
+        spans = sorted((int(n.network_address), int(n.broadcast_address)) for n in nets if n.version == version)
+        starts: list[int] = []
+        ends: list[int] = []
+        for lo, hi in spans:
+            if ends and lo <= ends[-1] + 1:
+                ends[-1] = max(ends[-1], hi)
+            else:
+                starts.append(lo)
+                ends.append(hi)
+        out[size] = (starts, ends)
+    return out
 
 
 def _conn_key(proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> tuple:
