@@ -258,7 +258,14 @@ class ConnLogTail:
             self._position()  # the old file's end stands if the new one cannot be opened
             f.close()
             self._file = None
-            self._open_fresh()
+            # an archived file (found after a restart) may be followed by others Zeek
+            # archived while we were down: read those, oldest first, before the live one
+            nxt = self._next_archived(f.name) if f.archived else None
+            if nxt is not None:
+                log.info("%s: reading %s, archived while the gateway was down", self.path, nxt.name)
+                self._file = nxt
+            else:
+                self._open_fresh()
         self.caught_up = True
         self.counters.records += len(records)
         return records, self._position()
@@ -367,6 +374,35 @@ class ConnLogTail:
             except (EOFError, OSError, zlib.error):
                 pass
             stream.close()
+        return None
+
+    def _next_archived(self, finished: str) -> _ArchivedFile | None:
+        """The archive rotated next after ``finished`` (the oldest one modified later),
+        opened at byte 0; None when the live file comes next."""
+        try:
+            after = os.stat(finished).st_mtime_ns
+        except OSError:
+            return None
+        names = {n for pattern in self.archive_globs for n in glob.glob(pattern)} - {finished}
+        later = []
+        for name in names:
+            try:
+                st = os.stat(name)
+            except OSError:
+                continue
+            if st.st_mtime_ns > after:
+                later.append((st.st_mtime_ns, name, st))
+        for _, name, st in sorted(later):
+            try:
+                stream = open_log(name)
+                head = stream.read(FINGERPRINT_BYTES)
+                stream.seek(0)
+            except (EOFError, OSError, zlib.error):
+                continue
+            # the archive's own identity: a position taken in it leads back here by its
+            # fingerprint (see _find_archived)
+            pos = TailPosition(self.path, st.st_dev, st.st_ino, 0)
+            return _ArchivedFile(name, stream, head, pos, ZeekLogParser(source_name=name))
         return None
 
     def _open_at(self, name: str, pos: TailPosition) -> bool:

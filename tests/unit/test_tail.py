@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -359,3 +360,37 @@ def test_truncated_archive_gives_what_it_could_and_one_rejection(tmp_path):
     assert got[:-1] == expected(2, len(got) - 1)  # what the archive still held, in order
     (rej,) = tail.drain_rejections()
     assert "truncated" in rej.reason
+
+
+def test_two_rotations_while_down_read_every_archived_file_in_order(tmp_path):
+    """Down for two rotations: the file being read and the next hour's one were both
+    archived; a restart reads the rest of the first, all of the second (also across a
+    restart inside it), then the live file."""
+    spool, logs = tmp_path / "spool", tmp_path / "logs"
+    spool.mkdir()
+    conn_log = spool / "conn.log"
+    open_3 = HEADER.replace("#open\t2026-11-24-10-00-00", "#open\t2026-11-24-12-00-00")
+    append(conn_log, log_text(OPEN_1, 0, 3))
+    first = ConnLogTail(conn_log)
+    got, pos = first.poll()
+    first.close()
+    # while down: the 10:00 file ends and is archived, the 11:00 file too, 12:00 is live
+    append(conn_log, "".join(line(i) for i in range(3, 20)) + "#close\tx\n")
+    archive(conn_log, logs / "2026-11-24", "conn.10:00:00-11:00:00.log.gz")
+    append(conn_log, log_text(OPEN_2, 20, 30, close=True))
+    time.sleep(0.01)  # archives get increasing modification times, as rotation gives them
+    archive(conn_log, logs / "2026-11-24", "conn.11:00:00-12:00:00.log.gz")
+    append(conn_log, log_text(open_3, 50, 5))
+
+    globs = [str(logs / "*" / "conn.*.log.gz")]
+    tail = ConnLogTail(conn_log, position=pos, archive_globs=globs, read_size=600, max_bytes_per_poll=3000)
+    while True:
+        records, mid = tail.poll()
+        got += records
+        if tail.caught_up:
+            break
+        tail.close()  # a restart at every poll, inside the archives too
+        tail = ConnLogTail(conn_log, position=TailPosition.from_json(mid.to_json()), archive_globs=globs,
+                           read_size=600, max_bytes_per_poll=3000)
+    assert uids(got) == expected(0, 55)
+    assert tail.counters.lost_files == 0
