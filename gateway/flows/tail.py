@@ -258,9 +258,11 @@ class ConnLogTail:
             self._position()  # the old file's end stands if the new one cannot be opened
             f.close()
             self._file = None
-            # an archived file (found after a restart) may be followed by others Zeek
-            # archived while we were down: read those, oldest first, before the live one
-            nxt = self._next_archived(f.name) if f.archived else None
+            # a file found after a restart (archived, or renamed beside the log) may be
+            # followed by others rotated while we were down and matched by archive_globs:
+            # read those, oldest first, before the live one
+            resumed = f.archived or os.path.abspath(f.name) != os.path.abspath(self.path)
+            nxt = self._next_archived(f.name) if resumed and self.archive_globs else None
             if nxt is not None:
                 log.info("%s: reading %s, archived while the gateway was down", self.path, nxt.name)
                 self._file = nxt
