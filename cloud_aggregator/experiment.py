@@ -370,11 +370,14 @@ def _strategy_params(settings: ExperimentSettings, strategy: str) -> dict:
         # delta, not as absent. With both, eta can be 1 (FedAvg's).
         # cooldown 1: a gateway the global model cannot fit (a few malicious flows that
         # look like other gateways' benign ones) would upload the same message every
-        # version; it skips one version unless the global model changed for it.
-        return {"rho": 1.0, "eta": 1.0, "staleness_exponent": 0.5, "deadline_s": settings.gsfs_deadline_s,
+        # version; it skips one version unless the global model changed for it, and
+        # speaks after 20 s if no newer version came (all quiet must not stall the run).
+        # staleness_exponent 1: a remembered model fades as versions pass (the early ones
+        # were trained from models far from the current one).
+        return {"rho": 1.0, "eta": 1.0, "staleness_exponent": 1.0, "deadline_s": settings.gsfs_deadline_s,
                 "sample_weighted": True, "coverage_scaled": True, "remember_quiet": True,
                 "trigger": {"tau": 0.02, "ema": 0.9, "k": 4.0, "warmup": max(1, steps // 2), "eval_every": steps,
-                            "cooldown": 1}}
+                            "cooldown": 1, "cooldown_s": 20.0}}
     if strategy == "fedopt":
         return {"eta": 0.03, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3, "round_timeout_s": settings.round_timeout_s}
     return {"eta": 1.0, "round_timeout_s": settings.round_timeout_s}

@@ -384,6 +384,8 @@ class FLClient:
             if self.gsfs_due:
                 self.gsfs_due = False
                 self.train_gsfs()
+            elif self.trigger.retry_due(self.clock()):  # quiet on this version, nothing newer came
+                self.train_gsfs(admitted=True)
         else:
             c = self.control
             if (c is not None and c.synchronous and c.round > 0 and c.round not in self.answered_rounds
@@ -403,14 +405,15 @@ class FLClient:
         epochs = max(1, min(int(self.local["epochs"]), cap // steps_per_epoch(len(data), bs)))
         return data, epochs
 
-    def train_gsfs(self) -> None:
-        """One GSFS session from the current global version (runs on the worker)."""
+    def train_gsfs(self, *, admitted: bool = False) -> None:
+        """One GSFS session from the current global version (runs on the worker);
+        ``admitted``: skip the cooldown check (the retry after ``cooldown_s``)."""
         if self.train_data is None:
             self._ensure_data()
         if len(self.train_data) == 0:
             return
         base_metric = self.trigger.state.reference  # P of this global version (reset on arrival)
-        if not self.trigger.admit(base_metric):
+        if not admitted and not self.trigger.admit(base_metric, self.clock()):
             self.counters.quiet_versions += 1
             log.info("gateway %s: quiet on version %s (cooldown; the global model looks as at its last upload)",
                      self.settings.gateway_id, self.version)

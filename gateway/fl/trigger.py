@@ -30,7 +30,9 @@ changed for this client, so it speaks again at once. Why: a gateway whose data t
 global model cannot fit (a few malicious flows that look like everyone else's benign
 ones) improves its local P by more than ``tau`` after every local session and would
 upload the same message every version; the server already has it. A collapse of the
-global model on the client's data still makes it upload at once.
+global model on the client's data still makes it upload at once. A quiet client does
+not wait for a version that may never come: ``cooldown_s`` seconds after it went quiet
+on a version (:meth:`GSFSTrigger.retry_due`), it trains and may upload on that version.
 
 The whole state is a frozen :class:`TriggerState` value (``trigger.state`` out,
 ``GSFSTrigger(config=..., state=...)`` in), so a client can persist or inspect it.
@@ -62,6 +64,8 @@ class TriggerConfig:
     cooldown    global versions to stay quiet after an upload unless the global model's
                 metric moved by more than tau since (see the module doc), >= 0
                 (default 0: off)
+    cooldown_s  seconds after which a client quiet on a version trains on it anyway
+                (no newer version came), > 0 (default 30)
     """
 
     tau: float = 0.01
@@ -70,6 +74,7 @@ class TriggerConfig:
     warmup: int = 20
     eval_every: int = 25
     cooldown: int = 0
+    cooldown_s: float = 30.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -94,6 +99,8 @@ class TriggerConfig:
             raise TriggerConfigError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.cooldown < 0:
             raise TriggerConfigError(f"cooldown must be >= 0, got {self.cooldown}")
+        if self.cooldown_s <= 0:
+            raise TriggerConfigError(f"cooldown_s must be > 0, got {self.cooldown_s}")
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "TriggerConfig":
         """A copy with the given settings replaced (e.g. from the retained control topic).
@@ -130,6 +137,7 @@ class TriggerState:
     layers: Mapping[str, LayerStats] = field(default_factory=dict)
     quiet_left: int = 0  # global versions still to skip (cooldown)
     upload_base_metric: float | None = None  # P of the global model the last upload started from
+    quiet_since: float | None = None  # clock when the client went quiet on the current version
 
 
 @dataclass(frozen=True)
@@ -216,18 +224,30 @@ class GSFSTrigger:
         self.state = replace(self.state, quiet_left=self.config.cooldown,
                              upload_base_metric=None if base_metric is None else float(base_metric))
 
-    def admit(self, global_metric: float | None) -> bool:
+    def admit(self, global_metric: float | None, now: float = 0.0) -> bool:
         """A new global version arrived with metric ``global_metric``: may the client
         train and upload on it? False while the cooldown runs and the global model looks
-        to this client as it did when it last uploaded (within ``tau``)."""
+        to this client as it did when it last uploaded (within ``tau``); ``now`` (a
+        clock reading) starts the ``cooldown_s`` wait of :meth:`retry_due`."""
         st = self.state
         if st.quiet_left <= 0:
+            self.state = replace(st, quiet_since=None)
             return True
         same = (global_metric is not None and st.upload_base_metric is not None
                 and math.isfinite(float(global_metric))
                 and abs(float(global_metric) - st.upload_base_metric) <= self.config.tau)
-        self.state = replace(st, quiet_left=st.quiet_left - 1 if same else 0)
+        self.state = replace(st, quiet_left=st.quiet_left - 1 if same else 0,
+                             quiet_since=float(now) if same else None)
         return not same
+
+    def retry_due(self, now: float) -> bool:
+        """True once, ``cooldown_s`` after the client went quiet on its current version:
+        it should train on that version after all (nothing newer came)."""
+        since = self.state.quiet_since
+        if since is None or now - since < self.config.cooldown_s:
+            return False
+        self.state = replace(self.state, quiet_since=None)
+        return True
 
     def reset(self, reference: float | None) -> None:
         """After an upload or a received global model: new P_ref, restart counters."""

@@ -202,3 +202,20 @@ def test_wrappers_keep_the_remembered_models():
     state = StrategyState(remembered={"c": {"w": np.array([2.0], np.float32)}}, remembered_meta=(("c", 300, 0),))
     res = dp.aggregate(W0, [upd("a", 1.0, n=100, base=1)], version=1, state=state)
     assert res.weights["w"][0] == pytest.approx(1.75) and "a" in res.state.remembered
+
+
+def test_a_quiet_client_retries_after_cooldown_s_on_the_same_version():
+    trig = GSFSTrigger(config=TriggerConfig(tau=0.02, cooldown=1, cooldown_s=20.0))
+    assert trig.retry_due(100.0) is False  # not quiet: nothing to retry
+    trig.uploaded(0.5)
+    assert trig.admit(0.5, now=10.0) is False
+    assert trig.retry_due(29.9) is False
+    assert trig.retry_due(30.0) is True
+    assert trig.retry_due(31.0) is False  # once
+    # a new version that the client is admitted on clears the wait
+    trig.uploaded(0.5)
+    assert trig.admit(0.5, now=40.0) is False
+    assert trig.admit(0.5, now=45.0) is True
+    assert trig.retry_due(100.0) is False
+    with pytest.raises(TriggerConfigError):
+        TriggerConfig(cooldown_s=0)
