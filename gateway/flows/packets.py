@@ -98,6 +98,7 @@ _U16 = struct.Struct("!H")
 _TCP_HDR = struct.Struct("!HHIIBBHHH")  # sport dport seq ack off flags win sum urg
 _UDP_HDR = struct.Struct("!HHHH")
 _IPV4_FIXED = struct.Struct("!BBHHHBBH4s4s")
+_tuple_new = tuple.__new__
 
 
 class Packet(NamedTuple):
@@ -209,14 +210,17 @@ class PacketDecoder:
             if n < 14:
                 return self._skip("truncated_link_header")
             if n >= 54 and not snapped:
-                if frame[12] == 8 and frame[13] == 0 and frame[14] == 0x45:
-                    fast = self._fast_ipv4(frame, ts, n)
-                    if fast is not None:
-                        return fast
-                elif frame[12] == 0x86 and frame[13] == 0xDD and frame[14] >> 4 == 6 and n >= 62:
-                    fast = self._fast_ipv6(frame, ts, n)
-                    if fast is not None:
-                        return fast
+                # the fast path at a fixed IP offset: plain, one 802.1Q tag, or a PPPoE session
+                etype = frame[12] << 8 | frame[13]
+                if etype == 0x8100:
+                    fast = self._fast_ip(frame, ts, n, 18, frame[16] << 8 | frame[17])
+                elif etype == ETH_PPPOE_SESSION:
+                    ppp = frame[20] << 8 | frame[21]
+                    fast = self._fast_ip(frame, ts, n, 22, ETH_IPV4 if ppp == 0x21 else ETH_IPV6 if ppp == 0x57 else 0)
+                else:
+                    fast = self._fast_ip(frame, ts, n, 14, etype)
+                if fast is not None:
+                    return fast
             return self._ethertype(frame, 14, frame[12] << 8 | frame[13], ts, snapped)
         if linktype in (LINKTYPE_RAW, LINKTYPE_RAW_BSD_12, LINKTYPE_RAW_BSD_14, LINKTYPE_IPV4, LINKTYPE_IPV6):
             return self._ip_by_version(frame, 0, ts, snapped)
@@ -292,28 +296,29 @@ class PacketDecoder:
             return None
         return self._ethertype(frame, off + 8, frame[off + 6] << 8 | frame[off + 7], ts, snapped)
 
-    def _fast_ipv4(self, frame: bytes, ts: float, n: int):
-        """Ethernet + option-less IPv4 + TCP/UDP, unfragmented: the common case in one go.
-
-        Returns None to send the frame down the general path (anything unusual)."""
-        total = frame[16] << 8 | frame[17]
-        proto = frame[23]
-        if 14 + total > n or total < 28 or frame[20] & 0x3F or frame[21] or proto not in (6, 17):
+    def _fast_ip(self, frame: bytes, ts: float, n: int, ip: int, etype: int):
+        """Option-less unfragmented IPv4 (or IPv6 without extension headers) at offset ``ip``
+        (``etype`` says which) + TCP or UDP, the common case, in one call; ``n >= ip + 32``.
+        Returns None to send the frame down the general path (anything unusual: it decides
+        and counts)."""
+        if etype == ETH_IPV4 and frame[ip] == 0x45:
+            total = frame[ip + 2] << 8 | frame[ip + 3]
+            proto = frame[ip + 9]
+            if (ip + total > n or total < 28 or frame[ip + 6] & 0x3F or frame[ip + 7]
+                    or (proto != 6 and proto != 17)):
+                return None
+            if not self.ignore_checksums and int.from_bytes(frame[ip:ip + 20], "big") % 0xFFFF:
+                return None  # let the general path count it
+            a, alen, seg_len, ip_len = ip + 12, 4, total - 20, total
+        elif etype == ETH_IPV6 and frame[ip] >> 4 == 6:
+            seg_len = frame[ip + 4] << 8 | frame[ip + 5]
+            proto = frame[ip + 6]
+            if ip + 40 + seg_len > n or (proto != 6 and proto != 17):
+                return None
+            a, alen, ip_len = ip + 8, 16, seg_len + 40
+        else:
             return None
-        if not self.ignore_checksums and int.from_bytes(frame[14:34], "big") % 0xFFFF:
-            return None  # let the general path count it
-        return self._fast_l4(frame, ts, 26, 4, total - 20, total, proto)
-
-    def _fast_ipv6(self, frame: bytes, ts: float, n: int):
-        """Ethernet + IPv6 without extension headers + TCP/UDP; None for anything else."""
-        seg_len = frame[18] << 8 | frame[19]
-        proto = frame[20]
-        if 54 + seg_len > n or proto not in (6, 17):
-            return None
-        return self._fast_l4(frame, ts, 22, 16, seg_len, seg_len + 40, proto)
-
-    def _fast_l4(self, frame: bytes, ts: float, a: int, alen: int, seg_len: int, ip_len: int, proto: int):
-        """TCP/UDP behind the two addresses at ``a`` (the segment follows them directly)."""
+        # TCP/UDP directly behind the two addresses at ``a``
         l4 = a + 2 * alen
         end = l4 + seg_len
         if proto == 6:
@@ -333,13 +338,16 @@ class PacketDecoder:
                 cs <<= 8
             ok = (cs + proto + seg_len) % 0xFFFF == 0
         src, dst = frame[a:a + alen], frame[a + alen:l4]
+        # tuple.__new__ is what Packet(...) calls, without the keyword/default handling
         if proto == 6:
             sport, dport, seq, ack, _off, flags, win, _c, _u = _TCP_HDR.unpack_from(frame, l4)
             pstart = l4 + thl
-            return Packet(ts, src, dst, 6, sport, dport, ip_len, seg_len - thl, flags, seq, ack, win, ok,
-                          frame[pstart:end], frame[l4 + 20:pstart] if thl > 20 else b"")
+            return _tuple_new(Packet, (ts, src, dst, 6, sport, dport, ip_len, seg_len - thl, flags, seq, ack, win,
+                                       ok, frame[pstart:end], frame[l4 + 20:pstart] if thl > 20 else b"",
+                                       None, None))
         sport, dport, ulen, _csum = _UDP_HDR.unpack_from(frame, l4)
-        return Packet(ts, src, dst, 17, sport, dport, ip_len, ulen - 8, 0, 0, 0, 0, ok, frame[l4 + 8:end])
+        return _tuple_new(Packet, (ts, src, dst, 17, sport, dport, ip_len, ulen - 8, 0, 0, 0, 0, ok,
+                                   frame[l4 + 8:end], b"", None, None))
 
     def _ethertype(self, frame: bytes, off: int, etype: int, ts: float, snapped: bool, depth: int = 0,
                    outer: bytes | None = None):

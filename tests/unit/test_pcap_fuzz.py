@@ -6,9 +6,10 @@ import io
 import struct
 
 from hypothesis import HealthCheck, given, settings
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import Dot1Q, Ether
+from scapy.layers.ppp import PPP, PPPoE
 from scapy.packet import raw
 from hypothesis import strategies as st
 
@@ -81,14 +82,26 @@ SEED_FRAME6 = raw(
     / TCP(sport=40000, dport=80, seq=100, flags="PA", window=65535)
     / b"odd-payload"
 )
+SEED_VLAN = raw(
+    Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1Q(vlan=7)
+    / IP(src="10.1.0.1", dst="10.1.0.2") / UDP(sport=5353, dport=53) / (b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 10)
+)
+SEED_PPPOE4 = raw(
+    Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / PPPoE(sessionid=3) / PPP(proto=0x21)
+    / IP(src="10.2.0.1", dst="10.2.0.2") / TCP(sport=1234, dport=443, flags="PA", seq=5, ack=9) / b"data"
+)
+SEED_PPPOE6 = raw(
+    Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / PPPoE(sessionid=3) / PPP(proto=0x57)
+    / IPv6(src="2001:db8::5", dst="2001:db8::6") / UDP(sport=4000, dport=4001) / b"v6 over pppoe"
+)
 # (seed frame, offset of its IP protocol / next-header byte)
-SEEDS = [(SEED_FRAME, 23), (SEED_FRAME6, 20)]
+SEEDS = [(SEED_FRAME, 23), (SEED_FRAME6, 20), (SEED_VLAN, 27), (SEED_PPPOE4, 31), (SEED_PPPOE6, 28)]
 
 
 @settings(max_examples=400, deadline=None)
 @given(
     seed=st.sampled_from(SEEDS),
-    edits=st.lists(st.tuples(st.integers(14, len(SEED_FRAME6) - 1), st.integers(0, 255)), max_size=6),
+    edits=st.lists(st.tuples(st.integers(12, len(SEED_FRAME6) - 1), st.integers(0, 255)), max_size=6),
     udp=st.booleans(),
     checks=st.booleans(),
 )
@@ -109,7 +122,11 @@ def test_fast_path_agrees_with_general_path(seed, edits, udp, checks):
 
 def test_seed_frames_take_the_fast_path():
     decoder = PacketDecoder()
-    pkt = decoder._fast_ipv4(SEED_FRAME, 1.0, len(SEED_FRAME))
+    pkt = decoder._fast_ip(SEED_FRAME, 1.0, len(SEED_FRAME), 14, 0x0800)
     assert isinstance(pkt, Packet) and pkt.checksum_ok and pkt.payload == b"payload-bytes"
-    pkt6 = decoder._fast_ipv6(SEED_FRAME6, 1.0, len(SEED_FRAME6))
+    pkt6 = decoder._fast_ip(SEED_FRAME6, 1.0, len(SEED_FRAME6), 14, 0x86DD)
     assert isinstance(pkt6, Packet) and pkt6.checksum_ok and pkt6.payload == b"odd-payload"
+    for frame, ip, etype in ((SEED_VLAN, 18, 0x0800), (SEED_PPPOE4, 22, 0x0800), (SEED_PPPOE6, 22, 0x86DD)):
+        pkt = decoder._fast_ip(frame, 1.0, len(frame), ip, etype)
+        assert isinstance(pkt, Packet) and pkt.checksum_ok and pkt == decoder.decode(1, frame, 1.0, len(frame))
+        assert pkt == decoder._ethertype(frame, 14, frame[12] << 8 | frame[13], 1.0, False)
