@@ -672,12 +672,19 @@ def convert_captures(
 # ---------------------------------------------------------------------- sharding over processes
 
 def _shard_of(linktype: int, frame: bytes, count: int) -> int | None:
-    """Shard of a frame from its IP address pair read at fixed offsets, or None if unusual."""
+    """Shard of a frame from its IP address pair read at fixed offsets (plain Ethernet, one
+    802.1Q tag or a PPPoE session, as the decoder's fast path), or None if unusual."""
     if linktype == 1 and len(frame) >= 54:
-        if frame[12] == 8 and frame[13] == 0:
-            a, b = frame[26:30], frame[30:34]
-        elif frame[12] == 0x86 and frame[13] == 0xDD:
-            a, b = frame[22:38], frame[38:54]
+        etype, ip = frame[12] << 8 | frame[13], 14
+        if etype == 0x8100:
+            etype, ip = frame[16] << 8 | frame[17], 18
+        elif etype == 0x8864:
+            ppp = frame[20] << 8 | frame[21]
+            etype, ip = (0x0800 if ppp == 0x21 else 0x86DD if ppp == 0x57 else 0), 22
+        if etype == 0x0800:
+            a, b = frame[ip + 12:ip + 16], frame[ip + 16:ip + 20]
+        elif etype == 0x86DD and len(frame) >= ip + 40:
+            a, b = frame[ip + 8:ip + 24], frame[ip + 24:ip + 40]
         else:
             return None
         return (zlib.crc32(a) ^ zlib.crc32(b)) % count

@@ -325,7 +325,9 @@ def test_worker_processes_give_the_same_records(tmp_path, fixtures_dir):
     synthetic = tmp_path / "multi.pcap"
     synthetic.write_bytes(pcap_bytes(frames))
     vlan = fixtures_dir / "zeek-samples" / "core.vlan-mpls" / "mixed-vlan-mpls.pcap"
-    for path in (synthetic, vlan):
+    pppoe = fixtures_dir / "zeek-samples" / "core.pppoe" / "pppoe.pcap"
+    records = {}
+    for path in (synthetic, vlan, pppoe):
         logs = {}
         for workers in (1, 2):
             buf = io.BytesIO()
@@ -333,7 +335,9 @@ def test_worker_processes_give_the_same_records(tmp_path, fixtures_dir):
             logs[workers] = (sorted(x for x in buf.getvalue().splitlines() if not x.startswith(b"#")),
                              stats.packets, stats.flows, stats.skipped)
         assert logs[1] == logs[2]
-    assert len(logs[1][0]) == 2  # the vlan-mpls trace without -C: two valid connections
+        records[path] = logs[1][0]
+    assert len(records[vlan]) == 2  # the vlan-mpls trace without -C: two valid connections
+    assert len(records[pppoe]) == 7
 
 
 def test_truncated_gzip_capture_keeps_flows():
