@@ -53,6 +53,11 @@ class GSFS(Strategy):
       The pull of a remembered model vanishes when the global reaches it, so stale
       entries cannot push the model without end. Costs one model per client in the
       strategy state (checkpointed).
+    remember_as ["model"]: what remember_quiet keeps: "model" (above) or "delta": the
+      client's newest delta itself, re-applied while it stays quiet (MIFA's original
+      form: the stale delta stands in for the one it would send now). "delta" keeps a
+      quiet client's pull in every window, even when its remembered model came from a
+      far-away global; its staleness discount bounds how long it keeps pulling.
     """
 
     name = "gsfs"
@@ -60,7 +65,8 @@ class GSFS(Strategy):
 
     def __init__(self, *, rho: float = 0.6, eta: float = 1.0, staleness_exponent: float = 0.5,
                  deadline_s: float = 60.0, min_updates: int = 1, trigger: dict | None = None,
-                 sample_weighted: bool = False, coverage_scaled: bool = False, remember_quiet: bool = False):
+                 sample_weighted: bool = False, coverage_scaled: bool = False, remember_quiet: bool = False,
+                 remember_as: str = "model"):
         super().__init__(eta=eta, min_updates=min_updates)
         if not 0 < rho <= 1:
             raise ValueError("rho must be in (0, 1]")
@@ -75,6 +81,9 @@ class GSFS(Strategy):
         self.sample_weighted = bool(sample_weighted)
         self.coverage_scaled = bool(coverage_scaled)
         self.remember_quiet = bool(remember_quiet)
+        if remember_as not in ("model", "delta"):
+            raise ValueError("remember_as must be 'model' or 'delta'")
+        self.remember_as = remember_as
 
     def quorum(self, live: int) -> int:
         """K = ceil(rho * N), at least 1."""
@@ -109,7 +118,10 @@ class GSFS(Strategy):
         if not self.remember_quiet:
             return []
         fresh = {u.sender for u in updates}
-        return [UpdateView(sender=sender, delta=agg.subtract(state.remembered[sender], global_weights),
+        def delta_of(kept):
+            return dict(kept) if self.remember_as == "delta" else agg.subtract(kept, global_weights)
+
+        return [UpdateView(sender=sender, delta=delta_of(state.remembered[sender]),
                            num_samples=n, base_version=stored_at, submissions=1)
                 for sender, n, stored_at in state.remembered_meta
                 if sender not in fresh and sender in state.remembered]
@@ -119,8 +131,10 @@ class GSFS(Strategy):
             return state
         remembered = dict(state.remembered)
         meta = {s: (n, v) for s, n, v in state.remembered_meta}
-        for u in updates:  # the newest local model of each reporter: this global + its delta
-            remembered[u.sender] = agg.add_scaled({k: global_weights[k] for k in u.delta}, u.delta, 1.0)
+        for u in updates:  # the newest local model of each reporter (this global + its delta), or the delta
+            remembered[u.sender] = ({k: np.asarray(v, np.float32).copy() for k, v in u.delta.items()}
+                                    if self.remember_as == "delta" else
+                                    agg.add_scaled({k: global_weights[k] for k in u.delta}, u.delta, 1.0))
             meta[u.sender] = (int(u.num_samples), int(version))
         return replace(state, remembered=remembered,
                        remembered_meta=tuple(sorted((s, n, v) for s, (n, v) in meta.items())))

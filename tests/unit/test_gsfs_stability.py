@@ -219,3 +219,15 @@ def test_a_quiet_client_retries_after_cooldown_s_on_the_same_version():
     assert trig.retry_due(100.0) is False
     with pytest.raises(TriggerConfigError):
         TriggerConfig(cooldown_s=0)
+
+
+def test_remember_as_delta_reapplies_the_stale_delta_by_hand():
+    g = GSFS(eta=1.0, sample_weighted=True, staleness_exponent=0.0, remember_quiet=True, remember_as="delta")
+    w1 = {"w": np.array([5.0], np.float32)}
+    state = StrategyState(remembered={"c": {"w": np.array([2.0], np.float32)}}, remembered_meta=(("c", 300, 0),))
+    res = g.aggregate(w1, [upd("a", 1.0, n=100, base=1)], version=1, state=state)
+    # c's kept delta 2 (not 2 - 5): 5 + 0.25 * 1 + 0.75 * 2 = 6.75; a's delta 1 is kept as is
+    assert res.weights["w"][0] == pytest.approx(6.75)
+    assert float(res.state.remembered["a"]["w"][0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        GSFS(remember_as="gradient")
