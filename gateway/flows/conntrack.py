@@ -472,6 +472,9 @@ class ConnTracker:
       (default ``None``: all, as in a default Zeek; bare mode loads only a few).
     * ``max_connections``: memory bound; beyond it the oldest connection is ended early and
       counted as ``connection_table_full`` (default 1,000,000).
+    * ``fast_path`` (default True): plain ACK/PSH segments on a connection whose endpoints are
+      both past the handshake skip the general state machine (same records; False forces the
+      general path, which the equality tests compare against).
     """
 
     def __init__(
@@ -485,10 +488,7 @@ class ConnTracker:
     ):
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
-        # ``fast_path`` (default True): plain ACK/PSH segments on a connection whose two
-        # endpoints are past the handshake take a shortcut with the same results (proved
-        # equal to the general path by tests/unit/test_conntrack_fast.py); False forces the
-        # general path everywhere.
+        # the shortcut is proved equal to the general path by tests/unit/test_conntrack_fast.py
         self.fast_path = bool(fast_path)
         self.local_nets = tuple(ipaddress.ip_network(n, strict=False) for n in local_nets)
         self._local_ranges = _address_ranges(self.local_nets)
@@ -1330,17 +1330,19 @@ class ConnTracker:
         else:
             dur = None
             orig_bytes = resp_bytes = None  # type: ignore[assignment]
-        return ConnRecord(
+        # tuple.__new__ is what ConnRecord(...) calls; label, detailed_label, extra: defaults
+        return _tuple_new(ConnRecord, (
             conn.start_time, _uid(conn), orig_h, conn.orig_p, resp_h, conn.resp_p, pname,
             ",".join(sorted(conn.service)) if conn.service else None,
             dur, orig_bytes, resp_bytes, conn_state, local_orig, local_resp,
             conn.missed_bytes,
             history, conn.orig_pkts, conn.orig_ip_bytes, conn.resp_pkts, conn.resp_ip_bytes,
-            conn.parents, conn.ip_proto,
-        )
+            conn.parents, conn.ip_proto, None, None, (),
+        ))
 
 
 _EMPTY: tuple[()] = ()
+_tuple_new = tuple.__new__
 
 
 def _address_ranges(nets) -> dict[int, tuple[list[int], list[int]]]:

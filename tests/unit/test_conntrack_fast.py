@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from gateway.flows.conntrack import ACK, FIN, PSH, RST, SYN, ConnTracker
 from gateway.flows.packets import Packet, PacketDecoder
 from gateway.flows.pcap import iter_frames
+from gateway.flows.record import ConnRecord
 
 A = ipaddress.ip_address("10.0.0.1").packed
 B = ipaddress.ip_address("93.184.216.34").packed
@@ -121,6 +122,8 @@ def test_fast_path_is_taken_for_established_data_and_acks():
     assert counter[0] == 101
     assert fast == _run(packets, False)
     (rec,) = fast
+    # records are built with tuple.__new__: they must be whole ConnRecords, defaults included
+    assert len(rec) == len(ConnRecord._fields) and rec == ConnRecord(*rec[:22])
     assert (rec.conn_state, rec.history, rec.orig_bytes, rec.resp_bytes) == ("SF", "ShADaFf", 15000, 0)
 
 
