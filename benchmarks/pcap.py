@@ -1,6 +1,6 @@
 """Throughput of pcap -> flows: `fedgate flows` against nfstream, dpkt and scapy.
 
-    python benchmarks/pcap.py [--packets 1000000] [--scapy-slice 20000] [--keep FILE]
+    python benchmarks/pcap.py [--packets 1000000] [--scapy-slice 20000] [--keep FILE] [--stages]
 
 Builds a pcap of at least ``--packets`` packets in a temporary directory from the Zeek
 sample traces (tests/fixtures/zeek-samples), each replica with shifted IPv4/IPv6 addresses
@@ -17,7 +17,8 @@ ru_maxrss):
 * scapy     - scapy.utils.PcapReader (full dissection) on the first --scapy-slice packets
 
 and prints packets/s and flows/s (wall clock), packets per CPU-second (steadier when the
-cores are shared) and peak memory.  The machine's cores are shared, so wall-clock numbers
+cores are shared) and peak memory.  ``--stages`` adds CPU seconds per stage of fedgate
+(reading records, decoding, tracking with and without the tracker's fast path, writing TSV).  The machine's cores are shared, so wall-clock numbers
 are pessimistic; compare tools within one run.
 """
 
@@ -257,7 +258,52 @@ def run_scapy(path: str, limit: int) -> dict:
     return {"packets": packets, "flows": len(flows), "seconds": time.perf_counter() - t}
 
 
+def stage_seconds(path: str) -> list[tuple[str, float, int]]:
+    """CPU seconds of each stage of `fedgate flows`, each stage run on its own over the whole
+    file: where the time goes (the next thing to make faster)."""
+    from gateway.flows.conntrack import ConnTracker
+    from gateway.flows.packets import PacketDecoder
+    from gateway.flows.pcap import iter_frames
+
+    rows = []
+    with open(path, "rb") as f:
+        c = time.process_time()
+        frames = list(iter_frames(f))
+        rows.append(("read pcap records (iter_frames)", time.process_time() - c, len(frames)))
+    decoder = PacketDecoder()
+    decode = decoder.decode
+    c = time.process_time()
+    packets = [decode(lt, fr, ts, wl) for ts, lt, fr, wl in frames]
+    rows.append(("decode frames (PacketDecoder)", time.process_time() - c, len(frames)))
+    del frames
+    packets = [p for p in packets if p is not None and p.__class__ is not str]
+    for fast in (True, False):
+        tracker = ConnTracker(fast_path=fast)
+        feed = tracker.feed
+        c = time.process_time()
+        records = []
+        for p in packets:
+            done = feed(p)
+            if done:
+                records.extend(done)
+        records.extend(tracker.flush())
+        label = "track + build records (ConnTracker)" + ("" if fast else ", fast_path=False")
+        rows.append((label, time.process_time() - c, len(packets)))
+    from gateway.flows.zeek import LogHeader, ZeekTsvWriter
+
+    with open(os.devnull, "wb") as sink:
+        c = time.process_time()
+        writer = ZeekTsvWriter(sink, header=LogHeader.zeek_conn())
+        writer.write(records)
+        writer.close()
+        rows.append(("write Zeek TSV (ZeekTsvWriter)", time.process_time() - c, len(records)))
+    return rows
+
+
 def child(tool: str, path: str, limit: int) -> None:
+    if tool == "stages":
+        print(json.dumps({"stages": stage_seconds(path)}))
+        return
     if tool == "fedgate":
         out = run_fedgate(path, False)
     elif tool == "fedgate-C":
@@ -289,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scapy-slice", type=int, default=20_000)
     ap.add_argument("--tools", default="fedgate,fedgate-C,fedgate-2w,nfstream,dpkt,scapy")
     ap.add_argument("--keep", help="also keep the generated pcap at this path")
+    ap.add_argument("--stages", action="store_true",
+                    help="also print CPU seconds per stage of fedgate (read, decode, track, write)")
     ap.add_argument("--child", nargs=3, metavar=("TOOL", "PCAP", "LIMIT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -333,6 +381,15 @@ def main(argv: list[str] | None = None) -> int:
                           f"{r['cpu_seconds']:.1f}", f"{r['packets'] / r['cpu_seconds']:,.0f}",
                           f"{r['peak_rss_mib']:.0f}", what[tool])
         console.print(table)
+        if args.stages:
+            proc = subprocess.run([sys.executable, __file__, "--child", "stages", str(path), "0"],
+                                  capture_output=True, text=True, cwd=ROOT, check=True)
+            stages = Table(title="fedgate stages (CPU seconds, each stage alone over the whole file)")
+            for col in ("stage", "items", "CPU s", "µs/item", "items/CPU-s"):
+                stages.add_column(col, justify="left" if col == "stage" else "right")
+            for name, sec, items in json.loads(proc.stdout.strip().splitlines()[-1])["stages"]:
+                stages.add_row(name, f"{items:,}", f"{sec:.2f}", f"{sec / items * 1e6:.2f}", f"{items / sec:,.0f}")
+            console.print(stages)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         console.print(f"{os.cpu_count()} CPUs visible, 1-min load average {load:.1f} at the end: "
                       "wall-clock figures are pessimistic when it exceeds the CPU count.")
