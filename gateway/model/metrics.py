@@ -112,7 +112,10 @@ def choose_threshold(truth: np.ndarray, scores: np.ndarray, weight: np.ndarray |
         return 0.5
     uniq = np.unique(scores)
     # cuts between distinct scores, 0.5, and the lowest score (everything malicious)
-    candidates = np.unique(np.concatenate([[0.5, uniq[0]], (uniq[:-1] + uniq[1:]) / 2]))
+    mid = (uniq[:-1] + uniq[1:]) / 2
+    # two adjacent subnormal scores have no float between them: cut at the upper one
+    mid = np.where(mid > uniq[:-1], mid, uniq[1:])
+    candidates = np.unique(np.concatenate([[0.5, uniq[0]], mid]))
     w = _weights(len(truth), weight)
     order = np.argsort(scores)
     s_sorted, t_sorted, w_sorted = scores[order], truth[order], w[order]

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.flows.record import ConnRecord
@@ -97,6 +97,7 @@ def test_threshold_choice():
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.floats(0, 1)), min_size=1, max_size=60))
+@example([(False, 0.0), (True, 5e-324)])  # no float between the two scores (found by hypothesis)
 def test_threshold_is_as_good_as_any_cut(pairs):
     truth = np.array([p[0] for p in pairs])
     scores = np.array([p[1] for p in pairs])
