@@ -60,6 +60,8 @@ def count_bucket(value: int | float | None) -> str:
         return "-"
     if value < 0:
         return "neg"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "bad"
     if value < EXACT_BELOW:
         return str(int(value))
     return f"q{int(4 * math.log2(value))}"
@@ -72,6 +74,8 @@ def duration_bucket(seconds: float | None) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "bad"
     ms = seconds * 1000.0
+    if not math.isfinite(ms):  # a finite duration near float max overflows in ms
+        return "bad"
     if ms < 1.0:
         return "0"
     return str(1 + int(2 * math.log2(ms)))
@@ -221,7 +225,10 @@ def per_packet_bucket(total: int | None, packets: int | None) -> str:
     """Payload bytes per packet, bucketed like counts; ``-`` without packets."""
     if total is None or not packets or packets < 0:
         return "-"
-    return count_bucket(total / packets)
+    try:
+        return count_bucket(total / packets)
+    except OverflowError:  # a corrupt count too large for a float
+        return "bad"
 
 
 COMPACT_V2 = register(

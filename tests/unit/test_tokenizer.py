@@ -75,6 +75,8 @@ def test_v2_reads_bytes_per_packet_instead_of_ip_bytes():
     assert {w for w in COMPACT_V2.words(twin) if w[:4] in ("obp:", "rbp:")} == {w for w in v2 if w[:4] in ("obp:", "rbp:")}
     assert per_packet_bucket(None, 3) == per_packet_bucket(10, 0) == per_packet_bucket(10, None) == "-"
     assert per_packet_bucket(-10, 2) == "neg" and per_packet_bucket(10, -1) == "-"
+    assert per_packet_bucket(10**400, 1) == "bad" and count_bucket(float("inf")) == "bad"
+    assert duration_bucket(1.797693134862316e305) == "bad"  # overflows when turned into ms (hypothesis)
 
 
 def test_an_older_template_version_still_loads(tmp_path):
