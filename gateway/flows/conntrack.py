@@ -647,6 +647,13 @@ class ConnTracker:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
         self._out.append(self._record(conn))
+        o = conn.orig
+        if o is not None:
+            # break the conn <-> endpoint cycles: refcounting frees the connection when its
+            # last timer fires, instead of a full collection pass over every live object
+            # (a removed connection is never touched again: timers skip it first)
+            r = conn.resp
+            o.conn = o.peer = r.conn = r.peer = None  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ TCP
     def _tcp(self, pkt: Packet, t: float) -> None:
