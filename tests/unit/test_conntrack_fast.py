@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import given, settings, target
 from hypothesis import strategies as st
 
 from gateway.flows.conntrack import ACK, FIN, PSH, RST, SYN, ConnTracker
@@ -30,18 +30,21 @@ FLAGS = st.one_of(
 )
 PAYLOADS = st.sampled_from((b"", b"x", b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n", b"SSH-2.0-x\r\n",
                             b"\x16\x03\x01\x00\x05\x01\x00", b"220 ftp ready\r\n"))
+# small moves around the running sequence numbers (in order, retransmissions, gaps) and
+# now and then a jump anywhere (wrap-arounds)
+SMALL_MOVE = st.integers(-3, 3).map(lambda k: k * 10)
+MOVE = st.one_of(SMALL_MOVE, SMALL_MOVE, SMALL_MOVE, SMALL_MOVE, SMALL_MOVE, st.integers(0, 0xFFFFFFFF))
 STEP = st.tuples(
     st.booleans(),                      # from the first sender
-    st.integers(0, 2),                  # which of 3 port pairs (several connections at once)
+    st.integers(0, 1),                  # which of 2 port pairs (port 80, an ephemeral one)
     FLAGS,
-    st.one_of(st.integers(-3, 3).map(lambda k: k * 10), st.integers(0, 0xFFFFFFFF)),  # seq move
-    st.one_of(st.integers(-3, 3).map(lambda k: k * 10), st.integers(0, 0xFFFFFFFF)),  # ack move
+    MOVE,  # seq move
+    MOVE,  # ack move
     PAYLOADS,
     st.integers(0, 40),                 # extra payload length not captured (snap length) when > 30
     st.sampled_from((0, 1, 512, 65535)),  # window
     st.sampled_from((True, True, True, True, False)),  # checksum ok
-    st.sampled_from((0.001, 0.5, 7.0, 400.0)),  # time step (timers, reuse, inactivity)
-    st.booleans(),                      # server port 80 (service guess, flips) or an ephemeral one
+    st.sampled_from((0.001, 0.001, 0.5, 0.5, 0.5, 7.0, 400.0)),  # time step (timers, reuse, inactivity)
 )
 
 
@@ -69,9 +72,9 @@ def _packets(steps, base_seq: int):
     seqs = {}
     t = 1000.0
     out = []
-    for from_a, pair, flags, seq_move, ack_move, data, extra, win, ok, dt, port80 in steps:
+    for from_a, pair, flags, seq_move, ack_move, data, extra, win, ok, dt in steps:
         t += dt
-        cport, sport = 40000 + pair, 80 if port80 else 50000 + pair
+        cport, sport = 40000 + pair, 80 if pair == 0 else 50000 + pair  # service guess and flips on 80
         a_seq = seqs.setdefault((pair, True), base_seq + pair * 7919)
         b_seq = seqs.setdefault((pair, False), (base_seq * 3 + 12345) & 0xFFFFFFFF)
         mine, theirs = (a_seq, b_seq) if from_a else (b_seq, a_seq)
@@ -91,7 +94,9 @@ def _packets(steps, base_seq: int):
 @given(st.lists(STEP, min_size=1, max_size=40), st.sampled_from((1000, 0xFFFFFF00, 0x7FFFFFF0, 0)))
 def test_fast_path_records_equal_general_path(steps, base_seq):
     packets = _packets(steps, base_seq)
-    assert _run(packets, True) == _run(packets, False)
+    taken = [0]
+    assert _run(packets, True, taken) == _run(packets, False)
+    target(float(taken[0]))  # steer the search toward streams that use the shortcut a lot
 
 
 def _session(n_data: int, base: int = 0xFFFFF000):
