@@ -1294,8 +1294,9 @@ class ConnTracker:
             local = None
             if self.local_nets:
                 starts, ends = self._local_ranges[len(raw)]
-                i = bisect.bisect_right(starts, int.from_bytes(raw, "big")) - 1
-                local = i >= 0 and int.from_bytes(raw, "big") <= ends[i]
+                value = int.from_bytes(raw, "big")
+                i = bisect.bisect_right(starts, value) - 1
+                local = i >= 0 and value <= ends[i]
             hit = (text, local)
             if len(self._addr_cache) > 200_000:
                 self._addr_cache.clear()
