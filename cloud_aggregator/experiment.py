@@ -364,10 +364,12 @@ def _strategy_params(settings: ExperimentSettings, strategy: str) -> dict:
         # fire from half-way on. rho = 1: wait for every live gateway that triggers, or
         # the deadline. sample_weighted: gateways of very different sizes (non-IID).
         # remember_quiet: a gateway that stayed quiet takes part with its newest local
-        # model (without it, a window without the one DDoS gateway pulled every prompt
-        # towards benign and the next pulled back: central accuracy swung between 0.32
-        # and 0.97); coverage_scaled: a live gateway not heard from yet counts as a zero
-        # delta, not as absent. With both, eta can be 1 (FedAvg's).
+        # model; coverage_scaled: a live gateway not heard from yet counts as a zero
+        # delta, not as absent. Both aim at the swing of the earlier runs (a window
+        # without the one DDoS gateway pulled the DDoS prompts to benign, the next pulled
+        # back); they shorten the quiet stretches' damage but do not remove it: the
+        # 10-round IoT-23 run still dips when a window is dominated by CTU-42-1/20-1.
+        # With both, eta is 1 (FedAvg's).
         # cooldown 1: a gateway the global model cannot fit (a few malicious flows that
         # look like other gateways' benign ones) would upload the same message every
         # version; it skips one version unless the global model changed for it, and
