@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_best = max(r["flows_per_s"] for r in best["onnx fp32"])
     torch_best = max(r["flows_per_s"] for r in best["torch eager"])
     summary = {
-        "model": str(args.model),
+        "model": str(args.model.resolve().relative_to(REPO_ROOT)) if args.model.resolve().is_relative_to(REPO_ROOT) else str(args.model),
         "version": meta["version"],
         "parameters": meta.get("parameters"),
         "prompt_length": tokenizer.length,

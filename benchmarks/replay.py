@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     machine = {
         "lines": args.lines, "log_mib": round(size / 2**20, 1), "jitter": not args.no_jitter,
-        "batch_size": batch_size, "model": str(args.model), "cpu_cores": os.cpu_count(),
+        "batch_size": batch_size, "model": str(args.model.resolve().relative_to(REPO_ROOT)) if args.model.resolve().is_relative_to(REPO_ROOT) else str(args.model), "cpu_cores": os.cpu_count(),
         "load_avg_1m_start": round(load_start, 2), "load_avg_1m_end": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
     }

@@ -420,24 +420,12 @@ QUERY_COLUMNS = (
 )
 
 
-class AlertCandidate(NamedTuple):
-    ts: float
-    source: str
-    uid: str
-    orig_h: str
-    resp_h: str
-    resp_p: int
-    proto: str
-    label: str
-    score: float
-    model_version: str
-
-
 def detections_to_alert(
     session: Session, *, since: float, min_score: float, limit: int = 100_000
-) -> list[AlertCandidate]:
+) -> list[Any]:
     """Detections stored after ``since`` (epoch s) scoring at least ``min_score``, oldest
-    first, with the flow fields an alert carries: what a gateway alerts again after a
+    first, as rows with the flow fields an alert carries (ts, source, uid, orig_h, resp_h,
+    resp_p, proto, label, score, model_version): what a gateway alerts again after a
     stop that may have lost alerts still held in memory."""
     stmt = (
         select(Flow.ts, Detection.source, Detection.uid, Flow.orig_h, Flow.resp_h, Flow.resp_p,
@@ -447,7 +435,7 @@ def detections_to_alert(
         .order_by(Detection.id)
         .limit(limit)
     )
-    return [AlertCandidate(*row) for row in session.execute(stmt)]
+    return list(session.execute(stmt))
 
 
 def query_flows(session: Session, q: FlowQuery) -> list[dict[str, Any]]:
