@@ -29,7 +29,6 @@ from rich.panel import Panel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA = REPO_ROOT / "data" / "iot23"
-DEFAULT_MODEL = REPO_ROOT / "models" / "default"
 REPLAY_SCENARIO = "CTU-Malware-Capture-8-1"  # Hakai: C&C and benign flows, 10k lines
 EXPERIMENT_GATEWAYS = ("CTU-Honeypot-Capture-7-1", "CTU-Honeypot-Capture-4-1", "CTU-Malware-Capture-8-1")
 
@@ -92,9 +91,13 @@ def experiment_part(console: Console, workdir: Path) -> Path:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the demo's files here (default: a new temporary directory).")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default=True)
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="Model directory (default: the committed models/default).")
 @click.option("--skip-experiment", is_flag=True, help="Only the replay part.")
-def main(workdir: Path | None, model_dir: Path, skip_experiment: bool) -> None:
+def main(workdir: Path | None, model_dir: Path | None, skip_experiment: bool) -> None:
+    from gateway.model.modeldir import default_model_dir
+
+    model_dir = model_dir or default_model_dir()
     console = Console()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="fedgate-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
