@@ -53,6 +53,8 @@ class AggregatorConfig:
     [strategy.dp], [local]); defaults in brackets.
 
     database ["aggregator.db"]: SQLite file or any SQLAlchemy URL.
+    sqlite_synchronous ["NORMAL"]: "NORMAL" keeps acknowledged updates through a crash of
+      the process; "FULL" (one fsync per intake transaction) through a power cut too.
     aggregator_id ["aggregator"]: sender id of global models; MQTT client id.
     prefix ["fedgate/v1"]: topic prefix.
     initial_model [None]: safetensors file of the version-0 weights (needed on first start).
@@ -77,6 +79,7 @@ class AggregatorConfig:
     """
 
     database: str = "aggregator.db"
+    sqlite_synchronous: str = "NORMAL"
     aggregator_id: str = "aggregator"
     prefix: str = topics.DEFAULT_PREFIX
     initial_model: str | None = None
@@ -111,6 +114,8 @@ class AggregatorConfig:
             raise ValueError("max_update_bytes >= 1024, chunk_timeout_s > 0 and tick_s > 0 required")
         if self.checkpoints_kept < 1 or self.intake_batch < 1 or self.decode_threads < 1:
             raise ValueError("checkpoints_kept, intake_batch and decode_threads must be >= 1")
+        if self.sqlite_synchronous not in store.SQLITE_SYNCHRONOUS:
+            raise ValueError(f"sqlite_synchronous must be one of {store.SQLITE_SYNCHRONOUS}")
         if self.known_senders is not None:
             object.__setattr__(self, "known_senders", frozenset(topics.check_gateway_id(s) for s in self.known_senders))
         LocalSettings(**dict(self.local))  # validates names
@@ -191,10 +196,13 @@ def load_or_create_key(path: str | None) -> signing.Ed25519PrivateKey | None:
 
 @dataclass
 class _Batch:
-    """Counter changes of one intake transaction, applied after it commits."""
+    """One intake transaction: the rows it writes at the end (one statement per table,
+    not three per update) and the counter changes applied after it commits."""
 
     accepted: int = 0
     rejections: Counter = field(default_factory=Counter)
+    pooled: list[tuple[PooledUpdate, bytes]] = field(default_factory=list)  # (update, envelope), arrival order
+    clients: set[str] = field(default_factory=set)  # senders whose client row changed
 
 
 class AggregatorService:
@@ -214,7 +222,7 @@ class AggregatorService:
         self.evaluator = (evaluator if evaluator is not None
                           else load_evaluator(config.evaluator, config.evaluator_args))
         self.signing_key = signing_key if signing_key is not None else load_or_create_key(config.signing_key)
-        self.sessions = store.make_sessions(config.database)
+        self.sessions = store.make_sessions(config.database, synchronous=config.sqlite_synchronous)
         self.pool = UpdatePool(clock=clock)
         self.reassembler = chunking.Reassembler(clock=clock, timeout_s=config.chunk_timeout_s,
                                                 max_message_bytes=config.max_update_bytes)
@@ -369,22 +377,42 @@ class AggregatorService:
             self._notify()
 
     # ------------------------------------------------------------------ intake
-    def handle_batch(self, messages: list[Inbound]) -> None:
-        """Store what ``messages`` carry in ONE transaction, then acknowledge them all.
+    def handle_batch(self, messages: list[Inbound]) -> list[Inbound]:
+        """Store what ``messages`` carry in ONE transaction (group commit), then
+        acknowledge them all; returns the messages that could not be stored.
 
-        If the commit fails nothing is acknowledged (the broker redelivers) and the
-        in-memory pool is rebuilt from the store, so memory never runs ahead of disk.
+        If that commit fails, nothing of it is acknowledged, the in-memory pool is
+        rebuilt from the store (memory never runs ahead of disk) and the messages are
+        stored one transaction each, so one bad row cannot hold back the others.  A
+        message that fails on its own stays unacknowledged: the broker redelivers it.
         """
-        batch = _Batch()
-        decoded = self._decode_ahead(messages)
         try:
-            with self.sessions.begin() as s:
-                for i, msg in enumerate(messages):
-                    self._handle_one(msg, s, batch, decoded.get(i))
+            self._store_batch(messages, self._decode_ahead(messages))
+            return []
         except Exception:
-            log.exception("storing %s messages failed; reloading state from the store", len(messages))
+            log.exception("storing %s messages in one transaction failed; reloading state from the store%s",
+                          len(messages), "" if len(messages) == 1 else " and storing them one by one")
             self._reload()
-            raise
+        if len(messages) == 1:
+            return list(messages)
+        failed = []
+        for msg in messages:
+            try:
+                self._store_batch([msg], {})
+            except Exception:
+                log.exception("message on %s not stored (left unacknowledged: the broker redelivers it)",
+                              msg.topic[:120])
+                self._reload()
+                failed.append(msg)
+        return failed
+
+    def _store_batch(self, messages: list[Inbound], decoded: dict[int, Future]) -> None:
+        batch = _Batch()
+        with self.sessions.begin() as s:
+            for i, msg in enumerate(messages):
+                self._handle_one(msg, s, batch, decoded.get(i))
+            store.store_updates(s, batch.pooled, {c: self.pool.clients[c] for c in batch.clients})
+        # committed: only now are the counters moved on and the messages acknowledged
         self.rejections.update(batch.rejections)
         self.accepted += batch.accepted
         for msg in messages:
@@ -424,7 +452,7 @@ class AggregatorService:
                 return
             online, status = parse_status(msg.payload)
             self.pool.set_status(sender, online, status)
-            store.save_client(s, sender, self.pool.clients[sender])
+            batch.clients.add(sender)  # written with the batch (its newest state)
             log.info("gateway %s is %s", sender, "online" if online else "offline")
         elif kind == "update":
             if chunking.is_chunk(msg.payload):
@@ -473,7 +501,9 @@ class AggregatorService:
         if isinstance(stored, Rejection):
             self._reject(h.sender, stored, s, batch)
             return
-        store.store_update(s, stored, self.pool.clients[h.sender], envelope=bytes(data))
+        # the envelope as received (already compressed): nothing is re-encoded
+        batch.pooled.append((stored, data))
+        batch.clients.add(h.sender)
         batch.accepted += 1
         log.info("update %s from %s (base %s, %s samples, s_i=%s) pooled", h.message_id[:8], h.sender,
                  h.base_version, h.num_samples, stored.submissions)
@@ -556,9 +586,8 @@ class AggregatorService:
                                 started_at=view.opened_at if view.opened_at is not None else started,
                                 finished_at=finished)
                 store.remove_pool_updates(s, senders + leftovers)
-                for sender in senders:
-                    if sender in self.pool.clients:
-                        store.save_client(s, sender, replace(self.pool.clients[sender], window_submissions=0))
+                store.save_clients(s, {sender: replace(self.pool.clients[sender], window_submissions=0)
+                                       for sender in senders if sender in self.pool.clients})
                 row = store.ensure_state(s, strategy=self.strategy.name)
                 row.version = new_version
                 row.round_opened_at = None

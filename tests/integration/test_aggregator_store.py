@@ -149,18 +149,45 @@ def test_failed_intake_commit_acknowledges_nothing_and_memory_follows_the_store(
     acked = []
     monkeypatch.setattr(svc.link, "ack", lambda m: acked.append(m.mid))
     enc = encode_update(tiny_delta(0.1), sender="gw1", base_version=0, num_samples=3)
-    real_store_update = store.store_update
+    real_store_updates = store.store_updates
 
-    def disk_full(*a, **kw):
-        raise OSError("disk full")
+    def disk_full_for_updates(session, updates, clients):
+        if updates:
+            raise OSError("disk full")
+        real_store_updates(session, updates, clients)
 
-    monkeypatch.setattr(store, "store_update", disk_full)
-    with pytest.raises(OSError):
-        svc.handle_batch([status("gw1", "online"), msg("gw1", enc.data, 7)])
-    assert acked == [] and len(svc.pool) == 0 and not svc.pool.is_replay("gw1", enc.message_id)
-    monkeypatch.setattr(store, "store_update", real_store_update)
-    svc.handle_batch([msg("gw1", enc.data, 8)])  # the broker's redelivery is taken, not called a replay
-    assert acked == [8] and svc.accepted == 1 and svc.rejections == {}
+    monkeypatch.setattr(store, "store_updates", disk_full_for_updates)
+    update = msg("gw1", enc.data, 7)
+    # the batch fails; one by one, the status is stored and acknowledged, the update is not
+    assert svc.handle_batch([status("gw1", "online"), update]) == [update]
+    assert acked == [99] and len(svc.pool) == 0 and not svc.pool.is_replay("gw1", enc.message_id)
+    assert svc.pool.live_clients() == {"gw1"}
+    monkeypatch.setattr(store, "store_updates", real_store_updates)
+    assert svc.handle_batch([msg("gw1", enc.data, 8)]) == []  # the broker's redelivery is taken, not a replay
+    assert acked == [99, 8] and svc.accepted == 1 and svc.rejections == {}
+    svc.stop()
+
+
+def test_one_bad_row_does_not_block_the_rest_of_its_batch(tmp_path, monkeypatch):
+    svc = service(str(tmp_path / "agg.db"))
+    acked = []
+    monkeypatch.setattr(svc.link, "ack", lambda m: acked.append(m.mid))
+    encs = {gw: encode_update(tiny_delta(0.1), sender=gw, base_version=0, num_samples=3) for gw in ("gw1", "gw2", "gw3")}
+    real_store_updates = store.store_updates
+
+    def gw2_cannot_be_written(session, updates, clients):
+        if any(u.sender == "gw2" for u, _ in updates):
+            raise OSError("row refused")
+        real_store_updates(session, updates, clients)
+
+    monkeypatch.setattr(store, "store_updates", gw2_cannot_be_written)
+    batch = [msg(gw, e.data, mid) for mid, (gw, e) in enumerate(encs.items(), start=1)]
+    assert svc.handle_batch(batch) == [batch[1]]
+    assert acked == [1, 3] and svc.accepted == 2 and {u.sender for u in svc.pool.updates()} == {"gw1", "gw3"}
+    monkeypatch.undo()
+    again = service(str(tmp_path / "agg.db"))  # what was acknowledged is what the store holds
+    assert {u.sender for u in again.pool.updates()} == {"gw1", "gw3"} and again.accepted == 2
+    again.stop()
     svc.stop()
 
 

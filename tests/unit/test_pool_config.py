@@ -62,6 +62,7 @@ compression = "int8"
     "[aggregator]\nprefix = \"a/#\"\n",
     "[aggregator]\nknown_senders = [\"bad id\"]\n",
     "[aggregator]\nno_such_setting = 1\n",
+    "[aggregator]\nsqlite_synchronous = \"OFF\"\n",
     "[strategy]\nname = \"fedsgd\"\n",
     "[strategy]\nname = \"gsfs\"\nrho = 2\n",
     "[local]\nepochs = 1\nflavour = 3\n",
