@@ -23,6 +23,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -54,6 +55,7 @@ class NotACaptureError(CaptureError):
 
 class UnsupportedLinkTypeError(CaptureError):
     def __init__(self, linktype: int, source: str = ""):
+        self.source = source
         name = LINKTYPE_NAMES.get(linktype, "unknown")
         where = f"{source}: " if source else ""
         supported = ", ".join(sorted(set(SUPPORTED_LINKTYPES.values())))
@@ -61,6 +63,9 @@ class UnsupportedLinkTypeError(CaptureError):
             f"{where}unsupported link type {linktype} ({name}); supported: {supported}"
         )
         self.linktype = linktype
+
+    def __reduce__(self):  # raised in a worker process, re-raised in the parent
+        return self.__class__, (self.linktype, self.source)
 
 
 @dataclass
@@ -391,6 +396,162 @@ def _pcapng_ts(hi: int, lo: int, units: int, offset: int) -> float:
     return (sec + offset) + usec / 1e6
 
 
+# ---------------------------------------------------------------------- packets by the block
+
+def iter_packet_batches(
+    fileobj: BinaryIO,
+    stats: CaptureStats,
+    decoder: PacketDecoder,
+    *,
+    probe: PacketDecoder | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Iterator[Iterable]:
+    """Batches of decoded packets of a capture file, in file order: one iterator of Packets
+    per chunk (a few MiB) of the file.
+
+    Classic pcap goes through :mod:`gateway.flows.blocks` (record offsets found per chunk,
+    header fields gathered with numpy, common frames built without the per-frame decoder);
+    pcapng takes the per-frame path.  ``shard=(index, count)`` keeps only the packets of
+    that share of the address pairs (``probe`` decodes the frames every share must look
+    at, see :func:`gateway.flows.blocks.block_packets`).  ``stats`` counts every frame of
+    the file (packets, bytes, first/last time) and truncation warnings; the decoder counts
+    skipped packets.  Errors as :func:`iter_frames`."""
+    name = _source_name(fileobj)
+    try:
+        f = _open_maybe_gzip(fileobj)
+        head = _peek(f, 4)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise NotACaptureError(f"{name}: not a pcap/pcapng file ({exc})") from exc
+    try:
+        if head in PCAP_MAGICS:
+            yield from _pcap_batches(f, name, stats, decoder, probe, shard)
+        elif head == PCAPNG_SHB:
+            yield from _frame_batches(_iter_pcapng(f, name, stats), stats, decoder, probe, shard)
+        else:
+            raise NotACaptureError(
+                f"{name}: not a pcap/pcapng file (starts with {head[:4].hex() or 'nothing'})"
+            )
+    finally:
+        if isinstance(f, _Gunzip) and f.truncated and not stats.truncated:
+            _truncated(stats, name, f.error or "compressed stream cut short")
+
+
+def _read_exactly(f, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        part = f.read(n - len(out))
+        if not part:
+            break
+        out += part
+    return out
+
+
+def _pcap_batches(f, name: str, stats: CaptureStats, decoder: PacketDecoder, probe, shard):
+    from gateway.flows.blocks import BLOCK_SIZE, block_packets, decode_block, scan_records
+
+    head = _read_exactly(f, 24)
+    if len(head) < 24:
+        raise NotACaptureError(f"{name}: pcap global header is cut short")
+    endian, ticks = PCAP_MAGICS[head[:4]]
+    (snaplen, network) = struct.unpack_from(endian + "II", head, 16)
+    linktype = network & 0x0FFFFFFF
+    if linktype not in SUPPORTED_LINKTYPES:
+        raise UnsupportedLinkTypeError(linktype, name)
+    little = endian == "<"
+    nano = ticks == 1_000_000_000
+    max_len = max(snaplen, 262144) if snaplen else 262144
+    ignore = decoder.ignore_checksums
+    rest = b""
+    while True:
+        chunk = f.read(BLOCK_SIZE)
+        buf = rest + chunk if rest else chunk
+        offsets, stop, bad_len = scan_records(buf, 0, little, max_len)
+        if offsets:
+            block = decode_block(buf, offsets, little=little, nano=nano, linktype=linktype,
+                                 ignore_checksums=ignore, shard=shard)
+            stats.packets += block.frames
+            stats.bytes += block.wire_bytes
+            if stats.first_ts is None:
+                stats.first_ts = block.first_ts
+            stats.last_ts = block.last_ts
+            yield block_packets(block, decoder, linktype, probe=probe, shard=shard)
+        if bad_len is not None:
+            _truncated(stats, name, f"record length {bad_len} is implausible (corrupt file)")
+            return
+        rest = buf[stop:]
+        if not chunk:
+            if rest:
+                _truncated(stats, name, "last record header is incomplete" if len(rest) < 16
+                           else "last record is incomplete")
+            return
+
+
+def _frame_batches(frames: Iterable[Frame], stats: CaptureStats, decoder: PacketDecoder, probe, shard,
+                   size: int = 16384):
+    """The per-frame path in batches (pcapng): every frame decoded, by ``probe`` in the
+    shards that do not keep the counts, then sharded on the decoded addresses."""
+    from gateway.flows.blocks import packet_shard
+
+    decode = (decoder if probe is None else probe).decode
+    index, count = shard if shard is not None else (0, 1)
+    batch: list = []
+    for ts, linktype, frame, wire_len in frames:
+        stats.packets += 1
+        stats.bytes += wire_len
+        if stats.first_ts is None:
+            stats.first_ts = ts
+        stats.last_ts = ts
+        pkt = decode(linktype, frame, ts, wire_len)
+        if pkt is None or pkt.__class__ is str:
+            continue
+        if count > 1 and packet_shard(pkt.src, pkt.dst, count) != index:
+            continue
+        batch.append(pkt)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    yield batch
+
+
+def track_batches(
+    batches: Iterable[Iterable],
+    tracker: ConnTracker,
+    stats: CaptureStats,
+    *,
+    flush: bool = True,
+    packet_filter: Callable[[object], bool] | None = None,
+) -> Iterator[list[ConnRecord]]:
+    """Feed batches of packets to ``tracker``; yield, per batch, the records of the
+    connections that ended meanwhile (the last list also holds the flushed ones)."""
+    feed = tracker.feed
+    flows = 0
+    try:
+        for batch in batches:
+            out: list[ConnRecord] = []
+            if packet_filter is None:
+                for pkt in batch:
+                    done = feed(pkt)
+                    if done:
+                        out += done
+            else:
+                for pkt in batch:
+                    if not packet_filter(pkt):
+                        stats.filtered += 1
+                        continue
+                    done = feed(pkt)
+                    if done:
+                        out += done
+            flows += len(out)
+            yield out
+        if flush:
+            rest = tracker.flush()
+            flows += len(rest)
+            yield rest
+    finally:
+        stats.flows += flows
+        stats.merge_skipped(tracker.skipped)
+
+
 # ---------------------------------------------------------------------- records from frames
 
 def records_from_frames(
@@ -476,11 +637,16 @@ def pcap_records(
         from gateway.flows.bpf import compile_filter
 
         packet_filter = compile_filter(bpf)
-    frames = iter_frames(fileobj, stats)
-    yield from records_from_frames(
-        frames, ignore_checksums=ignore_checksums, stats=stats, tracker=tracker, progress=progress,
-        packet_filter=packet_filter,
-    )
+    decoder = PacketDecoder(ignore_checksums=ignore_checksums)
+    try:
+        batches = iter_packet_batches(fileobj, stats, decoder)
+        for records in track_batches(batches, tracker, stats, packet_filter=packet_filter):
+            yield from records
+            if progress is not None:
+                progress(stats.packets)
+    finally:
+        stats.merge_skipped(decoder.skipped)
+        stats.merge_weird(decoder.notes)
 
 
 def live_records(
@@ -612,8 +778,8 @@ def convert_captures(
     files are already written).
 
     ``workers`` > 1 splits each file by address pair over that many processes (each reads
-    the whole file, decodes and tracks only its share); the records are the same, written
-    in start-time order instead of end order.
+    the whole file, decodes and tracks only its share, see :func:`_sharded_records`); the
+    records are the same, in a different (still deterministic) order.
     """
     if workers < 1:
         raise ValueError("workers must be >= 1")
@@ -647,19 +813,22 @@ def convert_captures(
                 if on_progress is not None:
                     f = _CountingReader(raw, lambda done, p=path: on_progress(p, done, total))  # type: ignore[assignment]
                 lsp = DEFAULT_LIKELY_SERVER_PORTS if likely_server_ports is None else likely_server_ports
+                decoder = PacketDecoder(ignore_checksums=ignore_checksums)
                 if workers > 1:
                     records = _sharded_records(path, workers, ignore_checksums, nets, lsp, protocols, bpf, stats)
                 else:
                     tracker = ConnTracker(local_nets=nets, likely_server_ports=lsp, protocols=protocols)
-                    records = records_from_frames(
-                        iter_frames(f, stats), ignore_checksums=ignore_checksums, stats=stats, tracker=tracker,
-                        packet_filter=packet_filter,
-                    )
-                if writer is not None:
-                    writer.write(records)
-                else:
-                    for rec in records:
-                        out.write(zeek_json_line(rec).encode() + b"\n")
+                    batches = iter_packet_batches(f, stats, decoder)
+                    records = chain.from_iterable(track_batches(batches, tracker, stats, packet_filter=packet_filter))
+                try:
+                    if writer is not None:
+                        writer.write(records)
+                    else:
+                        for rec in records:
+                            out.write(zeek_json_line(rec).encode() + b"\n")
+                finally:
+                    stats.merge_skipped(decoder.skipped)
+                    stats.merge_weird(decoder.notes)
             if on_progress is not None:
                 on_progress(path, total, total)
     finally:
@@ -671,90 +840,118 @@ def convert_captures(
 
 # ---------------------------------------------------------------------- sharding over processes
 
-def _shard_of(linktype: int, frame: bytes, count: int) -> int | None:
-    """Shard of a frame from its IP address pair read at fixed offsets (plain Ethernet, one
-    802.1Q tag or a PPPoE session, as the decoder's fast path), or None if unusual."""
-    if linktype == 1 and len(frame) >= 54:
-        etype, ip = frame[12] << 8 | frame[13], 14
-        if etype == 0x8100:
-            etype, ip = frame[16] << 8 | frame[17], 18
-        elif etype == 0x8864:
-            ppp = frame[20] << 8 | frame[21]
-            etype, ip = (0x0800 if ppp == 0x21 else 0x86DD if ppp == 0x57 else 0), 22
-        if etype == 0x0800:
-            a, b = frame[ip + 12:ip + 16], frame[ip + 16:ip + 20]
-        elif etype == 0x86DD and len(frame) >= ip + 40:
-            a, b = frame[ip + 8:ip + 24], frame[ip + 24:ip + 40]
-        else:
-            return None
-        return (zlib.crc32(a) ^ zlib.crc32(b)) % count
-    return None
+# batches a worker may run ahead of the one the parent writes (memory bound of the merge)
+_AHEAD = 8
 
 
-def _shard_worker(path: str, index: int, count: int, ignore_checksums: bool, nets, lsp, protocols,
-                  bpf: str | None) -> tuple[list[ConnRecord], CaptureStats]:
-    """Track the connections of one shard of a file (runs in a worker process)."""
-    stats = CaptureStats()
-    decoder = PacketDecoder(ignore_checksums=ignore_checksums)
-    # frames without a fixed-offset address pair are decoded by every worker; only worker 0
-    # keeps the counts of what they contain, the others decode them with a probe
-    probe = decoder if index == 0 else PacketDecoder(ignore_checksums=ignore_checksums)
-    tracker = ConnTracker(local_nets=nets, likely_server_ports=lsp, protocols=protocols)
-    packet_filter = None
-    if bpf:
-        from gateway.flows.bpf import compile_filter
+def _shard_worker(conn, path: str, index: int, count: int, ignore_checksums: bool, nets, lsp, protocols,
+                  bpf: str | None) -> None:
+    """Track the connections of one shard of a file (runs in a worker process); sends
+    ``("records", list)`` per batch of the file, then ``("done", CaptureStats)``, or
+    ``("error", exception)``."""
+    try:
+        stats = CaptureStats()
+        decoder = PacketDecoder(ignore_checksums=ignore_checksums)
+        # frames without a fixed-offset address pair are decoded by every worker; only
+        # worker 0 keeps the counts of what they contain, the others decode them with a probe
+        probe = decoder if index == 0 else PacketDecoder(ignore_checksums=ignore_checksums)
+        tracker = ConnTracker(local_nets=nets, likely_server_ports=lsp, protocols=protocols)
+        packet_filter = None
+        if bpf:
+            from gateway.flows.bpf import compile_filter
 
-        packet_filter = compile_filter(bpf)
-    out: list[ConnRecord] = []
-    n = nbytes = 0
-    with open(path, "rb") as f:
-        for ts, linktype, frame, wire_len in iter_frames(f, stats):
-            n += 1
-            nbytes += wire_len
-            shard = _shard_of(linktype, frame, count)
-            if shard is not None and shard != index:
-                continue
-            pkt = (decoder if shard is not None else probe).decode(linktype, frame, ts, wire_len)
-            if pkt is None or pkt.__class__ is str:
-                continue
-            if shard is None and (zlib.crc32(pkt.src) ^ zlib.crc32(pkt.dst)) % count != index:
-                continue  # unusual encapsulation: sharded on the decoded addresses
-            if packet_filter is not None and not packet_filter(pkt):
-                stats.filtered += 1
-                continue
-            done = tracker.feed(pkt)
-            if done:
-                out.extend(done)
-    out.extend(tracker.flush())
-    if index == 0:
-        stats.packets, stats.bytes = n, nbytes
-    else:
-        stats.warnings.clear()
-        stats.truncated = False
-    stats.flows = len(out)
-    stats.merge_skipped(decoder.skipped)  # (probe counts are dropped on purpose)
-    stats.merge_weird(decoder.notes)
-    stats.merge_skipped(tracker.skipped)
-    return out, stats
+            packet_filter = compile_filter(bpf)
+        with open(path, "rb") as f:
+            batches = iter_packet_batches(f, stats, decoder, probe=probe, shard=(index, count))
+            for records in track_batches(batches, tracker, stats, packet_filter=packet_filter):
+                conn.send(("records", records))
+        if index != 0:  # worker 0 reports the file-wide counters
+            stats.packets = stats.bytes = 0
+            stats.first_ts = stats.last_ts = None
+            stats.warnings.clear()
+            stats.truncated = False
+        stats.merge_skipped(decoder.skipped)  # (probe counts are dropped on purpose)
+        stats.merge_weird(decoder.notes)
+        conn.send(("done", stats))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        if not isinstance(exc, CaptureError):
+            import traceback
+
+            exc = RuntimeError(f"flows worker {index} failed: {traceback.format_exc()}")
+        conn.send(("error", exc))
+    finally:
+        conn.close()
 
 
 def _sharded_records(path, workers, ignore_checksums, nets, lsp, protocols, bpf, stats: CaptureStats):
+    """Records of one file tracked by ``workers`` processes, streamed as they end.
+
+    Every worker sends one message per batch of the file (the same batches in all
+    workers for a pcap); the parent writes them round-robin - batch 1 of worker 0, of
+    worker 1, ..., then batch 2 - so the output is deterministic for a given number of
+    workers, and memory follows the open connections: a worker runs at most ``_AHEAD``
+    batches ahead of the writer before its pipe blocks it."""
     import multiprocessing
+    from collections import deque
+    from multiprocessing.connection import wait
 
     ctx = multiprocessing.get_context("fork")
-    args = [(path, i, workers, ignore_checksums, nets, lsp, protocols, bpf) for i in range(workers)]
-    with ctx.Pool(workers) as pool:
-        results = pool.starmap(_shard_worker, args)
-    records: list[ConnRecord] = []
-    for recs, part in results:
-        records.extend(recs)
-        stats.packets += part.packets
-        stats.bytes += part.bytes
-        stats.flows += part.flows
-        stats.filtered += part.filtered
-        stats.truncated = stats.truncated or part.truncated
-        stats.warnings.extend(part.warnings)
-        stats.merge_skipped(part.skipped)
-        stats.merge_weird(part.weird)
-    records.sort(key=lambda r: r.ts)
-    return records
+    conns, procs = [], []
+    try:
+        for i in range(workers):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_shard_worker, daemon=True,
+                               args=(send, path, i, workers, ignore_checksums, nets, lsp, protocols, bpf))
+            proc.start()
+            send.close()
+            conns.append(recv)
+            procs.append(proc)
+        pending = [deque() for _ in range(workers)]
+        finished = [False] * workers  # "done" received (nothing more to read)
+        order = list(range(workers))  # workers whose messages are still to be written
+        turn = 0
+        while order:
+            i = order[turn % len(order)]
+            if not pending[i]:
+                readable = [conns[j] for j in range(workers) if not finished[j] and len(pending[j]) < _AHEAD]
+                for c in wait(readable):
+                    j = conns.index(c)
+                    try:
+                        msg = c.recv()
+                    except EOFError:
+                        msg = ("error", CaptureError(f"{path}: flows worker {j} ended without a result"))
+                    pending[j].append(msg)
+                    if msg[0] != "records":
+                        finished[j] = True
+                continue
+            tag, value = pending[i].popleft()
+            if tag == "records":
+                yield from value
+                turn += 1
+            elif tag == "done":
+                order.remove(i)
+                _merge_stats(stats, value)
+            else:
+                raise value
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        for c in conns:
+            c.close()
+
+
+def _merge_stats(stats: CaptureStats, part: CaptureStats) -> None:
+    stats.packets += part.packets
+    stats.bytes += part.bytes
+    stats.flows += part.flows
+    stats.filtered += part.filtered
+    stats.truncated = stats.truncated or part.truncated
+    stats.warnings.extend(part.warnings)
+    stats.merge_skipped(part.skipped)
+    stats.merge_weird(part.weird)
+    if part.first_ts is not None and stats.first_ts is None:
+        stats.first_ts = part.first_ts
+    if part.last_ts is not None:
+        stats.last_ts = part.last_ts
