@@ -222,7 +222,10 @@ class AggregatorService:
         self.evaluator = (evaluator if evaluator is not None
                           else load_evaluator(config.evaluator, config.evaluator_args))
         self.signing_key = signing_key if signing_key is not None else load_or_create_key(config.signing_key)
-        self.sessions = store.make_sessions(config.database, synchronous=config.sqlite_synchronous)
+        self.sessions = store.make_sessions(config.database, synchronous=config.sqlite_synchronous,
+                                            wal_autocheckpoint=store.WalCheckpointer.BACKSTOP_PAGES)
+        engine = self.sessions.kw["bind"]
+        self._checkpointer = store.WalCheckpointer(engine) if engine.dialect.name == "sqlite" else None
         self.pool = UpdatePool(clock=clock)
         self.reassembler = chunking.Reassembler(clock=clock, timeout_s=config.chunk_timeout_s,
                                                 max_message_bytes=config.max_update_bytes)
@@ -335,6 +338,12 @@ class AggregatorService:
         self.link.stop()
         if self._decoder is not None:
             self._decoder.shutdown(wait=True)
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+
+    def _committed(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.poke()
 
     def wait_connected(self, timeout: float) -> bool:
         return self.link.mqtt.wait_connected(timeout)
@@ -417,6 +426,7 @@ class AggregatorService:
         self.accepted += batch.accepted
         for msg in messages:
             self.link.ack(msg)
+        self._committed()
 
     def _decode_ahead(self, messages: list[Inbound]) -> dict[int, Future]:
         """Validate whole update envelopes of a batch on the decode threads (hashing,
@@ -598,6 +608,7 @@ class AggregatorService:
             self._reload()
             raise
         # committed: only now does memory move on
+        self._committed()
         self.weights = result.weights
         self.state = result.state
         self.global_envelope = envelope

@@ -209,3 +209,19 @@ def test_failed_checkpoint_keeps_the_version_and_the_pool(tmp_path, monkeypatch)
     monkeypatch.setattr(svc.link, "ack", lambda m: None)
     assert svc.aggregate_now() and svc.version == 1 and len(svc.pool) == 0
     svc.stop()
+
+
+def test_wal_is_checkpointed_off_the_intake_thread(tmp_path):
+    svc = service(str(tmp_path / "agg.db"))
+    with svc.sessions() as s:  # the intake's own commits checkpoint only past the backstop
+        assert s.connection().exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == \
+            store.WalCheckpointer.BACKSTOP_PAGES
+    svc.handle_batch([msg(f"gw{i}", encode_update(tiny_delta(0.1), sender=f"gw{i}", base_version=0,
+                                                  num_samples=3).data, i) for i in range(1, 4)])
+    assert svc.wait_for(lambda s: s._checkpointer.checkpoints >= 1, timeout=10)
+    with svc.sessions() as s:  # (busy, frames in the WAL, frames copied into the database)
+        busy, frames, copied = s.connection().exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+    assert busy == 0 and frames == copied
+    thread = svc._checkpointer._thread
+    svc.stop()
+    assert not thread.is_alive()
