@@ -27,7 +27,16 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from gateway.flows.packets import UDP_TUNNEL_PORTS, Packet, PacketDecoder
+from gateway.flows.packets import (
+    ETH_IPV4,
+    ETH_IPV6,
+    ETH_MPLS,
+    ETH_PPPOE_SESSION,
+    ETH_VLAN,
+    UDP_TUNNEL_PORTS,
+    Packet,
+    PacketDecoder,
+)
 
 # 4 MiB: ~20k frames of an average trace per numpy pass (the fixed cost of a pass is
 # ~50 gathers), small enough that a worker's memory stays flat
@@ -42,6 +51,10 @@ KIND_OWN = 2  # this shard's frame of another shape: PacketDecoder decides
 KIND_ANY = 3  # no address pair at a fixed offset: decoded by every shard, sharded afterwards
 
 _TUNNEL_PORTS = np.array(sorted(UDP_TUNNEL_PORTS), dtype=np.int64)
+_VLAN_TYPES = np.array(ETH_VLAN, dtype=np.int64)
+_MPLS_TYPES = np.array(ETH_MPLS, dtype=np.int64)
+# ethertypes the decoder follows towards IP (others are non-IP; <= 1500 is 802.3 + LLC)
+_IP_CARRIERS = np.array((ETH_IPV4, ETH_IPV6, ETH_PPPOE_SESSION) + ETH_VLAN + ETH_MPLS, dtype=np.int64)
 _tuple_new = tuple.__new__
 
 
@@ -163,18 +176,33 @@ def decode_block(buf: bytes, offsets: list[int], *, little: bool, nano: bool, li
     et = np.where(vlan, _be16(u, d + 16),
                   np.where(pppoe, np.where(ppp == 0x21, 0x0800, np.where(ppp == 0x57, 0x86DD, 0)), et))
     end_of_frame = d + incl
-    is4 = (et == 0x0800) & (ip + 20 <= end_of_frame)
-    is6 = (et == 0x86DD) & (ip + 40 <= end_of_frame)
     if shard is not None:
         index, count = shard
+        # the address pair at a fixed offset, for more shapes than the fast path takes:
+        # one or two VLAN tags of any tag type, one MPLS label, a PPPoE session
+        outer = _be16(u, d + 12)
+        inner = _be16(u, d + 16)
+        tag1 = np.isin(outer, _VLAN_TYPES)
+        tag2 = tag1 & np.isin(inner, _VLAN_TYPES)
+        mpls = np.isin(outer, _MPLS_TYPES) & ((u[d + 16] & 1) == 1)
+        ver = u[d + 18] >> 4
+        kip = np.where(tag2, d + 22, np.where(tag1 | mpls, d + 18, ip))
+        ket = np.where(tag2, _be16(u, d + 20), np.where(tag1, inner, np.where(
+            mpls, np.where(ver == 4, 0x0800, np.where(ver == 6, 0x86DD, 0)), et)))
+        is4 = (ket == 0x0800) & (kip + 20 <= end_of_frame)
+        is6 = (ket == 0x86DD) & (kip + 40 <= end_of_frame)
         # uint64: the 32x32-bit products of _mix fit
-        a4 = _be32(u, ip + 12).astype(np.uint64)
-        b4 = _be32(u, ip + 16).astype(np.uint64)
-        a6 = (_be32(u, ip + 8) ^ _be32(u, ip + 12) ^ _be32(u, ip + 16) ^ _be32(u, ip + 20)).astype(np.uint64)
-        b6 = (_be32(u, ip + 24) ^ _be32(u, ip + 28) ^ _be32(u, ip + 32) ^ _be32(u, ip + 36)).astype(np.uint64)
+        a4 = _be32(u, kip + 12).astype(np.uint64)
+        b4 = _be32(u, kip + 16).astype(np.uint64)
+        a6 = (_be32(u, kip + 8) ^ _be32(u, kip + 12) ^ _be32(u, kip + 16) ^ _be32(u, kip + 20)).astype(np.uint64)
+        b6 = (_be32(u, kip + 24) ^ _be32(u, kip + 28) ^ _be32(u, kip + 32) ^ _be32(u, kip + 36)).astype(np.uint64)
         h = np.where(is4, _mix(a4) + _mix(b4), _mix(a6) + _mix(b6)) % count
         keyed = is4 | is6
-        keep = ~keyed | (h == index)
+        # frames that cannot carry IP (ARP, PPPoE discovery, LCP, ...): only shard 0 looks
+        # at them (to count them); every shard must decode the other unkeyed ones
+        dead = (incl < 14) | ((outer > 1500) & ~np.isin(outer, _IP_CARRIERS)) | (
+            pppoe & (incl >= 22) & (ppp != 0x21) & (ppp != 0x57))
+        keep = np.where(keyed, h == index, ~dead | (index == 0))
         sel = np.flatnonzero(keep)
         if len(sel) < n:
             d, incl, wire, ts, ip, et, keyed = d[sel], incl[sel], wire[sel], ts[sel], ip[sel], et[sel], keyed[sel]
