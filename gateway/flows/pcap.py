@@ -17,14 +17,16 @@ Public API used by the replay and the gateway service:
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import struct
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from itertools import chain
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import BinaryIO
 
 from gateway.flows.conntrack import DEFAULT_LOCAL_NETS, ConnTracker
@@ -805,6 +807,7 @@ def convert_captures(
     started = time.perf_counter()
     writer = ZeekTsvWriter(out, header=LogHeader.zeek_conn()) if fmt == "zeek" else None
     nets = DEFAULT_LOCAL_NETS if local_nets is None else tuple(local_nets)
+    gc_saved = _fewer_gc_passes()
     try:
         for path in paths:
             total = os.path.getsize(path)
@@ -832,10 +835,22 @@ def convert_captures(
             if on_progress is not None:
                 on_progress(path, total, total)
     finally:
+        gc.set_threshold(*gc_saved)
         if writer is not None:
             writer.close()
         stats.elapsed = time.perf_counter() - started
     return stats
+
+
+def _fewer_gc_passes() -> tuple[int, ...]:
+    """Raise the cyclic collector's thresholds for a bulk run; returns the old ones.
+
+    Tracking allocates a few objects per packet and frees them by reference counting
+    (connections break their cycles when they end), yet at the default threshold (700)
+    the collector would scan the young objects every ~100 packets: 10-20% of the run."""
+    saved = gc.get_threshold()
+    gc.set_threshold(max(saved[0], 50_000), max(saved[1], 20), max(saved[2], 100))
+    return saved
 
 
 # ---------------------------------------------------------------------- sharding over processes
@@ -850,6 +865,8 @@ def _shard_worker(conn, path: str, index: int, count: int, ignore_checksums: boo
     ``("records", list)`` per batch of the file, then ``("done", CaptureStats)``, or
     ``("error", exception)``."""
     try:
+        _fewer_gc_passes()
+        gc.freeze()  # what the parent had: never garbage, never scanned again
         stats = CaptureStats()
         decoder = PacketDecoder(ignore_checksums=ignore_checksums)
         # frames without a fixed-offset address pair are decoded by every worker; only
