@@ -32,10 +32,11 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from cloud_aggregator.pool import ClientInfo, PooledUpdate
@@ -163,8 +164,9 @@ SQLITE_SYNCHRONOUS = ("NORMAL", "FULL")
 
 def make_engine(url: str, *, create: bool = True, synchronous: str = "NORMAL",
                 wal_autocheckpoint: int | None = None) -> Engine:
-    """Engine for ``url``; SQLite gets WAL and a busy timeout.  ``create`` makes missing
-    tables (the aggregator does; readers such as ``status`` do not).
+    """Engine for ``url``; SQLite gets WAL and a busy timeout.  ``create`` brings the
+    schema to the newest migration (:func:`migrate`; the aggregator does, readers such
+    as ``status`` do not).
 
     ``synchronous`` (SQLite): "NORMAL" keeps every committed -- hence acknowledged --
     update through a crash of the process (kill -9): in WAL mode a commit is in the WAL
@@ -199,10 +201,40 @@ def make_engine(url: str, *, create: bool = True, synchronous: str = "NORMAL",
             cur.close()
     if create:
         try:
-            Base.metadata.create_all(engine)
-        except OperationalError:  # another process created them at the same moment
-            Base.metadata.create_all(engine)
+            migrate(engine)
+        except Exception:
+            engine.dispose()
+            raise
     return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision of ``cloud_aggregator/migrations``.
+
+    A database the aggregator made before it had migrations (create_all: its tables, no
+    version table) is stamped with the initial revision first -- those tables are that
+    revision's -- so it is adopted as it is, rows and all, then upgraded.  Raises
+    ``gateway.store.db.StoreError`` when the database cannot be reached or migrated.
+    """
+    from alembic import command
+
+    from cloud_aggregator.migrations import DIRECTORY, INITIAL_REVISION, INITIAL_TABLES, VERSION_TABLE
+    from gateway.store.db import StoreError, _alembic_config, current_revision, describe_db_error, upgrade_to_head
+
+    try:
+        if current_revision(engine, version_table=VERSION_TABLE) is None:
+            found = INITIAL_TABLES & set(inspect(engine).get_table_names())
+            if found and found != INITIAL_TABLES:
+                raise StoreError(f"database {engine.url.render_as_string(hide_password=True)} has no migration "
+                                 f"revision and only some aggregator tables ({sorted(found)}, not "
+                                 f"{sorted(INITIAL_TABLES - found)}): not adopting a partial schema")
+            if found:
+                log.info("adopting an aggregator database made before migrations: stamping %s", INITIAL_REVISION)
+                with engine.begin() as conn:
+                    command.stamp(_alembic_config(conn, DIRECTORY), INITIAL_REVISION)
+    except SQLAlchemyError as exc:
+        raise StoreError(describe_db_error(engine, exc)) from exc
+    upgrade_to_head(engine, migrations_dir=DIRECTORY, version_table=VERSION_TABLE)
 
 
 def make_sessions(url: str, *, create: bool = True, synchronous: str = "NORMAL",

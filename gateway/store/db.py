@@ -24,6 +24,7 @@ DEFAULT_URL = "sqlite:///./fedgate.db"
 # Lets deployments and tests point every command at another database without a flag.
 URL_ENV = "FEDGATE_DB"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+VERSION_TABLE = "alembic_version"  # the aggregator's store keeps its own (cloud_aggregator.migrations)
 
 
 class StoreError(RuntimeError):
@@ -87,37 +88,40 @@ def make_engine(url: str | None = None, *, echo: bool = False) -> Engine:
     return engine
 
 
-def _alembic_config(connection):
+def _alembic_config(connection, migrations_dir: Path = MIGRATIONS_DIR):
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir))
     cfg.attributes["connection"] = connection
     return cfg
 
 
-def upgrade_to_head(engine: Engine) -> None:
-    """Create or upgrade the schema to the newest migration (idempotent)."""
+def upgrade_to_head(engine: Engine, *, migrations_dir: Path = MIGRATIONS_DIR,
+                    version_table: str = VERSION_TABLE) -> None:
+    """Create or upgrade the schema to the newest migration (idempotent).  The other
+    store with migrations (the aggregator's) passes its own directory and the version
+    table its env.py uses."""
     from alembic import command
 
     try:
         if engine.dialect.name == "sqlite":
-            _upgrade_sqlite(engine)
+            _upgrade_sqlite(engine, migrations_dir)
         else:
             with engine.begin() as conn:
-                command.upgrade(_alembic_config(conn), "head")
+                command.upgrade(_alembic_config(conn, migrations_dir), "head")
     except SQLAlchemyError as exc:
         # Two processes starting on a fresh database race to create it; the loser
         # fails ("table already exists") but finds the schema at head: that is fine.
         try:
-            if current_revision(engine) == head_revision():
+            if current_revision(engine, version_table=version_table) == head_revision(migrations_dir):
                 return
         except SQLAlchemyError:
             pass
         raise StoreError(describe_db_error(engine, exc)) from exc
 
 
-def _upgrade_sqlite(engine: Engine) -> None:
+def _upgrade_sqlite(engine: Engine, migrations_dir: Path = MIGRATIONS_DIR) -> None:
     """Migrate under ``BEGIN IMMEDIATE``: one atomic transaction holding the write lock
     from the start, so processes opening a fresh file at once migrate one after the
     other.  (Python's sqlite3 before 3.12 begins transactions only before DML, so DDL
@@ -130,7 +134,7 @@ def _upgrade_sqlite(engine: Engine) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN/COMMIT ourselves
         try:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-            command.upgrade(_alembic_config(conn), "head")
+            command.upgrade(_alembic_config(conn, migrations_dir), "head")
             conn.commit()
         finally:
             if dbapi_conn.in_transaction:
@@ -138,17 +142,17 @@ def _upgrade_sqlite(engine: Engine) -> None:
             dbapi_conn.isolation_level = saved
 
 
-def current_revision(engine: Engine) -> str | None:
+def current_revision(engine: Engine, *, version_table: str = VERSION_TABLE) -> str | None:
     from alembic.migration import MigrationContext
 
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return MigrationContext.configure(conn, opts={"version_table": version_table}).get_current_revision()
 
 
-def head_revision() -> str:
+def head_revision(migrations_dir: Path = MIGRATIONS_DIR) -> str:
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+    return ScriptDirectory.from_config(_alembic_config(None, migrations_dir)).get_current_head()
 
 
 def describe_db_error(engine: Engine, exc: BaseException) -> str:
