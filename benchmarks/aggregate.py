@@ -149,10 +149,17 @@ def bench_pipeline(model, clients: int) -> dict:
     return row("pipeline (no SQL)", clients, wall, cpu)
 
 
-def bench_service(model, clients: int, *, intake_batch: int, decode_threads: int) -> dict:
-    """The service's own intake (AggregatorService.handle_batch: validate, pool, SQLite
-    commit, ack) and one aggregation (checkpoint, sign, publish), without a broker:
-    the MQTT link is never connected, so acks and publishes are no-ops."""
+def bench_service(model, clients: int, *, intake_batch: int, decode_threads: int, worker: bool = True) -> dict:
+    """The service's own intake and one aggregation (checkpoint, sign, publish), without
+    a broker: the MQTT link is never connected, so acks and publishes are no-ops.
+
+    worker: ``clients`` gateways are online (their statuses are stored first, untimed)
+    and GSFS with rho = 1 aggregates once all have reported; the timed part puts every
+    update in the service's inbox, as paho's network thread does (validation starts
+    there, on the decode threads), and waits for the new global version from the
+    service's own worker thread (group commit of whatever is queued, then acks).
+    Otherwise: ``AggregatorService.handle_batch`` on slices of ``intake_batch``
+    messages, then ``aggregate_now``."""
     from cloud_aggregator.service import AggregatorConfig, AggregatorService
     from gateway.mqtt import Inbound, MqttSettings
     from gateway.protocol import signing, topics
@@ -161,25 +168,37 @@ def bench_service(model, clients: int, *, intake_batch: int, decode_threads: int
     messages = [Inbound(topics.gateway_update(f"gw{i}"),
                         encode_update(d, sender=f"gw{i}", base_version=0, num_samples=100).data, 1, False, i + 1)
                 for i, d in enumerate(deltas)]
+    statuses = [Inbound(topics.gateway_status(f"gw{i}"), b'{"state": "online"}', 1, True, clients + i + 1)
+                for i in range(clients)]
     with tempfile.TemporaryDirectory() as tmp:
         config = AggregatorConfig(database=os.path.join(tmp, "agg.db"), intake_batch=intake_batch,
-                                  decode_threads=decode_threads, mqtt=MqttSettings(client_id="bench"))
+                                  decode_threads=decode_threads, mqtt=MqttSettings(client_id="bench"),
+                                  strategy_params={"rho": 1.0, "deadline_s": 3600.0})
         service = AggregatorService(config, initial_weights=model, signing_key=signing.generate_private_key())
         log_level = logging.getLogger("cloud_aggregator").level
         logging.getLogger("cloud_aggregator").setLevel(logging.ERROR)
+        service.handle_batch(statuses)
 
-        def run():
+        def run_worker():
+            for m in messages:
+                service.inbox.put(m)
+            return service.wait_for(lambda svc: svc.version == 1, timeout=600)
+
+        def run_batches():
             for start in range(0, len(messages), intake_batch):
                 service.handle_batch(messages[start:start + intake_batch])
             return service.aggregate_now()
 
         try:
-            done, wall, cpu = timed(run)
+            if worker:
+                service.start(connect=False)
+            done, wall, cpu = timed(run_worker if worker else run_batches)
             assert done and service.accepted == clients, "benchmark intake lost updates"
         finally:
-            logging.getLogger("cloud_aggregator").setLevel(log_level)
             service.stop()
-    return row(f"service (SQLite, batch {intake_batch}, {decode_threads} thr)", clients, wall, cpu)
+            logging.getLogger("cloud_aggregator").setLevel(log_level)
+    how = "worker" if worker else "handle_batch"
+    return row(f"service {how} (SQLite, batch {intake_batch}, {decode_threads} thr)", clients, wall, cpu)
 
 
 def bench_wire_sizes(model, *, topk_fraction: float = 0.01) -> list[dict]:
@@ -253,7 +272,7 @@ def main(argv=None) -> int:
         throughput.append(bench_service(model, args.clients, intake_batch=args.intake_batch,
                                         decode_threads=args.decode_threads))
         progress.advance(task)
-        throughput.append(bench_service(model, args.clients, intake_batch=1, decode_threads=1))
+        throughput.append(bench_service(model, args.clients, intake_batch=1, decode_threads=1, worker=False))
         progress.advance(task)
         memory = bench_memory(model, [int(c) for c in args.memory_clients.split(",")], args.submissions)
         progress.advance(task)

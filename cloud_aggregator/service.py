@@ -205,6 +205,36 @@ class _Batch:
     clients: set[str] = field(default_factory=set)  # senders whose client row changed
 
 
+@dataclass(frozen=True)
+class _Arrived:
+    """An update as the network thread enqueued it, its validation already started."""
+
+    msg: Inbound
+    decoded: Future
+
+
+class _DecodingInbox(queue.Queue):
+    """The worker's queue.  An update put in it (by paho's network thread) starts its
+    validation on the decode threads at once, so decoding overlaps the worker's SQL and
+    commit of the batch before (hashing, zstd and sqlite release the GIL) instead of
+    starting when its own batch does."""
+
+    def __init__(self, start: Callable[[Inbound], Future | None]):
+        super().__init__()
+        self._start = start
+
+    def put(self, item, block=True, timeout=None):  # noqa: ANN001 - queue.Queue's signature
+        if isinstance(item, Inbound):
+            decoded = self._start(item)
+            if decoded is not None:
+                item = _Arrived(item, decoded)
+        super().put(item, block, timeout)
+
+
+# validation verdicts that depend on the pool as it was when validation ran
+_POOL_DEPENDENT = frozenset({RejectReason.REPLAY, RejectReason.UNKNOWN_BASE, RejectReason.STALE_BASE})
+
+
 class AggregatorService:
     """Owns the store, the pool, the strategy and the MQTT link.
 
@@ -230,7 +260,7 @@ class AggregatorService:
         self.reassembler = chunking.Reassembler(clock=clock, timeout_s=config.chunk_timeout_s,
                                                 max_message_bytes=config.max_update_bytes)
         self.rng = np.random.default_rng(config.seed)
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox: queue.Queue = _DecodingInbox(self._start_decode)
         self.link = AggregatorLink(config.mqtt, prefix=config.prefix, inbox=self.inbox)
         self.rejections: Counter[str] = Counter()
         self.accepted = 0
@@ -325,8 +355,11 @@ class AggregatorService:
             local=LocalSettings(**dict(self.config.local)), trigger=settings.get("trigger", {})))
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "AggregatorService":
-        self.link.start()
+    def start(self, *, connect: bool = True) -> "AggregatorService":
+        """Start the worker thread, and the MQTT link unless ``connect`` is False (a
+        benchmark or test then feeds ``inbox`` itself)."""
+        if connect:
+            self.link.start()
         self._thread = threading.Thread(target=self._run, name="aggregator-worker", daemon=True)
         self._thread.start()
         return self
@@ -377,9 +410,16 @@ class AggregatorService:
             try:
                 if any(isinstance(i, ConnectionChanged) and i.up for i in items):
                     self._publish_current()
-                messages = [i for i in items if isinstance(i, Inbound)]
+                messages: list[Inbound] = []
+                decoded: dict[int, Future] = {}
+                for item in items:
+                    if isinstance(item, _Arrived):
+                        decoded[len(messages)] = item.decoded
+                        item = item.msg
+                    if isinstance(item, Inbound):
+                        messages.append(item)
                 if messages:
-                    self.handle_batch(messages)
+                    self._handle_batch(messages, decoded)
                 self.tick()
             except Exception:  # keep running: log, and the next message gets its chance
                 log.exception("aggregator worker error")
@@ -395,8 +435,11 @@ class AggregatorService:
         stored one transaction each, so one bad row cannot hold back the others.  A
         message that fails on its own stays unacknowledged: the broker redelivers it.
         """
+        return self._handle_batch(messages, self._decode_ahead(messages))
+
+    def _handle_batch(self, messages: list[Inbound], decoded: dict[int, Future]) -> list[Inbound]:
         try:
-            self._store_batch(messages, self._decode_ahead(messages))
+            self._store_batch(messages, decoded)
             return []
         except Exception:
             log.exception("storing %s messages in one transaction failed; reloading state from the store%s",
@@ -429,21 +472,37 @@ class AggregatorService:
         self._committed()
 
     def _decode_ahead(self, messages: list[Inbound]) -> dict[int, Future]:
-        """Validate whole update envelopes of a batch on the decode threads (hashing,
-        zstd and the finiteness scan release the GIL); the results are then used in
-        message order.  The policy is fixed for the batch (same version); a replay
-        within the batch is still caught by the pool when the updates are offered."""
-        if self._decoder is None or len(messages) < 2:
+        """Validate the whole update envelopes of a batch on the decode threads; the
+        results are then used in message order (see :meth:`_recheck`)."""
+        if len(messages) < 2:
             return {}
-        ahead = {}
-        for i, msg in enumerate(messages):
-            if msg.topic.endswith("/update") and not chunking.is_chunk(msg.payload):
-                try:
-                    sender, _ = topics.parse_gateway_topic(msg.topic, self.config.prefix)
-                except topics.TopicError:
-                    continue
-                ahead[i] = self._decoder.submit(validate_envelope, msg.payload, self.policy(sender))
-        return ahead
+        ahead = {i: self._start_decode(msg) for i, msg in enumerate(messages)}
+        return {i: f for i, f in ahead.items() if f is not None}
+
+    def _start_decode(self, msg: Inbound) -> Future | None:
+        """Start validating a whole update envelope on a decode thread (None: it is
+        something else, or there are no decode threads; the worker handles it inline).
+        Runs on paho's network thread too: it only reads the pool."""
+        if self._decoder is None or not msg.topic.endswith("/update") or chunking.is_chunk(msg.payload):
+            return None
+        try:
+            sender, _ = topics.parse_gateway_topic(msg.topic, self.config.prefix)
+            return self._decoder.submit(validate_envelope, msg.payload, self.policy(sender))
+        except (topics.TopicError, RuntimeError):  # not a gateway id (the worker rejects it); shut down
+            return None
+
+    def _recheck(self, result: Envelope | Rejection) -> Envelope | Rejection | None:
+        """A verdict reached ahead of the worker saw the pool as it was then.  Staleness
+        is decided again against the current version; a replay or version rejection is
+        redone inline (None), since a commit that failed since may have rolled the pool
+        back.  A replay accepted ahead is still caught when the pool is offered it."""
+        if isinstance(result, Rejection):
+            return None if result.reason in _POOL_DEPENDENT else result
+        limit, base = self.config.max_staleness, result.header.base_version
+        if limit is not None and self.pool.version - base > limit:
+            return Rejection(RejectReason.STALE_BASE, f"base {base} is {self.pool.version - base} versions old "
+                                                      f"(max {limit})")
+        return result
 
     def handle(self, msg: Inbound) -> None:
         """One received message (status or update, whole or chunk); acks after storing."""
@@ -498,6 +557,8 @@ class AggregatorService:
                                 is_replay=self.pool.is_replay)
 
     def _intake(self, sender: str, data: bytes, s, batch: "_Batch", result: Envelope | Rejection | None = None) -> None:
+        if result is not None:
+            result = self._recheck(result)
         if result is None:
             result = validate_envelope(data, self.policy(sender))
         if isinstance(result, Rejection):

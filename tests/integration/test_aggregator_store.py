@@ -225,3 +225,30 @@ def test_wal_is_checkpointed_off_the_intake_thread(tmp_path):
     thread = svc._checkpointer._thread
     svc.stop()
     assert not thread.is_alive()
+
+
+def test_updates_validated_ahead_are_judged_against_the_pool_as_it_is_now(tmp_path):
+    """The inbox starts validation when a message arrives; what the pool did since (a
+    new version, a rolled-back commit) decides when the worker takes the message."""
+    svc = service(str(tmp_path / "agg.db"), max_staleness=0, decode_threads=2)
+    acked = []
+    svc.link.ack = lambda m: acked.append(m.mid)
+    old = encode_update(tiny_delta(0.1), sender="gw1", base_version=0, num_samples=3)
+    svc.inbox.put(msg("gw1", old.data, 1))
+    arrived = svc.inbox.get_nowait()
+    assert arrived.decoded.result(timeout=10).header.message_id == old.message_id  # valid at version 0
+    svc.handle_batch([msg("gw2", encode_update(tiny_delta(0.1), sender="gw2", base_version=0, num_samples=3).data, 2)])
+    assert svc.aggregate_now() and svc.version == 1
+    svc._handle_batch([arrived.msg], {0: arrived.decoded})  # now one version too old
+    assert svc.rejections == {"stale_base": 1} and acked == [2, 1]
+
+    # a replay verdict reached ahead is redone: here the pool no longer holds the key
+    again = encode_update(tiny_delta(0.1), sender="gw3", base_version=1, num_samples=3)
+    svc.pool._remember("gw3", again.message_id)
+    svc.inbox.put(msg("gw3", again.data, 3))
+    arrived = svc.inbox.get_nowait()
+    assert arrived.decoded.result(timeout=10).reason.value == "replay"
+    svc.pool._seen.clear()  # as after a failed commit rolled the pool back to the store
+    svc._handle_batch([arrived.msg], {0: arrived.decoded})
+    assert svc.accepted == 2 and svc.rejections == {"stale_base": 1} and acked == [2, 1, 3]
+    svc.stop()
