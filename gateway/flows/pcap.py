@@ -524,25 +524,17 @@ def track_batches(
     packet_filter: Callable[[object], bool] | None = None,
 ) -> Iterator[list[ConnRecord]]:
     """Feed batches of packets to ``tracker``; yield, per batch, the records of the
-    connections that ended meanwhile (the last list also holds the flushed ones)."""
-    feed = tracker.feed
+    connections that ended meanwhile; then, with ``flush``, the records of those still open."""
+    feed_many = tracker.feed_many
     flows = 0
     try:
         for batch in batches:
-            out: list[ConnRecord] = []
-            if packet_filter is None:
-                for pkt in batch:
-                    done = feed(pkt)
-                    if done:
-                        out += done
-            else:
-                for pkt in batch:
-                    if not packet_filter(pkt):
-                        stats.filtered += 1
-                        continue
-                    done = feed(pkt)
-                    if done:
-                        out += done
+            if packet_filter is not None:
+                batch = list(batch)
+                kept = [pkt for pkt in batch if packet_filter(pkt)]
+                stats.filtered += len(batch) - len(kept)
+                batch = kept
+            out = feed_many(batch)
             flows += len(out)
             yield out
         if flush:
@@ -780,7 +772,7 @@ def convert_captures(
     files are already written).
 
     ``workers`` > 1 splits each file by address pair over that many processes (each reads
-    the whole file, decodes and tracks only its share, see :func:`_sharded_records`); the
+    the whole file, decodes and tracks only its share, see :func:`_sharded_output`); the
     records are the same, in a different (still deterministic) order.
     """
     if workers < 1:
@@ -816,22 +808,28 @@ def convert_captures(
                 if on_progress is not None:
                     f = _CountingReader(raw, lambda done, p=path: on_progress(p, done, total))  # type: ignore[assignment]
                 lsp = DEFAULT_LIKELY_SERVER_PORTS if likely_server_ports is None else likely_server_ports
-                decoder = PacketDecoder(ignore_checksums=ignore_checksums)
                 if workers > 1:
-                    records = _sharded_records(path, workers, ignore_checksums, nets, lsp, protocols, bpf, stats)
+                    # the workers format their records: only bytes cross the pipes
+                    if writer is not None:
+                        writer.write(())  # the header, before the first worker's lines
+                    for chunk in _sharded_output(path, workers, fmt, ignore_checksums, nets, lsp, protocols, bpf,
+                                                 stats):
+                        out.write(chunk)
                 else:
+                    decoder = PacketDecoder(ignore_checksums=ignore_checksums)
                     tracker = ConnTracker(local_nets=nets, likely_server_ports=lsp, protocols=protocols)
                     batches = iter_packet_batches(f, stats, decoder)
-                    records = chain.from_iterable(track_batches(batches, tracker, stats, packet_filter=packet_filter))
-                try:
-                    if writer is not None:
-                        writer.write(records)
-                    else:
-                        for rec in records:
-                            out.write(zeek_json_line(rec).encode() + b"\n")
-                finally:
-                    stats.merge_skipped(decoder.skipped)
-                    stats.merge_weird(decoder.notes)
+                    records = chain.from_iterable(
+                        track_batches(batches, tracker, stats, packet_filter=packet_filter))
+                    try:
+                        if writer is not None:
+                            writer.write(records)
+                        else:
+                            for rec in records:
+                                out.write(zeek_json_line(rec).encode() + b"\n")
+                    finally:
+                        stats.merge_skipped(decoder.skipped)
+                        stats.merge_weird(decoder.notes)
             if on_progress is not None:
                 on_progress(path, total, total)
     finally:
@@ -859,11 +857,32 @@ def _fewer_gc_passes() -> tuple[int, ...]:
 _AHEAD = 8
 
 
-def _shard_worker(conn, path: str, index: int, count: int, ignore_checksums: bool, nets, lsp, protocols,
-                  bpf: str | None) -> None:
+def _batch_formatter(fmt: str) -> Callable[[list[ConnRecord]], bytes]:
+    """Records -> the bytes of their log lines (Zeek TSV without the header, or JSON lines)."""
+    if fmt == "json":
+        return lambda records: b"".join(zeek_json_line(rec).encode() + b"\n" for rec in records)
+    import io
+
+    from gateway.flows.zeek import LogHeader, ZeekTsvWriter
+
+    buf = io.BytesIO()
+    writer = ZeekTsvWriter(buf, header=LogHeader.zeek_conn(), close_line=False)
+    writer.write(())  # the header goes first: dropped with the first reset below
+
+    def lines(records: list[ConnRecord]) -> bytes:
+        buf.seek(0)
+        buf.truncate()
+        writer.write(records)
+        return buf.getvalue()
+
+    return lines
+
+
+def _shard_worker(conn, path: str, index: int, count: int, fmt: str, ignore_checksums: bool, nets, lsp,
+                  protocols, bpf: str | None) -> None:
     """Track the connections of one shard of a file (runs in a worker process); sends
-    ``("records", list)`` per batch of the file, then ``("done", CaptureStats)``, or
-    ``("error", exception)``."""
+    ``("lines", bytes)`` per batch of the file (its records formatted as ``fmt``), then
+    ``("done", CaptureStats)``, or ``("error", exception)``."""
     try:
         _fewer_gc_passes()
         gc.freeze()  # what the parent had: never garbage, never scanned again
@@ -880,8 +899,9 @@ def _shard_worker(conn, path: str, index: int, count: int, ignore_checksums: boo
             packet_filter = compile_filter(bpf)
         with open(path, "rb") as f:
             batches = iter_packet_batches(f, stats, decoder, probe=probe, shard=(index, count))
+            lines = _batch_formatter(fmt)
             for records in track_batches(batches, tracker, stats, packet_filter=packet_filter):
-                conn.send(("records", records))
+                conn.send(("lines", lines(records)))
         if index != 0:  # worker 0 reports the file-wide counters
             stats.packets = stats.bytes = 0
             stats.first_ts = stats.last_ts = None
@@ -900,8 +920,9 @@ def _shard_worker(conn, path: str, index: int, count: int, ignore_checksums: boo
         conn.close()
 
 
-def _sharded_records(path, workers, ignore_checksums, nets, lsp, protocols, bpf, stats: CaptureStats):
-    """Records of one file tracked by ``workers`` processes, streamed as they end.
+def _sharded_output(path, workers, fmt, ignore_checksums, nets, lsp, protocols, bpf, stats: CaptureStats):
+    """Log lines (bytes, formatted as ``fmt``) of one file tracked by ``workers`` processes,
+    streamed as connections end.
 
     Every worker sends one message per batch of the file (the same batches in all
     workers for a pcap); the parent writes them round-robin - batch 1 of worker 0, of
@@ -918,7 +939,7 @@ def _sharded_records(path, workers, ignore_checksums, nets, lsp, protocols, bpf,
         for i in range(workers):
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_shard_worker, daemon=True,
-                               args=(send, path, i, workers, ignore_checksums, nets, lsp, protocols, bpf))
+                               args=(send, path, i, workers, fmt, ignore_checksums, nets, lsp, protocols, bpf))
             proc.start()
             send.close()
             conns.append(recv)
@@ -938,12 +959,12 @@ def _sharded_records(path, workers, ignore_checksums, nets, lsp, protocols, bpf,
                     except EOFError:
                         msg = ("error", CaptureError(f"{path}: flows worker {j} ended without a result"))
                     pending[j].append(msg)
-                    if msg[0] != "records":
+                    if msg[0] != "lines":
                         finished[j] = True
                 continue
             tag, value = pending[i].popleft()
-            if tag == "records":
-                yield from value
+            if tag == "lines":
+                yield value
                 turn += 1
             elif tag == "done":
                 order.remove(i)

@@ -48,7 +48,7 @@ STEP = st.tuples(
 )
 
 
-def _run(packets, fast: bool, counter: list | None = None):
+def _run(packets, fast: bool, counter: list | None = None, many: bool = False):
     tracker = ConnTracker(fast_path=fast)
     if counter is not None:
         inner = tracker._tcp_established
@@ -60,8 +60,12 @@ def _run(packets, fast: bool, counter: list | None = None):
 
         tracker._tcp_established = counted  # type: ignore[method-assign]
     out = []
-    for p in packets:
-        out.extend(tracker.feed(p))
+    if many:  # feed_many, over batches of a few packets
+        for i in range(0, len(packets), 7):
+            out.extend(tracker.feed_many(packets[i:i + 7]))
+    else:
+        for p in packets:
+            out.extend(tracker.feed(p))
     out.extend(tracker.flush())
     return out
 
@@ -95,7 +99,7 @@ def _packets(steps, base_seq: int):
 def test_fast_path_records_equal_general_path(steps, base_seq):
     packets = _packets(steps, base_seq)
     taken = [0]
-    assert _run(packets, True, taken) == _run(packets, False)
+    assert _run(packets, True, taken) == _run(packets, False) == _run(packets, True, many=True)
     target(float(taken[0]))  # steer the search toward streams that use the shortcut a lot
 
 
@@ -126,6 +130,8 @@ def test_fast_path_is_taken_for_established_data_and_acks():
     # every pure ACK; not the FINs nor the ACK after them
     assert counter[0] == 101
     assert fast == _run(packets, False)
+    counter = [0]
+    assert _run(packets, True, counter, many=True) == fast and counter[0] == 101  # feed_many shortcuts too
     (rec,) = fast
     # records are built with tuple.__new__: they must be whole ConnRecords, defaults included
     assert len(rec) == len(ConnRecord._fields) and rec == ConnRecord(*rec[:22])
@@ -155,7 +161,7 @@ def test_fast_path_equals_general_path_on_the_sample_traces():
     assert traces
     for trace in traces:
         packets = list(_decoded(trace))
-        assert _run(packets, True) == _run(packets, False), trace.name
+        assert _run(packets, True) == _run(packets, False) == _run(packets, True, many=True), trace.name
 
 
 NETS = st.lists(st.one_of(
