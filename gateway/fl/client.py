@@ -8,10 +8,13 @@ training, database write or decoding runs there.
 Strategies (the retained control topic says which; ``ClientSettings.strategy`` until it
 does):
 
-* GSFS: after loading global version v the client trains up to ``max_local_steps``
-  steps from v; the :class:`~gateway.fl.trigger.GSFSTrigger` watches per-layer gradient
-  norms and, every ``eval_every`` steps, the validation metric P. When it fires the
-  client uploads the delta from v (base version, sample count, metrics) and resets the
+* GSFS: after loading global version v the client shows v's P to the trigger
+  (:meth:`~gateway.fl.trigger.GSFSTrigger.on_global`: with the default ``reference``
+  "upload", a v more than tau below the client's reference has forgotten its data and
+  the session ends in an upload), then trains up to ``max_local_steps`` steps from v;
+  the :class:`~gateway.fl.trigger.GSFSTrigger` watches per-layer gradient norms and,
+  every ``eval_every`` steps, the validation metric P. When it fires the client
+  uploads the delta from v (base version, sample count, metrics) and resets the
   trigger's reference to P. After ``max_uploads_per_version`` uploads it stops training
   until the next global model (further steps would only be overwritten by the server's
   newest-update-per-client pool or thrown away on the next broadcast). A client whose
@@ -21,7 +24,10 @@ does):
   from the announced global version and uploading the delta, once per round.
 
 P is the binary F1 (malicious = positive) on the local validation split, or the
-accuracy when that split holds a single class (F1 is then meaningless).
+accuracy when that split holds a single class (F1 is then meaningless); the trigger's
+``metric`` may instead say "accuracy" (flow-weighted binary accuracy) or "likelihood"
+(the geometric-mean probability of each validation flow's true side,
+:func:`gateway.fl.learner.binary_likelihood`).
 
 A received global model is checked by :func:`gateway.protocol.validation.validate_envelope`
 (signature, digest, names, shapes, dtypes, finiteness, version not older); a rejected
@@ -141,6 +147,7 @@ class ClientCounters:
     train_steps: int = 0
     triggers: Counter = field(default_factory=Counter)
     quiet_versions: int = 0  # GSFS versions skipped by the trigger's cooldown
+    forgotten: int = 0  # GSFS versions whose P fell more than tau below the reference
 
 
 class _StopTraining(Exception):
@@ -187,6 +194,7 @@ class FLClient:
         self.answered_rounds: set[int] = set()
         self.gsfs_due = False
         self._global_at = 0.0
+        self._global_metric: float | None = None  # P of the current global version
         self.last_eval: dict = {}
         self._data_key: tuple[int, int] | None = None
         self.train_data: FlowDataset | None = None
@@ -346,8 +354,10 @@ class FLClient:
 
     # ------------------------------------------------------------------ training
     def _after_new_global(self) -> None:
+        # The trigger hears of the new global (its P) when the GSFS session starts
+        # (train_gsfs): the control message that says which P to compute may still be
+        # on its way, and nothing changes the weights in between.
         self._ensure_data()
-        self.trigger.reset(self._val_metric() if len(self.val_data) else None)
         self.gsfs_due = True
         self._global_at = self.clock()
 
@@ -368,10 +378,16 @@ class FLClient:
                  self.settings.gateway_id, len(records), len(self.train_data), len(self.val_data))
 
     def _val_metric(self) -> float:
-        """P: binary F1 on the validation split, accuracy if it holds one class only."""
+        """P on the validation split, as the trigger's ``metric`` says: binary F1
+        (accuracy if the split holds one class only), accuracy, or the likelihood of
+        the true side (:func:`gateway.fl.learner.binary_likelihood`)."""
         if self.val_data is None or len(self.val_data) == 0:
             return 0.0
+        if self.trigger.config.metric == "likelihood":
+            return self.learner.likelihood(self.val_data)
         m = self.learner.evaluate(self.val_data)
+        if self.trigger.config.metric == "accuracy":
+            return float(m["accuracy"])
         single_class = len(np.unique(self.val_data.y != 0)) < 2
         return float(m["accuracy"] if single_class else m["f1"])
 
@@ -383,7 +399,7 @@ class FLClient:
                 return
             if self.gsfs_due:
                 self.gsfs_due = False
-                self.train_gsfs()
+                self.train_gsfs(arrival=True)
             elif self.trigger.retry_due(self.clock()):  # quiet on this version, nothing newer came
                 self.train_gsfs(admitted=True)
         else:
@@ -405,14 +421,27 @@ class FLClient:
         epochs = max(1, min(int(self.local["epochs"]), cap // steps_per_epoch(len(data), bs)))
         return data, epochs
 
-    def train_gsfs(self, *, admitted: bool = False) -> None:
-        """One GSFS session from the current global version (runs on the worker);
+    def train_gsfs(self, *, admitted: bool = False, arrival: bool = False) -> None:
+        """One GSFS session from the current global version (runs on the worker).
+
+        ``arrival``: the learner holds a global version not yet shown to the trigger:
+        its P goes to :meth:`GSFSTrigger.on_global` first (a global that forgot this
+        gateway's data makes the session end in an upload, cooldown or not).
         ``admitted``: skip the cooldown check (the retry after ``cooldown_s``)."""
         if self.train_data is None:
             self._ensure_data()
         if len(self.train_data) == 0:
             return
-        base_metric = self.trigger.state.reference  # P of this global version (reset on arrival)
+        if arrival:
+            self._global_metric = self._val_metric() if len(self.val_data) else None
+            if self.trigger.on_global(self._global_metric).fire:
+                self.counters.forgotten += 1
+                log.info("gateway %s: global version %s forgot this gateway's data (P %.4f, reference %.4f)",
+                         self.settings.gateway_id, self.version, self._global_metric,
+                         self.trigger.state.reference)
+        base_metric = self._global_metric  # P of this global version
+        log.info("gateway %s: global version %s, P %s, reference %s", self.settings.gateway_id, self.version,
+                 base_metric, self.trigger.state.reference)
         if not admitted and not self.trigger.admit(base_metric, self.clock()):
             self.counters.quiet_versions += 1
             log.info("gateway %s: quiet on version %s (cooldown; the global model looks as at its last upload)",
@@ -433,9 +462,11 @@ class FLClient:
                 metric = self._val_metric()
                 perf = self.trigger.observe_metric(metric)
                 if perf.fire and fired is None:
-                    fired = "performance"
+                    fired = perf.reason  # "performance", or "forgotten" (an owed upload)
             if fired is not None:
                 self.counters.triggers[fired] += 1
+                log.info("gateway %s: %s trigger fired at step %d (P %s, reference %s)", self.settings.gateway_id,
+                         fired, step, metric, self.trigger.state.reference)
                 metric = self._val_metric() if metric is None else metric
                 self._upload(round_=self.version or 0, data=data,
                              metrics={"val_metric": metric, "trigger_" + fired: 1.0, "steps": float(step)})
@@ -515,7 +546,8 @@ class FLClient:
             "uploads": c.uploads, "bytes_up": c.bytes_up, "bytes_down": c.bytes_down,
             "globals_loaded": c.globals_loaded, "rejected": dict(c.rejected),
             "control_rejected": c.control_rejected, "train_steps": c.train_steps,
-            "triggers": dict(c.triggers), "quiet_versions": c.quiet_versions, "outbox_acked": self.outbox.acked, "eval": self.last_eval,
+            "triggers": dict(c.triggers), "quiet_versions": c.quiet_versions,
+            "forgotten": c.forgotten, "outbox_acked": self.outbox.acked, "eval": self.last_eval,
         }
 
     def publish_status(self) -> None:

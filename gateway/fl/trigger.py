@@ -17,10 +17,41 @@ independent triggers decide that:
   what was expected of it), and ``(g_l - mu_l)`` in the variance update uses that same
   previous mean, so an outlier raises the variance by its full surprise.
 
-:meth:`GSFSTrigger.reset` is called after an upload or when a global model arrives: the
-reference metric becomes the given value, the step counter and the warm-up restart (so
-two uploads are at least ``warmup`` steps apart), the layer statistics are kept (they
-describe the gradient scale, which a new reference does not change).
+:meth:`GSFSTrigger.reset` is called after an upload: the reference metric becomes the
+given value, the step counter and the warm-up restart (so two uploads are at least
+``warmup`` steps apart), the layer statistics are kept (they describe the gradient
+scale, which a new reference does not change).
+
+When a global model arrives the client calls :meth:`GSFSTrigger.on_global` with the new
+model's P. DESIGN.md allows two reference points, "the last upload or the last global
+model received"; ``reference`` chooses:
+
+* ``"upload"`` (default): P_ref stays the metric of the client's own model at its last
+  upload, raised to the global's P when the global does better (P_ref is the best this
+  client knows the federation can do on its data). A global whose P is more than
+  ``tau`` below P_ref has *forgotten* this client's data (other gateways' windows
+  pulled it away): the trigger answers ``fire`` with reason ``"forgotten"`` and the
+  client owes an upload, paid at its next evaluation (after E local steps from that
+  global, so the upload is its fix). Why: with a reset on every broadcast a global that
+  degraded the client never fires anything (P_now is compared with the degraded P), the
+  client stays quiet, and windows without it keep eroding what only it knows (on IoT-23
+  one scenario holds every DDoS flow: the central accuracy swung 0.67..0.996).
+* ``"global"``: P_ref becomes the global's P (the literal reset after a broadcast; the
+  behaviour before this option existed).
+
+``metric`` names what P is (the client computes it; the trigger only compares):
+
+* ``"f1"`` (DESIGN's default): binary F1, accuracy when the split holds one class.
+  F1 is a step function of the few rare-class flows: on a 640-flow split with 3
+  malicious flows one flow moves it by ~0.2, so ``tau`` = 0.01 fires on noise.
+* ``"accuracy"``: the flow-weighted binary accuracy: ``tau`` is the share of this
+  gateway's flows the global model may lose before the gateway speaks, the quantity
+  the federation is judged on; one flow of 640 moves it by 0.0016.
+* ``"likelihood"``: the flow-weighted geometric mean of the probability given to each
+  flow's true side, exp(mean log p), in (0, 1]; smooth in the decision margin, so a
+  gateway would speak before its flows flip. Measured on IoT-23 it is too eager: a
+  global that classifies a honeypot's benign flows right with p ~ 0.7 sits 0.3 below
+  the honeypot's own p ~ 0.999, every version, and every gateway uploads every version.
 
 Cooldown (``cooldown`` > 0, off by default): after an upload from global version v the
 client stays quiet for the next ``cooldown`` global versions (:meth:`GSFSTrigger.admit`
@@ -50,6 +81,10 @@ class TriggerConfigError(ValueError):
     """A trigger setting that is unknown, of the wrong type or out of range."""
 
 
+# the settings that are names, not numbers, and the names they accept
+CHOICES = {"reference": ("upload", "global"), "metric": ("f1", "accuracy", "likelihood")}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TriggerConfig:
     """GSFS trigger settings (all keyword-only; defaults documented here).
@@ -66,6 +101,11 @@ class TriggerConfig:
                 (default 0: off)
     cooldown_s  seconds after which a client quiet on a version trains on it anyway
                 (no newer version came), > 0 (default 30)
+    reference   "upload" (P_ref from the client's last upload, raised by better
+                globals; a global more than tau below it makes the client upload) or
+                "global" (P_ref reset to each global's P) (default "upload"; module doc)
+    metric      what P is: "f1", "accuracy" or "likelihood" (default "f1", DESIGN's;
+                module doc)
     """
 
     tau: float = 0.01
@@ -75,9 +115,17 @@ class TriggerConfig:
     eval_every: int = 25
     cooldown: int = 0
     cooldown_s: float = 30.0
+    reference: str = "upload"
+    metric: str = "f1"
 
     def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise TriggerConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         for f in fields(self):
+            if f.name in CHOICES:
+                continue
             value = getattr(self, f.name)
             want = int if f.type in ("int", int) else float
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -138,6 +186,7 @@ class TriggerState:
     quiet_left: int = 0  # global versions still to skip (cooldown)
     upload_base_metric: float | None = None  # P of the global model the last upload started from
     quiet_since: float | None = None  # clock when the client went quiet on the current version
+    owed: bool = False  # a global forgot this client's data: upload at the next evaluation
 
 
 @dataclass(frozen=True)
@@ -145,7 +194,7 @@ class Decision:
     """What the caller should do after a step or a metric.
 
     fire      upload now
-    reason    "performance" or "gradient" when fired, else None
+    reason    "performance", "gradient" or "forgotten" when fired, else None
     evaluate  (after a step) P is due: evaluate and call observe_metric
     layers    names of the layers whose gradient was above mu + k*s
     """
@@ -169,8 +218,12 @@ class GSFSTrigger:
         self.state = state or TriggerState()
 
     def reconfigure(self, overrides: Mapping[str, Any]) -> TriggerConfig:
-        """Apply control-topic overrides; keeps the state. Raises TriggerConfigError."""
-        self.config = self.config.with_overrides(overrides)
+        """Apply control-topic overrides; keeps the state, except that a new ``metric``
+        forgets the reference (a number of another kind). Raises TriggerConfigError."""
+        new = self.config.with_overrides(overrides)
+        if new.metric != self.config.metric:
+            self.state = replace(self.state, reference=None, owed=False)
+        self.config = new
         return self.config
 
     def step(self, grad_norms: Mapping[str, float]) -> Decision:
@@ -210,6 +263,8 @@ class GSFSTrigger:
         """P_now, evaluated when a step said ``evaluate``. With no reference yet, it
         becomes the reference (nothing to compare with)."""
         metric = float(metric)
+        if self.state.owed:
+            return Decision(fire=True, reason="forgotten", metric=metric)
         ref = self.state.reference
         if ref is None or not math.isfinite(ref):
             self.state = replace(self.state, reference=metric)
@@ -249,6 +304,26 @@ class GSFSTrigger:
         self.state = replace(self.state, quiet_since=None)
         return True
 
+    def on_global(self, metric: float | None) -> Decision:
+        """A new global model arrived whose P on the local validation split is
+        ``metric`` (None: no validation data). Restarts the step counter and the
+        warm-up; sets P_ref as ``reference`` says (module doc). Returns ``fire`` with
+        reason "forgotten" when the global is more than ``tau`` below P_ref (or its P
+        is not finite): the client owes an upload, which :meth:`observe_metric` asks
+        for at the next evaluation."""
+        st = replace(self.state, steps=0, observed=0, owed=False)
+        ref = st.reference
+        m = None if metric is None else float(metric)
+        if (m is None or self.config.reference == "global" or ref is None or not math.isfinite(ref)):
+            self.state = replace(st, reference=m)
+            return Decision(metric=m)
+        if not math.isfinite(m) or ref - m > self.config.tau:
+            # the global changed for this client: a running cooldown ends (see admit)
+            self.state = replace(st, owed=True, quiet_left=0, quiet_since=None)
+            return Decision(fire=True, reason="forgotten", metric=m)
+        self.state = replace(st, reference=max(ref, m))
+        return Decision(metric=m)
+
     def reset(self, reference: float | None) -> None:
-        """After an upload or a received global model: new P_ref, restart counters."""
-        self.state = replace(self.state, steps=0, observed=0, reference=reference)
+        """After an upload: P_ref = the uploaded model's P, restart counters, nothing owed."""
+        self.state = replace(self.state, steps=0, observed=0, reference=reference, owed=False)
