@@ -49,6 +49,7 @@ KIND_TCP = 0  # common TCP frame: the packet is built from the columns
 KIND_UDP = 1  # common UDP frame
 KIND_OWN = 2  # this shard's frame of another shape: PacketDecoder decides
 KIND_ANY = 3  # no address pair at a fixed offset: decoded by every shard, sharded afterwards
+KIND_SKIP = 4  # malformed in a way the decoder would only count (counted in Block.skips)
 
 _TUNNEL_PORTS = np.array(sorted(UDP_TUNNEL_PORTS), dtype=np.int64)
 _VLAN_TYPES = np.array(ETH_VLAN, dtype=np.int64)
@@ -104,9 +105,9 @@ class Block:
     """Columns of one chunk of pcap records (numpy arrays of equal length, one per frame)."""
 
     __slots__ = ("buf", "data", "incl", "wire", "ts", "kind", "cols", "frames", "wire_bytes", "first_ts",
-                 "last_ts")
+                 "last_ts", "skips")
 
-    def __init__(self, buf, data, incl, wire, ts, kind, cols, frames, wire_bytes, first_ts, last_ts):
+    def __init__(self, buf, data, incl, wire, ts, kind, cols, frames, wire_bytes, first_ts, last_ts, skips=None):
         self.buf = buf  # the chunk (bytes); frames are buf[data:data + incl]
         self.data = data
         self.incl = incl
@@ -119,6 +120,8 @@ class Block:
         self.wire_bytes = wire_bytes
         self.first_ts = first_ts
         self.last_ts = last_ts
+        # frames left out or marked KIND_SKIP, per PacketDecoder skip reason
+        self.skips = skips or {}
 
 
 class _Bytes:
@@ -176,11 +179,21 @@ def decode_block(buf: bytes, offsets: list[int], *, little: bool, nano: bool, li
     et = np.where(vlan, _be16(u, d + 16),
                   np.where(pppoe, np.where(ppp == 0x21, 0x0800, np.where(ppp == 0x57, 0x86DD, 0)), et))
     end_of_frame = d + incl
+    # frames that cannot carry IP (ARP, PPPoE discovery, LCP, ...; <= 1500 is 802.3 + LLC,
+    # which may): the decoder would only count them, so they are counted here, by the
+    # first shard, and never decoded
+    outer = _be16(u, d + 12)
+    short = incl < 14
+    dead = short | ((outer > 1500) & ~np.isin(outer, _IP_CARRIERS)) | (
+        pppoe & (incl >= 22) & (ppp != 0x21) & (ppp != 0x57))
+    skips = {}
+    if shard is None or shard[0] == 0:
+        n_short = int(np.count_nonzero(short))
+        skips = {"truncated_link_header": n_short, "non_ip_packet": int(np.count_nonzero(dead)) - n_short}
     if shard is not None:
         index, count = shard
         # the address pair at a fixed offset, for more shapes than the fast path takes:
         # one or two VLAN tags of any tag type, one MPLS label, a PPPoE session
-        outer = _be16(u, d + 12)
         inner = _be16(u, d + 16)
         tag1 = np.isin(outer, _VLAN_TYPES)
         tag2 = tag1 & np.isin(inner, _VLAN_TYPES)
@@ -198,18 +211,17 @@ def decode_block(buf: bytes, offsets: list[int], *, little: bool, nano: bool, li
         b6 = (_be32(u, kip + 24) ^ _be32(u, kip + 28) ^ _be32(u, kip + 32) ^ _be32(u, kip + 36)).astype(np.uint64)
         h = np.where(is4, _mix(a4) + _mix(b4), _mix(a6) + _mix(b6)) % count
         keyed = is4 | is6
-        # frames that cannot carry IP (ARP, PPPoE discovery, LCP, ...): only shard 0 looks
-        # at them (to count them); every shard must decode the other unkeyed ones
-        dead = (incl < 14) | ((outer > 1500) & ~np.isin(outer, _IP_CARRIERS)) | (
-            pppoe & (incl >= 22) & (ppp != 0x21) & (ppp != 0x57))
-        keep = np.where(keyed, h == index, ~dead | (index == 0))
-        sel = np.flatnonzero(keep)
-        if len(sel) < n:
-            d, incl, wire, ts, ip, et, keyed = d[sel], incl[sel], wire[sel], ts[sel], ip[sel], et[sel], keyed[sel]
-            end_of_frame = d + incl
-        kind = np.where(keyed, KIND_OWN, KIND_ANY)
+        # every shard must decode the unkeyed frames (KIND_ANY)
+        keep = ~dead & (~keyed | (h == index))
     else:
-        kind = np.full(len(d), KIND_OWN, dtype=np.int64)
+        keyed = None
+        keep = ~dead
+    sel = np.flatnonzero(keep)
+    if len(sel) < n:
+        d, incl, wire, ts, ip, et = d[sel], incl[sel], wire[sel], ts[sel], ip[sel], et[sel]
+        keyed = keyed[sel] if keyed is not None else None
+        end_of_frame = d + incl
+    kind = np.full(len(d), KIND_OWN, dtype=np.int64) if keyed is None else np.where(keyed, KIND_OWN, KIND_ANY)
     cand = (incl >= 54) & (wire <= incl)  # snapped frames take the general path
     # IPv4: 0x45, no fragment bits, total length inside the frame, TCP/UDP
     total = _be16(u, ip + 2)
@@ -221,7 +233,13 @@ def decode_block(buf: bytes, offsets: list[int], *, little: bool, nano: bool, li
         hsum = _be16(u, ip)
         for k in range(2, 20, 2):
             hsum = hsum + _be16(u, ip + k)
-        v4 &= hsum % 0xFFFF == 0  # a bad header checksum is counted by the general path
+        bad = hsum % 0xFFFF != 0
+        # shaped like the fast path up to the checksum: the general path would only count
+        # it (its checks before the checksum pass for these), so it is counted here
+        bad_sum = bad & cand & (et == 0x0800) & (u[ip] == 0x45) & ((ip + total) <= end_of_frame) & (total >= 20)
+        kind = np.where(bad_sum, KIND_SKIP, kind)
+        skips["bad_IP_checksum"] = int(np.count_nonzero(bad_sum))
+        v4 &= ~bad
     # IPv6 without extension headers
     plen6 = _be16(u, ip + 4)
     proto6 = u[ip + 6]
@@ -254,7 +272,7 @@ def decode_block(buf: bytes, offsets: list[int], *, little: bool, nano: bool, li
         extra = np.where(no_sum, -1, extra)
     cols = (a, a + alen, l4, l4 + seg, seg & 1, extra, sport, dport, ip_len, plen,
             u[l4 + 13], _be32(u, l4 + 4), _be32(u, l4 + 8), _be16(u, l4 + 14), pstart)
-    return Block(buf, d, incl, wire, ts, kind, cols, *totals)
+    return Block(buf, d, incl, wire, ts, kind, cols, *totals, skips)
 
 
 def block_packets(block: Block, decoder: PacketDecoder, linktype: int, *,
@@ -265,6 +283,10 @@ def block_packets(block: Block, decoder: PacketDecoder, linktype: int, *,
     decoded address pair falls in ``shard``.  Yields what the decoder yields, Packets only
     (``None``/reason strings are dropped; the decoder counted them)."""
     buf = block.buf
+    skipped = decoder.skipped
+    for reason, count_ in block.skips.items():
+        if count_:
+            skipped[reason] = skipped.get(reason, 0) + count_
     decode = decoder.decode
     probe_decode = (probe or decoder).decode
     index, count = shard if shard is not None else (0, 1)
@@ -300,7 +322,7 @@ def block_packets(block: Block, decoder: PacketDecoder, linktype: int, *,
             pkt = decode(linktype, buf[d:d + incl], ts, wire)
             if pkt is not None and pkt.__class__ is not str:
                 yield pkt
-        else:
+        elif kind == KIND_ANY:
             pkt = probe_decode(linktype, buf[d:d + incl], ts, wire)
             if pkt is not None and pkt.__class__ is not str and (
                     count == 1 or packet_shard(pkt.src, pkt.dst, count) == index):

@@ -32,7 +32,7 @@ def _csum(data: bytes) -> int:
 
 
 def _frame(v6: bool, proto: int, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes,
-           flags: int, link: str, bad_sum: bool, opts: bytes) -> bytes:
+           flags: int, link: str, bad_sum: bool, opts: bytes, bad_ip_sum: bool = False) -> bytes:
     if proto == 6:
         thl = 20 + len(opts)
         l4 = struct.pack("!HHIIBBHHH", sport, dport, 1000, 2000, (thl // 4) << 4, flags, 512, 0, 0) + opts + payload
@@ -48,7 +48,7 @@ def _frame(v6: bool, proto: int, src: bytes, dst: bytes, sport: int, dport: int,
         etype = 0x86DD
     else:
         hdr = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(l4), 1, 0, 64, proto, 0) + src + dst
-        ip = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
+        ip = hdr[:10] + struct.pack("!H", _csum(hdr) ^ (0x0101 if bad_ip_sum else 0)) + hdr[12:]
         etype = 0x0800
     mac = b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x02"
     if link == "vlan":
@@ -81,7 +81,8 @@ def frames(draw):
                    draw(st.sampled_from([80, 443, 53, 2152, 40000, 40001])),
                    draw(st.binary(max_size=40)), draw(st.sampled_from([0x02, 0x12, 0x10, 0x18, 0x11, 0x04])),
                    draw(st.sampled_from(["eth", "eth", "vlan", "pppoe", "qinq", "mpls", "mpls2", "arp"])), draw(st.booleans()),
-                   draw(st.sampled_from([b"", b"\x01\x01\x01\x01", b"\x02\x04\x05\xb4"])))
+                   draw(st.sampled_from([b"", b"\x01\x01\x01\x01", b"\x02\x04\x05\xb4"])),
+                   draw(st.sampled_from([False, False, False, True])))
     mutate = draw(st.sampled_from(["none", "none", "byte", "cut", "snap"]))
     wire = len(frame)
     if mutate == "byte":  # any header byte may be hostile
