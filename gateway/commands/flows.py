@@ -34,6 +34,18 @@ def _local_nets(text: str | None) -> tuple[str, ...] | None:
     return tuple(nets)
 
 
+def _workers(ctx, param, value: str) -> int | str:
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise click.BadParameter(f"{value!r} is not 'auto' or a number from 1 to 64")
+    return n
+
+
 @click.command("flows")
 @click.argument("pcaps", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
@@ -50,8 +62,9 @@ def _local_nets(text: str | None) -> tuple[str, ...] | None:
 @click.option("-f", "--filter", "bpf", metavar="FILTER",
               help="Capture filter, tcpdump syntax subset (host, net, port, portrange, tcp/udp/icmp, ip/ip6, "
                    "and/or/not), e.g. -f 'udp port 53'.")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Processes per file (split by address pair); same records, in start-time order.")
+@click.option("--workers", default="auto", show_default=True, metavar="N|auto", callback=_workers,
+              help="Processes per file, split by address pair (same records; the order of the lines "
+                   "depends on N). auto: one per core, up to 8, for inputs of 32 MiB or more; else 1.")
 @click.option("--json-summary", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def flows(pcaps, output, fmt, ignore_checksums, local_nets, bare, loaded, bpf, workers, json_summary, progress):

@@ -751,6 +751,28 @@ def zeek_json_line(rec: ConnRecord) -> str:
     return json.dumps(out, separators=(",", ":"))
 
 
+AUTO_WORKERS_MIN_BYTES = 32 << 20  # below this a single process is done before workers pay off
+AUTO_WORKERS_MAX = 8  # every worker reads the whole file: past a few, reading dominates
+
+
+def auto_workers(total_bytes: int, cpus: int) -> int:
+    """Worker processes for ``--workers auto``: one per core (at most
+    :data:`AUTO_WORKERS_MAX`), and one for inputs under :data:`AUTO_WORKERS_MIN_BYTES`."""
+    if total_bytes < AUTO_WORKERS_MIN_BYTES:
+        return 1
+    return max(1, min(cpus, AUTO_WORKERS_MAX))
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (its affinity mask where the system has one)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def convert_captures(
     paths: Iterable[str],
     out: BinaryIO,
@@ -761,7 +783,7 @@ def convert_captures(
     likely_server_ports: frozenset[tuple[int, int]] | None = None,
     protocols: Iterable[str] | None = None,
     bpf: str | None = None,
-    workers: int = 1,
+    workers: int | str = 1,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> CaptureStats:
     """Turn capture files into one conn log on ``out`` (Zeek TSV or Zeek JSON lines).
@@ -773,11 +795,16 @@ def convert_captures(
 
     ``workers`` > 1 splits each file by address pair over that many processes (each reads
     the whole file, decodes and tracks only its share, see :func:`_sharded_output`); the
-    records are the same, in a different (still deterministic) order.
+    records are the same, in a different (still deterministic) order.  ``"auto"``: see
+    :func:`auto_workers`.
     """
-    if workers < 1:
-        raise ValueError("workers must be >= 1")
     import os
+
+    paths = list(paths)
+    if workers == "auto":
+        workers = auto_workers(sum(os.path.getsize(p) for p in paths), usable_cpus())
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError("workers must be >= 1 or 'auto'")
 
     from gateway.flows.conntrack import DEFAULT_LIKELY_SERVER_PORTS
     from gateway.flows.zeek import LogHeader, ZeekTsvWriter
@@ -812,8 +839,9 @@ def convert_captures(
                     # the workers format their records: only bytes cross the pipes
                     if writer is not None:
                         writer.write(())  # the header, before the first worker's lines
+                    report = None if on_progress is None else (lambda done, p=path: on_progress(p, done, total))
                     for chunk in _sharded_output(path, workers, fmt, ignore_checksums, nets, lsp, protocols, bpf,
-                                                 stats):
+                                                 stats, report):
                         out.write(chunk)
                 else:
                     decoder = PacketDecoder(ignore_checksums=ignore_checksums)
@@ -901,7 +929,8 @@ def _shard_worker(conn, path: str, index: int, count: int, fmt: str, ignore_chec
             batches = iter_packet_batches(f, stats, decoder, probe=probe, shard=(index, count))
             lines = _batch_formatter(fmt)
             for records in track_batches(batches, tracker, stats, packet_filter=packet_filter):
-                conn.send(("lines", lines(records)))
+                # with the bytes of the file read so far, for the parent's progress bar
+                conn.send(("lines", lines(records), f.tell()))
         if index != 0:  # worker 0 reports the file-wide counters
             stats.packets = stats.bytes = 0
             stats.first_ts = stats.last_ts = None
@@ -920,7 +949,8 @@ def _shard_worker(conn, path: str, index: int, count: int, fmt: str, ignore_chec
         conn.close()
 
 
-def _sharded_output(path, workers, fmt, ignore_checksums, nets, lsp, protocols, bpf, stats: CaptureStats):
+def _sharded_output(path, workers, fmt, ignore_checksums, nets, lsp, protocols, bpf, stats: CaptureStats,
+                    progress: Callable[[int], None] | None = None):
     """Log lines (bytes, formatted as ``fmt``) of one file tracked by ``workers`` processes,
     streamed as connections end.
 
@@ -963,10 +993,12 @@ def _sharded_output(path, workers, fmt, ignore_checksums, nets, lsp, protocols, 
                     if msg[0] != "lines":
                         finished[j] = True
                 continue
-            tag, value = pending[i].popleft()
+            tag, value, *done = pending[i].popleft()
             if tag == "lines":
                 yield value
                 turn += 1
+                if progress is not None and i == 0:
+                    progress(done[0])
             elif tag == "done":
                 order.remove(i)
                 _merge_stats(stats, value)

@@ -210,3 +210,36 @@ def test_worker_output_is_deterministic_and_complete(tmp_path):
             assert outs[workers] == lines  # the same order every time
         outs[workers] = lines
     assert sorted(outs[1]) == sorted(outs[2]) == sorted(outs[3])
+
+
+def test_auto_workers_one_per_core_for_large_inputs_only():
+    from gateway.flows.pcap import AUTO_WORKERS_MAX, AUTO_WORKERS_MIN_BYTES, auto_workers
+
+    assert auto_workers(AUTO_WORKERS_MIN_BYTES - 1, 16) == 1
+    assert auto_workers(AUTO_WORKERS_MIN_BYTES, 2) == 2
+    assert auto_workers(10 * AUTO_WORKERS_MIN_BYTES, 64) == AUTO_WORKERS_MAX
+    assert auto_workers(10 * AUTO_WORKERS_MIN_BYTES, 1) == 1
+
+
+def test_workers_report_progress_and_the_cli_takes_auto(tmp_path):
+    from click.testing import CliRunner
+
+    from gateway.commands.flows import flows
+
+    frame = _frame(False, 17, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 40000, 53, b"q" * 500, 0, "eth",
+                   False, b"")
+    path = tmp_path / "p.pcap"
+    path.write_bytes(_pcap([(frame, len(frame))] * (2 * BLOCK_SIZE // len(frame))))
+    seen = []
+    stats = convert_captures([str(path)], io.BytesIO(), workers=2,
+                             on_progress=lambda p, done, total: seen.append((done, total)))
+    size = path.stat().st_size
+    assert seen[-1] == (size, size) and len(seen) >= 3 and seen == sorted(seen)
+    assert stats.packets == 2 * BLOCK_SIZE // len(frame)
+    out = tmp_path / "conn.log"
+    for option in ("auto", "2"):
+        result = CliRunner().invoke(flows, [str(path), "--workers", option, "-o", str(out), "--json-summary"])
+        assert result.exit_code == 0, result.output
+        assert sum(1 for line in out.read_text().splitlines() if not line.startswith("#")) == 1
+    result = CliRunner().invoke(flows, [str(path), "--workers", "many"])
+    assert result.exit_code != 0 and "'many' is not 'auto'" in result.output
