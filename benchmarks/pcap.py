@@ -1,6 +1,7 @@
 """Throughput of pcap -> flows: `fedgate flows` against nfstream, dpkt and scapy.
 
     python benchmarks/pcap.py [--packets 1000000] [--scapy-slice 20000] [--keep FILE] [--stages]
+    python benchmarks/pcap.py --pcap FILE --tools fedgate,fedgate-2w   # iterate on fedgate only
 
 Builds a pcap of at least ``--packets`` packets in a temporary directory from the Zeek
 sample traces (tests/fixtures/zeek-samples), each replica with shifted IPv4/IPv6 addresses
@@ -8,18 +9,21 @@ sample traces (tests/fixtures/zeek-samples), each replica with shifted IPv4/IPv6
 timestamps, then runs, each in its own subprocess (peak memory = that process's
 ru_maxrss):
 
-* fedgate   - gateway.flows.pcap.convert_captures: full Zeek conn semantics, checksums
-              verified, Zeek TSV written to /dev/null
+* fedgate   - gateway.flows.pcap.convert_captures in one process: full Zeek conn
+              semantics, checksums verified, Zeek TSV written to /dev/null
 * fedgate-C - the same with checksum verification off (zeek -C)
-* fedgate-2w - fedgate with --workers 2 (file split by address pair over 2 processes)
+* fedgate-2w - fedgate with --workers 2 (file split by address pair over 2 processes;
+              what `fedgate flows` does by default on 2 cores), CPU of all processes
 * nfstream  - NFStreamer without DPI or statistics (a flow meter with a C capture core)
 * dpkt      - dpkt.pcap.Reader + Ethernet/IP decode + a dict keyed by the 5-tuple
 * scapy     - scapy.utils.PcapReader (full dissection) on the first --scapy-slice packets
 
 and prints packets/s and flows/s (wall clock), packets per CPU-second (steadier when the
-cores are shared) and peak memory.  ``--stages`` adds CPU seconds per stage of fedgate
-(reading records, decoding, tracking with and without the tracker's fast path, writing TSV).  The machine's cores are shared, so wall-clock numbers
-are pessimistic; compare tools within one run.
+cores are shared) and peak memory (the largest single process).  ``--stages`` adds CPU
+seconds per stage of fedgate (finding records, gathering header fields, building packets,
+the per-frame route they replace, tracking with and without the tracker's fast path,
+writing TSV).  The machine's cores are shared, so wall-clock numbers are pessimistic;
+compare tools within one run.
 """
 
 from __future__ import annotations
@@ -259,41 +263,63 @@ def run_scapy(path: str, limit: int) -> dict:
 
 
 def stage_seconds(path: str) -> list[tuple[str, float, int]]:
-    """CPU seconds of each stage of `fedgate flows`, each stage run on its own over the whole
-    file: where the time goes (the next thing to make faster).  The cyclic collector is off
-    here: the lists of a million frames/packets held between stages would make its passes
-    dominate (the streaming pipeline never holds them)."""
+    """CPU seconds of each stage of `fedgate flows` (one process), each stage run on its own
+    over the whole file: where the time goes (the next thing to make faster).  The cyclic
+    collector is off here: the lists of a million packets held between stages would make
+    its passes dominate (the streaming pipeline never holds them)."""
     import gc
 
     gc.disable()
+    from gateway.flows.blocks import BLOCK_SIZE, block_packets, decode_block, scan_records
     from gateway.flows.conntrack import ConnTracker
     from gateway.flows.packets import PacketDecoder
     from gateway.flows.pcap import iter_frames
 
     rows = []
+    data = Path(path).read_bytes()
+    little = data[:4] == b"\xd4\xc3\xb2\xa1"
+    chunks = []
+    c = time.process_time()
+    pos, frames = 24, 0
+    while pos < len(data):
+        buf = data[pos:pos + BLOCK_SIZE]
+        offsets, stop, _bad = scan_records(buf, 0, little, 262144)
+        if not offsets:
+            break
+        chunks.append((buf, offsets))
+        frames += len(offsets)
+        pos += stop
+    rows.append(("find records (blocks.scan_records)", time.process_time() - c, frames))
+    c = time.process_time()
+    blocks = [decode_block(buf, offsets, little=little, nano=False, linktype=1, ignore_checksums=False)
+              for buf, offsets in chunks]
+    rows.append(("gather header fields (blocks.decode_block, numpy)", time.process_time() - c, frames))
+    decoder = PacketDecoder()
+    c = time.process_time()
+    batches = [list(block_packets(b, decoder, 1)) for b in blocks]
+    rows.append(("build packets (blocks.block_packets)", time.process_time() - c, frames))
+    del blocks, chunks
+    # the per-frame route, for comparison: what the block route replaces
     with open(path, "rb") as f:
         c = time.process_time()
-        frames = list(iter_frames(f))
-        rows.append(("read pcap records (iter_frames)", time.process_time() - c, len(frames)))
-    decoder = PacketDecoder()
-    decode = decoder.decode
+        frame_list = list(iter_frames(f))
+        rows.append(("  per-frame: read records (iter_frames)", time.process_time() - c, len(frame_list)))
+    decode = PacketDecoder().decode
     c = time.process_time()
-    packets = [decode(lt, fr, ts, wl) for ts, lt, fr, wl in frames]
-    rows.append(("decode frames (PacketDecoder)", time.process_time() - c, len(frames)))
-    del frames
-    packets = [p for p in packets if p is not None and p.__class__ is not str]
+    for ts, lt, fr, wl in frame_list:
+        decode(lt, fr, ts, wl)
+    rows.append(("  per-frame: decode (PacketDecoder)", time.process_time() - c, len(frame_list)))
+    del frame_list
+    packets = sum(map(len, batches))
     for fast in (True, False):
         tracker = ConnTracker(fast_path=fast)
-        feed = tracker.feed
         c = time.process_time()
         records = []
-        for p in packets:
-            done = feed(p)
-            if done:
-                records.extend(done)
+        for batch in batches:
+            records += tracker.feed_many(batch)
         records.extend(tracker.flush())
-        label = "track + build records (ConnTracker)" + ("" if fast else ", fast_path=False")
-        rows.append((label, time.process_time() - c, len(packets)))
+        label = "track + build records (ConnTracker.feed_many)" + ("" if fast else ", fast_path=False")
+        rows.append((label, time.process_time() - c, packets))
     from gateway.flows.zeek import LogHeader, ZeekTsvWriter
 
     with open(os.devnull, "wb") as sink:
@@ -340,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scapy-slice", type=int, default=20_000)
     ap.add_argument("--tools", default="fedgate,fedgate-C,fedgate-2w,nfstream,dpkt,scapy")
     ap.add_argument("--keep", help="also keep the generated pcap at this path")
+    ap.add_argument("--pcap", help="measure this pcap instead of building one (e.g. one kept with --keep)")
     ap.add_argument("--stages", action="store_true",
                     help="also print CPU seconds per stage of fedgate (read, decode, track, write)")
     ap.add_argument("--child", nargs=3, metavar=("TOOL", "PCAP", "LIMIT"), help=argparse.SUPPRESS)
@@ -353,20 +380,26 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(width=max(Console().width, 150))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.keep) if args.keep else Path(tmp) / "bench.pcap"
-        t = time.perf_counter()
-        n, replicas = build_pcap(path, args.packets)
-        size = path.stat().st_size
-        console.print(f"built {path.name}: {n:,} packets ({replicas:,} replicas of the samples), "
-                      f"{size / 2**20:.1f} MiB in {time.perf_counter() - t:.1f} s")
-        table = Table(title=f"pcap -> flows, {n:,} packets")
+        if args.pcap:
+            path = Path(args.pcap)
+            console.print(f"using {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+            title = f"pcap -> flows, {path.name}"
+        else:
+            path = Path(args.keep) if args.keep else Path(tmp) / "bench.pcap"
+            t = time.perf_counter()
+            n, replicas = build_pcap(path, args.packets)
+            size = path.stat().st_size
+            console.print(f"built {path.name}: {n:,} packets ({replicas:,} replicas of the samples), "
+                          f"{size / 2**20:.1f} MiB in {time.perf_counter() - t:.1f} s")
+            title = f"pcap -> flows, {n:,} packets"
+        table = Table(title=title)
         for col in ("tool", "packets", "flows", "seconds", "packets/s", "flows/s", "CPU s", "packets/CPU-s",
                     "peak RSS MiB", "what it does"):
             table.add_column(col, justify="left" if col in ("tool", "what it does") else "right")
         what = {
-            "fedgate": "Zeek conn semantics, checksums verified, TSV written",
+            "fedgate": "Zeek conn semantics, checksums verified, TSV written, 1 process",
             "fedgate-C": "same, checksums not verified (-C)",
-            "fedgate-2w": "same as fedgate, 2 worker processes (--workers 2)",
+            "fedgate-2w": "same, 2 worker processes (--workers 2; auto on 2 cores)",
             "nfstream": "flow meter, C core, no DPI",
             "dpkt": "Ethernet/IP decode + 5-tuple dict",
             "scapy": f"full dissection, first {args.scapy_slice:,} packets",
