@@ -9,9 +9,11 @@ Rows (same process, same prompts: the IoT-23 flows of ``--data`` tokenised):
 * ``torch eager``: the same weights through ``OPTForSequenceClassification`` (same
   thread counts), so the ONNX speed-up is measured, not assumed;
 * ``ort variant``: the fp32/int8 session at 1 thread with one ORT option changed
-  (extended instead of all graph optimisations, memory patterns off, intra-op spinning
-  off with denormals as zero, IOBinding into a preallocated output), to show which
-  session settings matter for a model this small;
+  (basic optimisation only, i.e. the file as ``fedgate model export`` writes it without
+  the fusions a session adds for its provider at load; extended instead of all graph
+  optimisations; memory patterns off; intra-op spinning off with denormals as zero;
+  IOBinding into a preallocated output), to show which session settings matter for a
+  model this small;
 * ``engine.classify``: records in, verdicts out (tokenise + distinct-prompt dedupe +
   verdict cache + ONNX), the path replay uses, with the cache on and off.
 
@@ -197,6 +199,8 @@ def session_variants(model_dir: Path, ids: np.ndarray, timed) -> list[dict]:
 
     no_spin = (("session.intra_op.allow_spinning", "0"), ("session.set_denormal_as_zero", "1"))
     variants = [
+        ("fp32 basic optimisation (no load-time fusions)",
+         plain(session("model.onnx", level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC))),
         ("fp32 extended optimisation", plain(session("model.onnx", level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED))),
         ("fp32 mem pattern off", plain(session("model.onnx", mem=False))),
         ("fp32 no spinning, denormal=0", plain(session("model.onnx", config=no_spin))),
