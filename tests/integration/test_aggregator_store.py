@@ -113,13 +113,17 @@ def test_the_same_store_on_postgresql():
         pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
     try:
         svc = service(url, strategy_params={"rho": 0.5})
+        first = encode_update(tiny_delta(0.1), sender="gw1", base_version=0, num_samples=3)
         enc = encode_update(tiny_delta(0.3), sender="gw1", base_version=0, num_samples=3)
-        svc.handle_batch([status("gw1", "online"), msg("gw1", enc.data)])
+        # two updates and a status of one sender in one transaction: PostgreSQL refuses an
+        # upsert that touches a row twice, so the batch must write each row once
+        assert svc.handle_batch([status("gw1", "online"), msg("gw1", first.data, 1), msg("gw1", enc.data, 2)]) == []
+        assert svc.accepted == 2 and svc.pool.updates()[0].submissions == 2
         svc.tick()
         assert svc.version == 1
         svc.stop()
         again = service(url, strategy_params={"rho": 0.5})
-        assert again.version == 1 and again.accepted == 1
+        assert again.version == 1 and again.accepted == 2
         np.testing.assert_allclose(again.weights["encoder.bias"], 0.3)
         again.handle_batch([msg("gw1", enc.data)])
         assert again.rejections["replay"] == 1
