@@ -223,7 +223,8 @@ def prompt_logits(model, *, length: int):
         if pad is None:
             at = torch.full_like(ids[:, 0], length - 1)
         else:
-            at = (steps * (ids != pad).to(torch.int64)).argmax(-1)
+            # ArgMax over float32 (exact for these small integers): CUDA has no int64 ArgMax
+            at = (steps.float() * (ids != pad).float()).argmax(-1)
         rows = torch.arange(ids.shape[0]) * length + at
         later = torch.where(steps > at[:, None], masked, 0.0).unsqueeze(1)  # (batch, 1, length)
         return rows, later
