@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import safetensors.numpy as st_numpy
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from cloud_aggregator import store
 from cloud_aggregator.link import AggregatorLink, ConnectionChanged
@@ -37,7 +37,7 @@ from cloud_aggregator.strategies import Strategy, StrategyState, build_strategy
 from gateway.fl.control import Control, LocalSettings, encode_control
 from gateway.mqtt import Inbound, MqttSettings, TlsSettings
 from gateway.protocol import chunking, signing, topics
-from gateway.protocol.envelope import DEFAULT_MAX_BYTES, Envelope, Kind, encode_global
+from gateway.protocol.envelope import DEFAULT_MAX_BYTES, Envelope, Kind, decode_header, encode_global
 from gateway.protocol.errors import EnvelopeError, RejectReason, Rejection
 from gateway.protocol.validation import ValidationPolicy, spec_of, validate_envelope
 
@@ -310,7 +310,7 @@ class AggregatorService:
 
     def _reload(self) -> None:
         """Rebuild pool, reassembler and counters from the store (after a failed commit)."""
-        self.pool = UpdatePool(clock=self.clock)
+        self.pool = UpdatePool(clock=self.clock, replay_window=self.pool.replay_window)
         self.reassembler = chunking.Reassembler(clock=self.clock, timeout_s=self.config.chunk_timeout_s,
                                                 max_message_bytes=self.config.max_update_bytes)
         self.rejections = Counter()
@@ -451,12 +451,34 @@ class AggregatorService:
         for msg in messages:
             try:
                 self._store_batch([msg], {})
-            except Exception:
+            except Exception as exc:
+                self._reload()
+                if isinstance(exc, IntegrityError) and self._refuse_old_replay(msg):
+                    continue
                 log.exception("message on %s not stored (left unacknowledged: the broker redelivers it)",
                               msg.topic[:120])
-                self._reload()
                 failed.append(msg)
         return failed
+
+    def _refuse_old_replay(self, msg: Inbound) -> bool:
+        """An update accepted so long ago that the pool's replay window forgot it passes
+        the pool, and its replay key then collides in the store: count it as the replay
+        it is and acknowledge it, instead of leaving it unacknowledged for ever."""
+        if not msg.topic.endswith("/update") or chunking.is_chunk(msg.payload):
+            return False
+        try:
+            header, _ = decode_header(msg.payload)
+        except EnvelopeError:
+            return False
+        batch = _Batch()
+        with self.sessions.begin() as s:
+            if not store.was_seen(s, header.sender, header.message_id):
+                return False
+            self._reject(header.sender, Rejection(RejectReason.REPLAY, f"{header.sender}/{header.message_id} "
+                                                  "accepted before (beyond the replay window in memory)"), s, batch)
+        self.rejections.update(batch.rejections)
+        self.link.ack(msg)
+        return True
 
     def _store_batch(self, messages: list[Inbound], decoded: dict[int, Future]) -> None:
         batch = _Batch()

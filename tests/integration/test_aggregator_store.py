@@ -256,3 +256,19 @@ def test_updates_validated_ahead_are_judged_against_the_pool_as_it_is_now(tmp_pa
     svc._handle_batch([arrived.msg], {0: arrived.decoded})
     assert svc.accepted == 2 and svc.rejections == {"stale_base": 1} and acked == [2, 1, 3]
     svc.stop()
+
+
+def test_a_replay_older_than_the_replay_window_is_refused_and_acknowledged(tmp_path):
+    svc = service(str(tmp_path / "agg.db"))
+    acked = []
+    svc.link.ack = lambda m: acked.append(m.mid)
+    svc.pool.replay_window = 2  # remembers only the newest two (sender, message id) pairs
+    encs = [encode_update(tiny_delta(0.1), sender=f"gw{i}", base_version=0, num_samples=3) for i in range(4)]
+    svc.handle_batch([msg(f"gw{i}", e.data, i) for i, e in enumerate(encs)])
+    assert not svc.pool.is_replay("gw0", encs[0].message_id)  # forgotten in memory, kept in the store
+    fresh = encode_update(tiny_delta(0.2), sender="gw5", base_version=0, num_samples=3)
+    assert svc.handle_batch([msg("gw0", encs[0].data, 10), msg("gw5", fresh.data, 11)]) == []
+    assert acked == [0, 1, 2, 3, 10, 11] and svc.accepted == 5 and svc.rejections == {"replay": 1}
+    with svc.sessions() as s:
+        assert store.accepted_total(s) == 5 and store.rejection_counts(s) == {"replay": 1}
+    svc.stop()
