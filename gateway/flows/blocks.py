@@ -9,13 +9,18 @@ unfragmented IPv4 or IPv6 without extension headers, TCP or UDP (not a tunnel po
 by the snap length - become :class:`~gateway.flows.packets.Packet` tuples straight from those
 columns; every other frame goes through :class:`~gateway.flows.packets.PacketDecoder` as
 before.  The common shape is exactly ``PacketDecoder._fast_ip``'s, so both routes give equal
-packets (``tests/unit/test_pcap_blocks.py`` checks it, hypothesis included).
+packets (``tests/unit/test_pcap_blocks.py`` checks it, hypothesis included).  Frames the
+decoder would only count - no IP possible (ARP, PPPoE discovery/LCP, cut before the
+ethertype) or an IPv4 header of the common shape with a bad checksum - are counted here
+under the decoder's reasons and never decoded.
 
 Sharding (``--workers``): :func:`shard_keys` hashes the address pair of every frame whose IP
 addresses sit at a fixed offset, vectorised, so a worker drops foreign frames at almost no
-cost; frames without such a pair are decoded by every worker and sharded on the decoded
-addresses with :func:`packet_shard`, the same hash.  Both directions of a connection hash
-alike (a sum of per-address hashes).
+cost (one or two VLAN tags, one MPLS label and PPPoE sessions are keyed too); frames
+without such a pair are decoded by every worker and sharded on the decoded addresses with
+:func:`packet_shard`, the same hash.  Both directions of a connection hash alike (a sum of
+per-address hashes).  Tunnels are keyed by their outer pair when it sits at a fixed offset
+(as before: an inner connection seen through two different outer pairs may be split).
 
 Everything here is pure: bytes in, columns/packets out; files are read in :mod:`pcap`.
 """

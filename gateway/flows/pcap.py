@@ -477,6 +477,7 @@ def _pcap_batches(f, name: str, stats: CaptureStats, decoder: PacketDecoder, pro
                 stats.first_ts = block.first_ts
             stats.last_ts = block.last_ts
             yield block_packets(block, decoder, linktype, probe=probe, shard=shard)
+            block = None  # not alive while the next chunk is read and gathered
         if bad_len is not None:
             _truncated(stats, name, f"record length {bad_len} is implausible (corrupt file)")
             return
@@ -965,6 +966,7 @@ def _sharded_output(path, workers, fmt, ignore_checksums, nets, lsp, protocols, 
 
     ctx = multiprocessing.get_context("fork")
     conns, procs = [], []
+    finished_cleanly = False
     try:
         for i in range(workers):
             recv, send = ctx.Pipe(duplex=False)
@@ -1004,10 +1006,11 @@ def _sharded_output(path, workers, fmt, ignore_checksums, nets, lsp, protocols, 
                 _merge_stats(stats, value)
             else:
                 raise value
+        finished_cleanly = True
     finally:
         for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
+            if not finished_cleanly and proc.is_alive():
+                proc.terminate()  # an error or an abandoned output: stop the others
             proc.join()
         for c in conns:
             c.close()
