@@ -210,11 +210,14 @@ def decode_block(buf: bytes, offsets: list[int], *, little: bool, nano: bool, li
         is4 = (ket == 0x0800) & (kip + 20 <= end_of_frame)
         is6 = (ket == 0x86DD) & (kip + 40 <= end_of_frame)
         # uint64: the 32x32-bit products of _mix fit
-        a4 = _be32(u, kip + 12).astype(np.uint64)
-        b4 = _be32(u, kip + 16).astype(np.uint64)
-        a6 = (_be32(u, kip + 8) ^ _be32(u, kip + 12) ^ _be32(u, kip + 16) ^ _be32(u, kip + 20)).astype(np.uint64)
-        b6 = (_be32(u, kip + 24) ^ _be32(u, kip + 28) ^ _be32(u, kip + 32) ^ _be32(u, kip + 36)).astype(np.uint64)
-        h = np.where(is4, _mix(a4) + _mix(b4), _mix(a6) + _mix(b6)) % count
+        h = _mix(_be32(u, kip + 12).astype(np.uint64)) + _mix(_be32(u, kip + 16).astype(np.uint64))
+        at6 = np.flatnonzero(is6)
+        if len(at6):  # IPv6 pairs: 8 words each, gathered for those frames only
+            k6 = kip[at6]
+            a6 = _be32(u, k6 + 8) ^ _be32(u, k6 + 12) ^ _be32(u, k6 + 16) ^ _be32(u, k6 + 20)
+            b6 = _be32(u, k6 + 24) ^ _be32(u, k6 + 28) ^ _be32(u, k6 + 32) ^ _be32(u, k6 + 36)
+            h[at6] = _mix(a6.astype(np.uint64)) + _mix(b6.astype(np.uint64))
+        h %= count
         keyed = is4 | is6
         # every shard must decode the unkeyed frames (KIND_ANY)
         keep = ~dead & (~keyed | (h == index))

@@ -1270,8 +1270,7 @@ class ConnTracker:
     def _ftp_control(self, conn: Conn, payload: bytes, is_orig: bool, t: float) -> None:
         """Note the data channels PORT/EPRT and 227/229 replies announce (ftp/main.zeek)."""
         if is_orig:
-            low = payload.lower()
-            if b"port" not in low and b"eprt" not in low:
+            if _FTP_PORT_COMMAND.search(payload) is None:  # (no lower-cased copy per packet)
                 return
         elif b"227" not in payload and b"229" not in payload:
             return
@@ -1381,6 +1380,8 @@ class ConnTracker:
 
 
 _EMPTY: tuple[()] = ()
+# what a PORT/EPRT command line contains, ASCII case-insensitively (as bytes.lower() + in)
+_FTP_PORT_COMMAND = re.compile(rb"(?i)port|eprt")
 _tuple_new = tuple.__new__
 
 

@@ -185,3 +185,13 @@ def test_address_text_and_locality_equal_ipaddress(nets, addrs):
         ip = ipaddress.ip_address(raw)
         local = any(ip in net for net in tracker.local_nets if net.version == ip.version) if tracker.local_nets else None
         assert tracker._addr(raw) == (str(ip), local)
+
+
+@given(st.binary(max_size=40), st.sampled_from([b"", b"port", b"PoRt", b"EPRT", b"ePrT", b"por", b"PRT"]),
+       st.binary(max_size=10))
+def test_ftp_port_command_hint_equals_lowercase_search(head, word, tail):
+    from gateway.flows.conntrack import _FTP_PORT_COMMAND
+
+    payload = head + word + tail
+    low = payload.lower()
+    assert (_FTP_PORT_COMMAND.search(payload) is not None) == (b"port" in low or b"eprt" in low)
