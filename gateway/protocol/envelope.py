@@ -46,13 +46,15 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # a wire envelope larger than this is refu
 DEFAULT_MAX_DECODED_BYTES = 256 * 1024 * 1024  # bound on decompressed safetensors
 _MAX_INT = 2**53  # JSON-safe integer bound
 
-# safetensors dtype tag -> numpy dtype (what safetensors.numpy can produce)
-_ST_DTYPES = {
+# safetensors dtype tag -> numpy dtype (what safetensors.numpy can produce); the format is
+# little-endian whatever the host
+_ST_DTYPES = {tag: np.dtype(t).newbyteorder("<") for tag, t in {
     "F64": np.float64, "F32": np.float32, "F16": np.float16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
     "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
     "BOOL": np.bool_,
-}
+}.items()}
+_ST_KEYS = {"dtype", "shape", "data_offsets"}
 
 
 class Kind(str, Enum):
@@ -318,8 +320,14 @@ def decode_header(data: bytes) -> tuple[Header, bytes]:
     return _parse_header(obj), data[start + hlen:]
 
 
-def _check_safetensors(raw: bytes) -> None:
-    """Validate safetensors framing before the Rust loader sees it (bounds, dtypes, sizes)."""
+def _load_safetensors(raw: bytes) -> Tensors:
+    """Parse a safetensors payload into read-only numpy views of ``raw``, checking its
+    framing on the way (bounds, dtypes, shapes, sizes, no gaps or overlaps).
+
+    One pass of our own instead of checks followed by the Rust loader: the checks already
+    read every field the loader would, and building the arrays with ``np.frombuffer`` from
+    the checked spans halves the cost of taking in a small update (the aggregator's hot path).
+    """
     if len(raw) < 8:
         raise _schema("payload too short for safetensors")
     (n,) = struct.unpack_from("<Q", raw, 0)
@@ -331,48 +339,40 @@ def _check_safetensors(raw: bytes) -> None:
         raise _schema("safetensors header is not JSON") from None
     if not isinstance(meta, dict):
         raise _schema("safetensors header is not an object")
-    data_len = len(raw) - 8 - n
-    spans = []
+    base, data_len = 8 + n, len(raw) - 8 - n
+    entries = []
     for name, info in meta.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        if not isinstance(info, dict) or info.keys() != _ST_KEYS:
             raise _schema(f"safetensors entry {name[:40]!r} malformed")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _ST_DTYPES:
+        np_dtype = _ST_DTYPES.get(dtype) if isinstance(dtype, str) else None
+        if np_dtype is None:
             raise EnvelopeError(RejectReason.DTYPES, f"tensor {name[:40]!r} has dtype {str(dtype)[:10]!r}")
-        if (not isinstance(shape, list) or len(shape) > 8
-                or any(type(s) is not int or s < 0 for s in shape)):
+        if not isinstance(shape, list) or len(shape) > 8:
             raise EnvelopeError(RejectReason.SHAPES, f"tensor {name[:40]!r} has a bad shape")
-        if (not isinstance(offs, list) or len(offs) != 2
-                or any(type(o) is not int for o in offs) or not 0 <= offs[0] <= offs[1] <= data_len):
-            raise _schema(f"tensor {name[:40]!r} has bad data offsets")
         count = 1
         for s in shape:
+            if type(s) is not int or s < 0:
+                raise EnvelopeError(RejectReason.SHAPES, f"tensor {name[:40]!r} has a bad shape")
             count *= s
-        if count * np.dtype(_ST_DTYPES[dtype]).itemsize != offs[1] - offs[0]:
+        if (not isinstance(offs, list) or len(offs) != 2 or type(offs[0]) is not int
+                or type(offs[1]) is not int or not 0 <= offs[0] <= offs[1] <= data_len):
+            raise _schema(f"tensor {name[:40]!r} has bad data offsets")
+        if count * np_dtype.itemsize != offs[1] - offs[0]:
             raise _schema(f"tensor {name[:40]!r}: size does not match shape")
-        spans.append(tuple(offs))
-    spans.sort()
+        entries.append((offs[0], offs[1], name, np_dtype, shape, count))
+    entries.sort(key=lambda e: (e[0], e[1]))
     pos = 0
-    for b, e in spans:
+    for b, e, *_ in entries:
         if b != pos:
             raise _schema("safetensors data has gaps or overlaps")
         pos = e
     if pos != data_len:
         raise _schema("safetensors data length mismatch")
-
-
-def _load_safetensors(raw: bytes) -> Tensors:
-    _check_safetensors(raw)
-    try:
-        return dict(st_numpy.load(raw))
-    except Exception as exc:  # the loader's own checks; framing was checked above
-        raise _schema(f"safetensors payload unreadable: {type(exc).__name__}") from None
-    except BaseException as exc:  # pyo3 PanicException derives from BaseException
-        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
-            raise
-        raise _schema("safetensors payload unreadable (loader panic)") from None
+    return {name: np.frombuffer(raw, dtype=np_dtype, count=count, offset=base + b).reshape(shape)
+            for b, _e, name, np_dtype, shape, count in entries}
 
 
 def decompress_body(body: bytes, *, max_decoded_bytes: int) -> bytes:

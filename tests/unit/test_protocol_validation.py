@@ -255,3 +255,27 @@ def test_hostile_compressed_parts_never_raise(method, blob):
                                                    compression=method))
     hlen = struct.unpack_from(">I", framed, 4)[0]
     assert isinstance(validate_envelope(framed[:8 + hlen] + body, policy()), Rejection)
+
+
+_DTYPES = st.sampled_from([np.float32, np.float64, np.float16, np.int8, np.int32, np.int64, np.uint8, np.bool_])
+_TENSORS = st.dictionaries(
+    st.text(alphabet="abcdefgh._0123", min_size=1, max_size=12),
+    st.tuples(_DTYPES, st.lists(st.integers(0, 5), max_size=3)),
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_TENSORS, st.integers(0, 2**32 - 1))
+def test_payload_reader_matches_the_safetensors_loader(spec, seed):
+    """Our one-pass reader returns exactly what safetensors' own loader returns."""
+    from gateway.protocol.envelope import _load_safetensors
+
+    rng = np.random.default_rng(seed)
+    tensors = {name: np.asarray(rng.normal(size=shape) * 100).astype(dtype) for name, (dtype, shape) in spec.items()}
+    raw = st_numpy.save(tensors)
+    ours, theirs = _load_safetensors(raw), st_numpy.load(raw)
+    assert set(ours) == set(theirs)
+    for name, arr in theirs.items():
+        assert ours[name].dtype == arr.dtype and ours[name].shape == arr.shape
+        np.testing.assert_array_equal(ours[name], arr)
