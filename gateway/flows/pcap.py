@@ -820,7 +820,7 @@ def convert_captures(
     paths = list(paths)
     for path in paths:  # fail before writing anything if an input is not a capture
         with open(path, "rb") as f:
-            head = f.read(64)
+            head = f.read(1 << 16)  # enough compressed input for gzip to yield the magic
         if not is_capture_file(head):
             raise NotACaptureError(f"{path}: not a pcap/pcapng file (starts with {head[:4].hex() or 'nothing'})")
     stats = CaptureStats()

@@ -243,3 +243,20 @@ def test_workers_report_progress_and_the_cli_takes_auto(tmp_path):
         assert sum(1 for line in out.read_text().splitlines() if not line.startswith("#")) == 1
     result = CliRunner().invoke(flows, [str(path), "--workers", "many"])
     assert result.exit_code != 0 and "'many' is not 'auto'" in result.output
+
+
+def test_gzip_and_pcapng_files_give_the_same_records_with_workers(tmp_path, fixtures_dir):
+    import gzip
+
+    samples = fixtures_dir / "zeek-samples"
+    for trace in (samples / "core.pppoe" / "pppoe.pcap", samples / "core.pcapng-pktsrc" / "pcapng-multi-interface.pcapng"):
+        gz = tmp_path / (trace.name + ".gz")
+        gz.write_bytes(gzip.compress(trace.read_bytes()))  # deflate needs > 64 bytes to show the magic
+        logs = set()
+        for path in (trace, gz):
+            for workers in (1, 2, 3):
+                buf = io.BytesIO()
+                stats = convert_captures([str(path)], buf, workers=workers)
+                lines = sorted(x for x in buf.getvalue().splitlines() if not x.startswith(b"#"))
+                logs.add((tuple(lines), stats.packets, stats.flows, tuple(sorted(stats.skipped.items()))))
+        assert len(logs) == 1 and next(iter(logs))[2] > 0
