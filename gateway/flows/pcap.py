@@ -915,6 +915,8 @@ def _shard_worker(conn, path: str, index: int, count: int, fmt: str, ignore_chec
     try:
         _fewer_gc_passes()
         gc.freeze()  # what the parent had: never garbage, never scanned again
+        if index:
+            log.disabled = True  # every worker reads the file: one truncation warning is enough
         stats = CaptureStats()
         decoder = PacketDecoder(ignore_checksums=ignore_checksums)
         # frames without a fixed-offset address pair are decoded by every worker; only

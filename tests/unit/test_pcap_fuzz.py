@@ -130,3 +130,33 @@ def test_seed_frames_take_the_fast_path():
         pkt = decoder._fast_ip(frame, 1.0, len(frame), ip, etype)
         assert isinstance(pkt, Packet) and pkt.checksum_ok and pkt == decoder.decode(1, frame, 1.0, len(frame))
         assert pkt == decoder._ethertype(frame, 14, frame[12] << 8 | frame[13], 1.0, False)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(records=st.lists(st.tuples(st.one_of(st.binary(max_size=120), st.just(SEED_FRAME)), st.integers(0, 80)),
+                        max_size=12),
+       tail=st.binary(max_size=40), linktype=st.sampled_from([1, 101, 113]), little=st.booleans(),
+       nano=st.booleans(), snaplen=st.sampled_from([0, 64, 65535]))
+def test_random_files_block_route_equals_frame_route(records, tail, linktype, little, nano, snaplen):
+    """pcap_records' block route (gateway.flows.blocks) on hostile files: the packets, counts
+    and truncation warnings of the per-frame route."""
+    from gateway.flows.pcap import iter_packet_batches
+
+    e = "<" if little else ">"
+    blob = struct.pack(e + "IHHiIII", 0xA1B23C4D if nano else 0xA1B2C3D4, 2, 4, 0, 0, snaplen, linktype)
+    for i, (frame, extra) in enumerate(records):  # extra: bytes the wire had beyond the capture
+        blob += struct.pack(e + "IIII", 1_600_000_000 + i, i * 999_983, len(frame), len(frame) + extra) + frame
+    blob += tail  # a cut or garbage record at the end
+    ref_stats, ref_dec = CaptureStats(), PacketDecoder()
+    want, frames, wire = [], 0, 0
+    for ts, lt, fr, wl in iter_frames(io.BytesIO(blob), ref_stats):
+        frames, wire = frames + 1, wire + wl
+        p = ref_dec.decode(lt, fr, ts, wl)
+        if p is not None and p.__class__ is not str:
+            want.append(p)
+    stats, dec = CaptureStats(), PacketDecoder()
+    got = [p for batch in iter_packet_batches(io.BytesIO(blob), stats, dec) for p in batch]
+    assert got == want
+    assert (dec.skipped, dec.notes) == (ref_dec.skipped, ref_dec.notes)
+    assert (stats.packets, stats.bytes, stats.truncated, stats.warnings) == (
+        frames, wire, ref_stats.truncated, ref_stats.warnings)
