@@ -373,6 +373,7 @@ class FLClient:
         train_idx, val_idx = parts
         self.train_data = self.learner.encode([records[i] for i in train_idx], [classes[i] for i in train_idx])
         self.val_data = self.learner.encode([records[i] for i in val_idx], [classes[i] for i in val_idx])
+        self.trigger.set_support(float(self.val_data.flows))  # tau_i of small splits (min_flows)
         self._data_key = key
         log.info("gateway %s: %d labelled flows (%d train rows, %d validation rows after dedupe)",
                  self.settings.gateway_id, len(records), len(self.train_data), len(self.val_data))

@@ -36,6 +36,14 @@ model received"; ``reference`` chooses:
   degraded the client never fires anything (P_now is compared with the degraded P), the
   client stays quiet, and windows without it keep eroding what only it knows (on IoT-23
   one scenario holds every DDoS flow: the central accuracy swung 0.67..0.996).
+  With ``stay`` = n > 0 a gateway that was forgotten also uploads from the next n
+  versions (reason "forgotten" too; on IoT-23 each costs one update). Why: a
+  forgotten gateway is in conflict with the gateways whose window moved the model
+  away (IoT-23: one scenario's benign flows look like another's DDoS flows). If each
+  side only speaks after the other's window hurt it, the windows alternate and the
+  model swings between the two; staying in the next windows puts both sides in the
+  same aggregation, where their sample-weighted average finds the compromise, as
+  FedAvg's full rounds do, until no one is forgotten any more.
 * ``"global"``: P_ref becomes the global's P (the literal reset after a broadcast; the
   behaviour before this option existed).
 
@@ -64,6 +72,13 @@ upload the same message every version; the server already has it. A collapse of 
 global model on the client's data still makes it upload at once. A quiet client does
 not wait for a version that may never come: ``cooldown_s`` seconds after it went quiet
 on a version (:meth:`GSFSTrigger.retry_due`), it trains and may upload on that version.
+
+DESIGN.md's threshold is per client (tau_i): with ``min_flows`` > 0 a client whose
+validation split holds n_i flows uses tau_i = max(tau, min_flows / n_i), so a change
+of P must be worth at least ``min_flows`` flows. Why: accuracy on a 21-flow split
+(IoT-23's smallest honeypot) moves by 0.048 per flow; with tau = 0.01 one flow decides,
+and such a gateway spoke on most versions although its share of the data (0.3 %) can
+barely move the model.
 
 The whole state is a frozen :class:`TriggerState` value (``trigger.state`` out,
 ``GSFSTrigger(config=..., state=...)`` in), so a client can persist or inspect it.
@@ -101,6 +116,11 @@ class TriggerConfig:
                 (default 0: off)
     cooldown_s  seconds after which a client quiet on a version trains on it anyway
                 (no newer version came), > 0 (default 30)
+    min_flows   the performance trigger's tau_i = max(tau, min_flows / n_i), n_i the
+                flows of the client's validation split (:meth:`GSFSTrigger.set_support`):
+                a change of P must also be worth ``min_flows`` flows, >= 0 (default 0)
+    stay        after a "forgotten" upload, also upload from the next ``stay`` global
+                versions (module doc), >= 0 (default 0: off)
     reference   "upload" (P_ref from the client's last upload, raised by better
                 globals; a global more than tau below it makes the client upload) or
                 "global" (P_ref reset to each global's P) (default "upload"; module doc)
@@ -115,6 +135,8 @@ class TriggerConfig:
     eval_every: int = 25
     cooldown: int = 0
     cooldown_s: float = 30.0
+    stay: int = 0
+    min_flows: float = 0.0
     reference: str = "upload"
     metric: str = "f1"
 
@@ -149,6 +171,10 @@ class TriggerConfig:
             raise TriggerConfigError(f"cooldown must be >= 0, got {self.cooldown}")
         if self.cooldown_s <= 0:
             raise TriggerConfigError(f"cooldown_s must be > 0, got {self.cooldown_s}")
+        if self.min_flows < 0:
+            raise TriggerConfigError(f"min_flows must be >= 0, got {self.min_flows}")
+        if self.stay < 0:
+            raise TriggerConfigError(f"stay must be >= 0, got {self.stay}")
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "TriggerConfig":
         """A copy with the given settings replaced (e.g. from the retained control topic).
@@ -187,6 +213,8 @@ class TriggerState:
     upload_base_metric: float | None = None  # P of the global model the last upload started from
     quiet_since: float | None = None  # clock when the client went quiet on the current version
     owed: bool = False  # a global forgot this client's data: upload at the next evaluation
+    stay_left: int = 0  # versions still to upload from after a "forgotten" one (stay)
+    support: float = 0.0  # flows behind P (the validation split), for min_flows
 
 
 @dataclass(frozen=True)
@@ -225,6 +253,19 @@ class GSFSTrigger:
             self.state = replace(self.state, reference=None, owed=False)
         self.config = new
         return self.config
+
+    @property
+    def tau(self) -> float:
+        """tau_i: ``tau``, raised to ``min_flows / n_i`` when the validation split is small."""
+        cfg, n = self.config, self.state.support
+        return max(cfg.tau, cfg.min_flows / n) if cfg.min_flows > 0 and n > 0 else cfg.tau
+
+    def set_support(self, flows: float) -> None:
+        """How many flows P is measured on (the client's validation split)."""
+        flows = float(flows)
+        if not (math.isfinite(flows) and flows >= 0):
+            raise TriggerConfigError(f"support must be a finite count >= 0, got {flows!r}")
+        self.state = replace(self.state, support=flows)
 
     def step(self, grad_norms: Mapping[str, float]) -> Decision:
         """One local training step with its per-layer gradient norms.
@@ -269,7 +310,7 @@ class GSFSTrigger:
         if ref is None or not math.isfinite(ref):
             self.state = replace(self.state, reference=metric)
             return Decision(metric=metric)
-        if not math.isfinite(metric) or abs(metric - ref) > self.config.tau:
+        if not math.isfinite(metric) or abs(metric - ref) > self.tau:
             return Decision(fire=True, reason="performance", metric=metric)
         return Decision(metric=metric)
 
@@ -317,9 +358,12 @@ class GSFSTrigger:
         if (m is None or self.config.reference == "global" or ref is None or not math.isfinite(ref)):
             self.state = replace(st, reference=m)
             return Decision(metric=m)
-        if not math.isfinite(m) or ref - m > self.config.tau:
+        if not math.isfinite(m) or ref - m > self.tau:
             # the global changed for this client: a running cooldown ends (see admit)
-            self.state = replace(st, owed=True, quiet_left=0, quiet_since=None)
+            self.state = replace(st, owed=True, quiet_left=0, quiet_since=None, stay_left=self.config.stay)
+            return Decision(fire=True, reason="forgotten", metric=m)
+        if st.stay_left > 0:  # still taking part after a "forgotten" version
+            self.state = replace(st, reference=max(ref, m), owed=True, stay_left=st.stay_left - 1)
             return Decision(fire=True, reason="forgotten", metric=m)
         self.state = replace(st, reference=max(ref, m))
         return Decision(metric=m)

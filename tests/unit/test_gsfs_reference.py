@@ -193,3 +193,52 @@ def test_binary_likelihood_is_a_probability(rows):
     y = np.array([r[1] for r in rows])
     got = binary_likelihood(probs, y, np.array([r[2] for r in rows]))
     assert LIKELIHOOD_FLOOR - 1e-12 <= got <= 1.0 + 1e-12
+
+
+# ------------------------------------------------------------------ stay
+
+
+def test_stay_keeps_a_forgotten_client_in_the_next_windows():
+    t = trig(stay=2)
+    t.on_global(0.5)
+    t.reset(0.95)
+    assert t.on_global(0.60).reason == "forgotten" and t.state.stay_left == 2
+    t.reset(0.95)  # its upload
+    for left in (1, 0):  # the next two versions fit it, yet it speaks from them
+        d = t.on_global(0.96)
+        assert d.fire and d.reason == "forgotten" and t.state.stay_left == left
+        assert t.observe_metric(0.96).reason == "forgotten"
+        t.reset(0.96)
+    assert not t.on_global(0.96).fire  # then quiet again
+
+
+def test_stay_restarts_when_forgotten_again_and_is_validated():
+    t = trig(stay=1)
+    t.on_global(0.5)
+    t.reset(0.95)
+    t.on_global(0.6)
+    t.reset(0.95)
+    assert t.on_global(0.5).fire and t.state.stay_left == 1  # forgotten again: full stay
+    assert not trig().on_global(0.5).fire  # stay 0 (default): nothing extra
+    with pytest.raises(TriggerConfigError):
+        TriggerConfig(stay=-1)
+
+
+# ------------------------------------------------------------------ min_flows (tau_i)
+
+
+def test_tau_i_of_a_small_validation_split_by_hand():
+    t = trig(min_flows=3)
+    assert t.tau == 0.02  # no support known yet: plain tau
+    t.set_support(20)  # 3 / 20 = 0.15
+    assert t.tau == pytest.approx(0.15)
+    t.on_global(0.5)
+    t.reset(1.0)
+    assert not t.on_global(0.90).fire  # two flows of 20 lost: below tau_i
+    assert t.on_global(0.80).reason == "forgotten"  # four flows
+    t.set_support(1000)  # 0.003 < tau: tau wins
+    assert t.tau == 0.02
+    with pytest.raises(TriggerConfigError):
+        t.set_support(float("nan"))
+    with pytest.raises(TriggerConfigError):
+        TriggerConfig(min_flows=-1)
