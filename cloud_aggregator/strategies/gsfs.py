@@ -4,6 +4,15 @@ Keep the newest update of each client with its submission count s_i; when ceil(r
 distinct live clients have reported (N = clients alive), or the deadline passed since
 the first update of this window, aggregate w <- w + eta * sum_i pi_i delta_i with
 pi_i = s_i / sum_j s_j times the staleness discount (1 + staleness)^-a, renormalised.
+
+The defaults are DESIGN.md's literal GSFS. Which options fit non-IID gateways: with
+``sample_weighted`` and ``coverage_scaled`` the step is FedAvg's full-participation
+step with every quiet gateway's delta taken as zero, GSFS's own premise (a quiet
+gateway is one the global model fits). That premise holds only when the gateways
+speak once the global stops fitting them: the trigger's ``reference="upload"``
+(gateway/fl/trigger.py) does that, ``stay`` keeps both sides of a conflict in the
+same windows. ``remember_quiet`` replaces the zero by a remembered model or delta;
+on IoT-23 neither helped (cloud_aggregator/experiment.py and README, GSFS options).
 """
 
 from __future__ import annotations
