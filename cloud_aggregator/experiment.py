@@ -360,26 +360,33 @@ class Monitor:
 def _strategy_params(settings: ExperimentSettings, strategy: str) -> dict:
     steps = settings.max_local_steps
     if strategy == "gsfs":
-        # P is evaluated once, at the end of the step budget; the gradient trigger may
-        # fire from half-way on. rho = 1: wait for every live gateway that triggers, or
-        # the deadline. sample_weighted: gateways of very different sizes (non-IID).
-        # remember_quiet: a gateway that stayed quiet takes part with its newest local
-        # model; coverage_scaled: a live gateway not heard from yet counts as a zero
-        # delta, not as absent. Both aim at the swing of the earlier runs (a window
-        # without the one DDoS gateway pulled the DDoS prompts to benign, the next pulled
-        # back); they shorten the quiet stretches' damage but do not remove it: the
-        # 10-round IoT-23 run still dips when a window is dominated by CTU-42-1/20-1.
-        # With both, eta is 1 (FedAvg's).
-        # cooldown 1: a gateway the global model cannot fit (a few malicious flows that
-        # look like other gateways' benign ones) would upload the same message every
-        # version; it skips one version unless the global model changed for it, and
-        # speaks after 20 s if no newer version came (all quiet must not stall the run).
-        # staleness_exponent 1: a remembered model fades as versions pass (the early ones
-        # were trained from models far from the current one).
+        # Server: rho = 1 (wait for every live gateway that triggers, or the deadline);
+        # sample_weighted + coverage_scaled: the window's sample-weighted mean delta
+        # times the window's share of all samples, i.e. FedAvg's full-participation
+        # step with a quiet gateway's delta taken as zero, which is GSFS's own premise
+        # (quiet = the global fits it). The gateway trigger below makes that premise
+        # true: a gateway the global stopped fitting speaks. remember_quiet is off:
+        # on IoT-23, remembered models (MIFA model form) froze the run at 0.95 (a
+        # 10 %-weight gateway cannot move a mean of models) and remembered deltas (MIFA
+        # delta form) re-applied 50-step deltas every window; one window fell to 0.46
+        # (that run used the likelihood P).
+        # Trigger (gateway/fl/trigger.py): P = accuracy on the local validation split
+        # (F1 of 3 malicious flows fires on noise, the likelihood fires on confidence
+        # gaps the global never closes: every gateway spoke every version); reference
+        # "upload": a global more than tau_i below what the gateway reached makes it
+        # upload (with the old reset-on-broadcast, the one DDoS gateway stayed quiet
+        # while other windows erased its flows); tau 0.01 with min_flows 5 (a change
+        # must be worth 5 validation flows: the 21-flow honeypot split otherwise fires
+        # on one flow); stay 2: a forgotten gateway also speaks from the next two
+        # versions, so the windows after a conflict hold both sides (IoT-23's 34-1
+        # DDoS and 42-1 benign flows look alike; alternating windows swung the model
+        # 0.38..0.998 on 34-1). P is evaluated once, at the end of the step budget;
+        # the gradient trigger may fire from half-way on. No cooldown.
         return {"rho": 1.0, "eta": 1.0, "staleness_exponent": 1.0, "deadline_s": settings.gsfs_deadline_s,
-                "sample_weighted": True, "coverage_scaled": True, "remember_quiet": True,
-                "trigger": {"tau": 0.02, "ema": 0.9, "k": 4.0, "warmup": max(1, steps // 2), "eval_every": steps,
-                            "cooldown": 1, "cooldown_s": 20.0}}
+                "sample_weighted": True, "coverage_scaled": True, "remember_quiet": False,
+                "trigger": {"tau": 0.01, "ema": 0.9, "k": 4.0, "warmup": max(1, steps // 2), "eval_every": steps,
+                            "reference": "upload", "metric": "accuracy", "min_flows": 5.0, "stay": 2,
+                            "cooldown": 0}}
     if strategy == "fedopt":
         return {"eta": 0.03, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3, "round_timeout_s": settings.round_timeout_s}
     return {"eta": 1.0, "round_timeout_s": settings.round_timeout_s}
@@ -649,7 +656,9 @@ def write_report(report: dict, out: Path) -> None:
               f"Time to target: first round whose central F1 >= {st['target_f1']}. raw/update: raw float32 "
               f"delta bytes over the mean wire bytes of an update. client: each gateway's own model after its "
               f"local training, scored on the pooled test parts (non-IID: a gateway that saw one scenario "
-              f"scores low on the others).", ""]
+              f"scores low on the others). rounds: global versions reached; a GSFS run with fewer than "
+              f"{st['rounds']} stopped because no gateway's trigger fired for {st.get('stall_timeout_s', 45):.0f} s "
+              f"(every gateway's model fits the global within its tau_i): its last global model is final.", ""]
     lines += ["## Gateways", "", "| gateway | training flows (cap) | test flows |", "|---|---|---|"]
     for g in report["gateways"]:
         lines.append(f"| {g['id']} | {g['train_flows']} ({g['train_flows_before_cap']}) | {g['test_flows']} |")
