@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from gateway.flows.blocks import (
     BLOCK_SIZE,
     KIND_ANY,
-    block_packets,
     decode_block,
     packet_shard,
     scan_records,
