@@ -497,7 +497,15 @@ def _frame_batches(frames: Iterable[Frame], stats: CaptureStats, decoder: Packet
     decode = (decoder if probe is None else probe).decode
     index, count = shard if shard is not None else (0, 1)
     batch: list = []
+    seen = 0
     for ts, linktype, frame, wire_len in frames:
+        # batches of ``size`` frames, kept or not: every shard makes the same number of them
+        # (the parent merges them round-robin)
+        seen += 1
+        if seen > size:
+            yield batch
+            batch = []
+            seen = 1
         stats.packets += 1
         stats.bytes += wire_len
         if stats.first_ts is None:
@@ -509,9 +517,6 @@ def _frame_batches(frames: Iterable[Frame], stats: CaptureStats, decoder: Packet
         if count > 1 and packet_shard(pkt.src, pkt.dst, count) != index:
             continue
         batch.append(pkt)
-        if len(batch) >= size:
-            yield batch
-            batch = []
     yield batch
 
 
@@ -882,7 +887,7 @@ def _fewer_gc_passes() -> tuple[int, ...]:
 # ---------------------------------------------------------------------- sharding over processes
 
 # batches a worker may run ahead of the one the parent writes (memory bound of the merge)
-_AHEAD = 8
+_AHEAD = 32
 
 
 def _batch_formatter(fmt: str) -> Callable[[list[ConnRecord]], bytes]:
