@@ -150,6 +150,19 @@ def _be32(u, at):
     return (u[at] << 24) | (u[at + 1] << 16) | (u[at + 2] << 8) | u[at + 3]
 
 
+def _le32(u, at):
+    return u[at] | (u[at + 1] << 8) | (u[at + 2] << 16) | (u[at + 3] << 24)
+
+
+def _ts(u32, u, rec, nano: bool):
+    """Timestamps (float seconds) of the records at ``rec``, as the per-frame reader makes
+    them: float(sec) + frac / 1e6, nanoseconds cut to microseconds as libpcap does."""
+    frac = u32(u, rec + 4)
+    if nano:
+        frac //= 1000
+    return u32(u, rec).astype(np.float64) + frac.astype(np.float64) / 1e6
+
+
 def decode_block(buf: bytes, offsets: list[int], *, little: bool, nano: bool, linktype: int,
                  ignore_checksums: bool, shard: tuple[int, int] | None = None) -> Block:
     """Gather the header fields of the records at ``offsets`` of ``buf`` (a pcap chunk).
@@ -159,22 +172,15 @@ def decode_block(buf: bytes, offsets: list[int], *, little: bool, nano: bool, li
     of the block entirely."""
     u = _Bytes(buf)
     rec = np.asarray(offsets, dtype=np.int64)
-    if little:
-        sec = u[rec] | u[rec + 1] << 8 | u[rec + 2] << 16 | u[rec + 3] << 24
-        frac = u[rec + 4] | u[rec + 5] << 8 | u[rec + 6] << 16 | u[rec + 7] << 24
-        incl = u[rec + 8] | u[rec + 9] << 8 | u[rec + 10] << 16 | u[rec + 11] << 24
-        wire = u[rec + 12] | u[rec + 13] << 8 | u[rec + 14] << 16 | u[rec + 15] << 24
-    else:
-        sec, frac, incl, wire = _be32(u, rec), _be32(u, rec + 4), _be32(u, rec + 8), _be32(u, rec + 12)
-    if nano:
-        frac //= 1000  # libpcap hands Zeek microseconds
-    ts = sec.astype(np.float64) + frac.astype(np.float64) / 1e6  # as float(sec) + frac / 1e6
-    d = rec + 16
+    u32 = _le32 if little else _be32
+    incl, wire = u32(u, rec + 8), u32(u, rec + 12)
     n = len(rec)
-    totals = (n, int(wire.sum()), float(ts[0]), float(ts[-1])) if n else (0, 0, None, None)
+    totals = (n, int(wire.sum()), float(_ts(u32, u, rec[:1], nano)[0]), float(_ts(u32, u, rec[-1:], nano)[0])
+              ) if n else (0, 0, None, None)
+    d = rec + 16
     if linktype != 1:
         kind = np.full(n, KIND_ANY if shard is not None else KIND_OWN, dtype=np.int64)
-        return Block(buf, d, incl, wire, ts, kind, None, *totals)
+        return Block(buf, d, incl, wire, _ts(u32, u, rec, nano), kind, None, *totals)
     # link layer: the decoder's fast path looks at plain, 802.1Q and PPPoE session frames
     et = _be16(u, d + 12)
     vlan = et == 0x8100
@@ -226,9 +232,10 @@ def decode_block(buf: bytes, offsets: list[int], *, little: bool, nano: bool, li
         keep = ~dead
     sel = np.flatnonzero(keep)
     if len(sel) < n:
-        d, incl, wire, ts, ip, et = d[sel], incl[sel], wire[sel], ts[sel], ip[sel], et[sel]
+        d, incl, wire, ip, et = d[sel], incl[sel], wire[sel], ip[sel], et[sel]
         keyed = keyed[sel] if keyed is not None else None
         end_of_frame = d + incl
+    ts = _ts(u32, u, d - 16, nano)  # for the frames kept only
     kind = np.full(len(d), KIND_OWN, dtype=np.int64) if keyed is None else np.where(keyed, KIND_OWN, KIND_ANY)
     cand = (incl >= 54) & (wire <= incl)  # snapped frames take the general path
     # IPv4: 0x45, no fragment bits, total length inside the frame, TCP/UDP
