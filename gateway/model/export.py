@@ -3,25 +3,26 @@
 ``model.onnx`` is produced by optimum's exporter (task ``text-classification``, OPT's
 ONNX config with ``input_ids`` as the only input and a fixed prompt length) from the
 directory's ``config.json`` + ``model.safetensors``.  Its model patcher replaces OPT's
-forward, while tracing, by :func:`prompt_logits`: the same maths written for unpadded
-fixed-length prompts, whose classifier reads the hidden state of the last position only.
-That lets the graph
+forward, while tracing, by :func:`prompt_logits`: the same maths written for
+fixed-length prompts, whose classifier reads the hidden state of one position (the last,
+``[END]``, in a flow prompt).  That lets the graph
 
-* compute the last decoder layer at the last position only (its keys and values still
-  come from every position): about 40 % fewer multiply-adds;
+* compute the last decoder layer at that position only (its keys and values still come
+  from every position): about 40 % fewer multiply-adds;
 * run each attention head on its own contiguous ``(batch, length, head_dim)`` arrays
   from its own projection, so no transposes of ``(batch, length, heads, head_dim)``
   tensors (for a 16-wide head they cost more than the matrix products);
-* do every projection on 2-D ``(batch * length, hidden)`` rows, which ONNX Runtime
-  fuses into ``Gemm`` (bias included) at load time;
-* drop the attention-mask and pooling subgraphs (never padded, ``[END]`` is last).
+* do every projection on 2-D ``(batch * length, hidden)`` rows, as one ``Gemm`` each
+  (bias included);
+* drop the attention-mask subgraph (prompts are never padded); the choice of the
+  pooled position (HF's rightmost non-pad token) stays, a few ops on ``(batch, length)``.
 
 The written graph holds standard ONNX ops only (ONNX Runtime's *basic*, provider
 independent optimisations, applied offline): each session adds the fusions of its own
 execution provider when it loads (``ORT_ENABLE_ALL``: ``FusedMatMul``, ``FusedGemm``
-on CPU), so one file serves CPU and CUDA.  The export checks its logits against the Hugging Face model before writing.
-``model.int8.onnx`` is a dynamic int8 quantisation of that graph
-(``onnxruntime.quantization``).
+on CPU), so one file serves CPU and CUDA.  The export checks its logits against the
+Hugging Face model before writing.  ``model.int8.onnx`` is a dynamic int8 quantisation
+of that graph (``onnxruntime.quantization``).
 """
 
 from __future__ import annotations
