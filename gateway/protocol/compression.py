@@ -1,4 +1,4 @@
-"""Lossy compression of model deltas (int8 with per-row scales, top-k) with error feedback.
+"""Lossy compression of model deltas (int8 per-tensor scale, top-k) with error feedback.
 
 Pure numpy.  ``compress_delta`` turns a delta into the tensors that travel in the
 payload; ``decompress_tensors`` turns them back into float32 deltas and refuses
@@ -8,9 +8,7 @@ several uploads nothing is lost for good.  The residual goes in and out as a val
 
 Payload tensor names (the name of the delta tensor after the colon):
   none  ``name``                       float32 as is
-  int8  ``q:name`` int8, ``s:name`` float32 scale (value = q * scale): one per row of a
-        tensor of 2+ dims (``len(q)`` scales), a scalar for vectors; a receiver
-        accepts either form
+  int8  ``q:name`` int8, ``s:name`` float32 scalar scale (value = q * scale)
   topk  ``i:name`` int32 flat indices, ``v:name`` float32 values, ``n:name`` int64 shape
 """
 
@@ -32,17 +30,9 @@ class Compression(str, Enum):
     TOPK = "topk"
 
 
-def quantize_int8(values: np.ndarray, *, per_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8, value ~ q * scale with scale = max|x| / 127 (0 where all zero):
-    one float32 scale for the tensor, or with ``per_row`` (tensors of 2+ dims) one per
-    row x[i, ...], a float32 vector of ``len(x)`` scales."""
+def quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Symmetric per-tensor int8: scale = max|x| / 127 (0 for an all-zero tensor)."""
     x = np.asarray(values, dtype=np.float32)
-    if per_row and x.ndim >= 2 and x.size:
-        peak = np.max(np.abs(x.reshape(len(x), -1)), axis=1)
-        scale = (peak / np.float32(127.0)).astype(np.float32)
-        safe = np.where(scale > 0, scale, np.float32(1.0)).reshape((-1,) + (1,) * (x.ndim - 1))
-        q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)  # all-zero rows stay 0
-        return q, scale
     peak = float(np.max(np.abs(x))) if x.size else 0.0
     scale = np.float32(peak / 127.0) if peak > 0 else np.float32(0.0)
     if scale == 0:
@@ -51,12 +41,8 @@ def quantize_int8(values: np.ndarray, *, per_row: bool = False) -> tuple[np.ndar
     return q, scale
 
 
-def dequantize_int8(q: np.ndarray, scale) -> np.ndarray:
-    """q * scale; a vector of scales applies one per row (see :func:`quantize_int8`)."""
-    s = np.asarray(scale, dtype=np.float32)
-    if s.ndim:
-        s = s.reshape((-1,) + (1,) * (q.ndim - 1))
-    return q.astype(np.float32) * s
+def dequantize_int8(q: np.ndarray, scale: float) -> np.ndarray:
+    return q.astype(np.float32) * np.float32(scale)
 
 
 def topk_select(values: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -97,10 +83,7 @@ def compress_delta(
             packed[name] = np.ascontiguousarray(corrected)
             new_residual[name] = np.zeros_like(corrected)
         elif method is Compression.INT8:
-            # per-row scales: a row-wise update (an embedding row of a token only some
-            # flows use, one output unit) is not rounded to zero by another row's peak;
-            # 4 bytes per row (~12 % of the student's int8 payload) buy that
-            q, scale = quantize_int8(corrected, per_row=True)
+            q, scale = quantize_int8(corrected)
             packed["q:" + name] = q
             packed["s:" + name] = np.asarray(scale, dtype=np.float32)
             new_residual[name] = corrected - dequantize_int8(q, scale)
@@ -139,15 +122,11 @@ def decompress_tensors(
             if set(parts) != {"q", "s"}:
                 raise _bad(f"int8 tensor {name!r} needs q: and s: parts, got {sorted(parts)}")
             q, s = parts["q"], parts["s"]
-            if q.dtype != np.int8 or s.dtype != np.float32:
+            if q.dtype != np.int8 or s.dtype != np.float32 or s.shape != ():
                 raise EnvelopeError(RejectReason.DTYPES, f"int8 tensor {name!r}: bad part dtypes")
-            # one scale, or one per row of a tensor of 2+ dims
-            if s.shape != () and not (s.ndim == 1 and q.ndim >= 2 and s.shape[0] == q.shape[0]):
-                raise EnvelopeError(RejectReason.SHAPES, f"int8 tensor {name!r}: scale shape {s.shape} "
-                                                         f"does not fit {q.shape}")
-            if not np.all(np.isfinite(s)) or np.any(s < 0):
-                raise EnvelopeError(RejectReason.NON_FINITE, f"int8 scale of {name!r} is not finite and >= 0")
-            out[name] = dequantize_int8(q, s)
+            if not np.isfinite(s) or s < 0:
+                raise EnvelopeError(RejectReason.NON_FINITE, f"int8 scale of {name!r} is {s}")
+            out[name] = dequantize_int8(q, float(s))
         else:
             if set(parts) != {"i", "v", "n"}:
                 raise _bad(f"top-k tensor {name!r} needs i:, v:, n: parts, got {sorted(parts)}")
