@@ -7,7 +7,7 @@ PURE: bytes in, a validated :class:`Control` out (or :class:`ControlError`). JSO
      "version": 3,              # the current global model version
      "round": 4,                # FedAvg/FedOpt: the open round (0: none open)
      "selected": ["gw-a", ...], # FedAvg/FedOpt: who should answer (null: everyone)
-     "local": {"epochs": 1, "max_steps": 50, "lr": 0.003, "batch_size": 64,
+     "local": {"epochs": 1, "max_steps": 50, "lr": 0.003, "lr_decay": 1.0, "batch_size": 64,
                "compression": "none", "topk_fraction": 0.01},
      "trigger": {"tau": 0.01, "ema": 0.9, "k": 3, "warmup": 20, "eval_every": 25}}
 
@@ -42,6 +42,7 @@ class LocalSettings:
     epochs: int | None = None
     max_steps: int | None = None
     lr: float | None = None
+    lr_decay: float | None = None
     batch_size: int | None = None
     compression: Compression | None = None
     topk_fraction: float | None = None
@@ -130,6 +131,7 @@ def parse_control(data: bytes) -> Control:
             epochs=_int(local, "epochs", minimum=1),
             max_steps=_int(local, "max_steps", minimum=1),
             lr=_float(local, "lr", lo=0.0, hi=10.0),
+            lr_decay=_float(local, "lr_decay", lo=0.0, hi=1.0),
             batch_size=_int(local, "batch_size", minimum=1),
             compression=comp,
             topk_fraction=_float(local, "topk_fraction", lo=0.0, hi=1.0),

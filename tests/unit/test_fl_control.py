@@ -14,7 +14,7 @@ from gateway.protocol.compression import Compression
 
 def test_round_trip():
     c = Control(strategy="fedavg", version=3, round=4, selected=frozenset({"gw-a", "gw-b"}),
-                local=LocalSettings(epochs=2, lr=0.01, compression=Compression.INT8),
+                local=LocalSettings(epochs=2, lr=0.01, lr_decay=0.8, compression=Compression.INT8),
                 trigger={"tau": 0.05})
     back = parse_control(encode_control(c))
     assert back == c
@@ -46,6 +46,8 @@ def test_unknown_top_level_keys_are_ignored():
         {"strategy": "gsfs", "local": {"lr": 0}},
         {"strategy": "gsfs", "local": {"lr": float("inf")}},
         {"strategy": "gsfs", "local": {"epochs": 0}},
+        {"strategy": "gsfs", "local": {"lr_decay": 0}},
+        {"strategy": "gsfs", "local": {"lr_decay": 1.5}},
         {"strategy": "gsfs", "local": {"compression": "gzip"}},
         {"strategy": "gsfs", "local": []},
         {"strategy": "gsfs", "trigger": {"ema": 1.5}},

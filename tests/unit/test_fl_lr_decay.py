@@ -1,0 +1,25 @@
+"""Local learning-rate decay per global version (pure arithmetic and settings checks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.fl.client import ClientConfigError, ClientSettings, decayed_lr
+
+
+def test_decayed_lr_by_hand():
+    assert decayed_lr(2e-3, 1.0, 9) == 2e-3  # default: constant
+    assert decayed_lr(2e-3, 0.8, 0) == 2e-3
+    assert decayed_lr(2e-3, 0.8, 1) == pytest.approx(1.6e-3)
+    assert decayed_lr(2e-3, 0.8, 3) == pytest.approx(2e-3 * 0.512)
+    assert decayed_lr(2e-3, 0.5, -1) == 2e-3  # no version yet counts as version 0
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.01, float("nan")])
+def test_client_settings_refuse_bad_decay(bad):
+    with pytest.raises(ClientConfigError):
+        ClientSettings(gateway_id="gw1", lr_decay=bad)
+
+
+def test_client_settings_default_is_constant():
+    assert ClientSettings(gateway_id="gw1").lr_decay == 1.0
