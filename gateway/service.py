@@ -479,7 +479,8 @@ class GatewayService:
             return None
         settings = ClientSettings(gateway_id=cfg.gateway.id, strategy=cfg.fl.strategy,
                                   local_epochs=cfg.fl.local_epochs, max_local_steps=cfg.fl.max_local_steps,
-                                  batch_size=cfg.fl.batch_size, lr=cfg.fl.lr, compression=cfg.fl.compression,
+                                  batch_size=cfg.fl.batch_size, lr=cfg.fl.lr, lr_decay=cfg.fl.lr_decay,
+                                  compression=cfg.fl.compression,
                                   status_interval_s=cfg.fl.status_interval_s)
         service = self
 
