@@ -147,6 +147,9 @@ def test_fedgate_gateway_run_process_stops_cleanly_on_sigterm(tmp_path, broker):
         assert wait_until(lambda: (listener.last_status() or {}).get("state") == "offline", 10)
         writer.wait(timeout=60)
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        # the first run may have stored every line while it drained: wait until the
+        # restarted gateway says it is online, or SIGTERM can beat its signal handler
+        assert wait_until(lambda: (listener.last_status() or {}).get("state") == "online", 60)
         assert wait_until(lambda: store_counts(url)[0] == 2400, 60), store_counts(url)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
