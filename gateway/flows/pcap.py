@@ -232,6 +232,14 @@ def iter_frames(fileobj: BinaryIO, stats: CaptureStats | None = None) -> Iterato
     :class:`UnsupportedLinkTypeError` for link types we cannot decode.
     """
     stats = stats if stats is not None else CaptureStats()
+    yield from _by_format(fileobj, stats,
+                          pcap=lambda f, name: _iter_pcap(f, name, stats),
+                          pcapng=lambda f, name: _iter_pcapng(f, name, stats))
+
+
+def _by_format(fileobj: BinaryIO, stats: CaptureStats, *, pcap, pcapng) -> Iterator:
+    """Open ``fileobj`` (gunzipped when it is gzip), hand it to ``pcap(f, name)`` or
+    ``pcapng(f, name)`` by its magic, and record a gzip stream cut short as truncation."""
     name = _source_name(fileobj)
     try:
         f = _open_maybe_gzip(fileobj)
@@ -240,9 +248,9 @@ def iter_frames(fileobj: BinaryIO, stats: CaptureStats | None = None) -> Iterato
         raise NotACaptureError(f"{name}: not a pcap/pcapng file ({exc})") from exc
     try:
         if head in PCAP_MAGICS:
-            yield from _iter_pcap(f, name, stats)
+            yield from pcap(f, name)
         elif head == PCAPNG_SHB:
-            yield from _iter_pcapng(f, name, stats)
+            yield from pcapng(f, name)
         else:
             raise NotACaptureError(
                 f"{name}: not a pcap/pcapng file (starts with {head[:4].hex() or 'nothing'})"
@@ -417,24 +425,10 @@ def iter_packet_batches(
     at, see :func:`gateway.flows.blocks.block_packets`).  ``stats`` counts every frame of
     the file (packets, bytes, first/last time) and truncation warnings; the decoder counts
     skipped packets.  Errors as :func:`iter_frames`."""
-    name = _source_name(fileobj)
-    try:
-        f = _open_maybe_gzip(fileobj)
-        head = _peek(f, 4)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise NotACaptureError(f"{name}: not a pcap/pcapng file ({exc})") from exc
-    try:
-        if head in PCAP_MAGICS:
-            yield from _pcap_batches(f, name, stats, decoder, probe, shard)
-        elif head == PCAPNG_SHB:
-            yield from _frame_batches(_iter_pcapng(f, name, stats), stats, decoder, probe, shard)
-        else:
-            raise NotACaptureError(
-                f"{name}: not a pcap/pcapng file (starts with {head[:4].hex() or 'nothing'})"
-            )
-    finally:
-        if isinstance(f, _Gunzip) and f.truncated and not stats.truncated:
-            _truncated(stats, name, f.error or "compressed stream cut short")
+    yield from _by_format(
+        fileobj, stats,
+        pcap=lambda f, name: _pcap_batches(f, name, stats, decoder, probe, shard),
+        pcapng=lambda f, name: _frame_batches(_iter_pcapng(f, name, stats), stats, decoder, probe, shard))
 
 
 def _read_exactly(f, n: int) -> bytes:
