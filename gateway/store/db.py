@@ -97,6 +97,26 @@ def _alembic_config(connection, migrations_dir: Path = MIGRATIONS_DIR):
     return cfg
 
 
+def run_env_migrations(metadata, *, version_table: str = VERSION_TABLE) -> None:
+    """The body of an Alembic ``env.py`` (gateway and aggregator stores): run the
+    migrations on the connection :func:`upgrade_to_head` hands in."""
+    from alembic import context
+
+    connection = context.config.attributes.get("connection")
+    if connection is None:  # pragma: no cover - offline SQL generation is not supported
+        raise RuntimeError("fedgate migrations run online only, via gateway.store.db.upgrade_to_head")
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        version_table=version_table,
+        # SQLite cannot ALTER most things; batch mode rebuilds tables where needed.
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def upgrade_to_head(engine: Engine, *, migrations_dir: Path = MIGRATIONS_DIR,
                     version_table: str = VERSION_TABLE) -> None:
     """Create or upgrade the schema to the newest migration (idempotent).  The other
