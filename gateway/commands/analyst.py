@@ -149,6 +149,7 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
       fedgate replay --strict --json /var/log/zeek/conn.2026-11-24-14-00-00.log.gz
       fedgate replay --model models/default capture.pcap
     """
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gateway.ingest import ReplayError, replay as run_replay
@@ -157,7 +158,7 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
     with _store(db_url) as factory:
         progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-            console=None, transient=True, disable=not sys.stderr.isatty(),
+            console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty(),
         )
         tasks: dict[str, int] = {}
 

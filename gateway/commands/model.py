@@ -18,11 +18,13 @@ DATA_HELP = "Data directory or labelled conn.log (repeatable); every conn.log.la
 
 
 def _progress():
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # stderr: stdout carries the table or the --json document, nothing else
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        transient=False,
+        console=Console(stderr=True), transient=False,
     )
 
 

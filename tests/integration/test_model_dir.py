@@ -182,7 +182,7 @@ def test_base_model_from_a_local_opt_checkpoint(tmp_path, data_dir):
     result = CliRunner().invoke(main, ["model", "train", "--data", str(data_dir), "--out", str(out),
                                        "--base-model", str(base), "--epochs", "2", "--json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output.strip().splitlines()[-1])
+    summary = json.loads(result.stdout)
     assert summary["version"].startswith("student-")
     info = validate_model_dir(out)
     assert info.config["hidden_size"] == 16 and info.config["num_hidden_layers"] == 1
@@ -207,7 +207,7 @@ def test_cli_export_and_evaluate(trained, data_dir, tmp_path):
     res = runner.invoke(main, ["model", "evaluate", "--model", str(d), "--model", str(teacher.path),
                                "--data", str(data_dir), "--json"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output.strip().splitlines()[-1])
+    report = json.loads(res.stdout)
     names = [r["model"] for r in report["rows"]]
     assert names[-1] == "random forest" and any("int8" in n for n in names) and any("torch" in n for n in names)
     for row in report["rows"]:
@@ -227,7 +227,7 @@ def test_cli_scenario_split(trained, data_dir):
     res = CliRunner().invoke(main, ["model", "evaluate", "--model", str(student.path), "--data", str(data_dir),
                                     "--split", "scenario", "--epochs", "2", "--json"])
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.output.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"{c} in JSON"))["rows"]
+    rows = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))["rows"]
     assert sorted(r["held_out"] for r in rows) == sorted(SCENARIOS)
     assert all(0 <= r["student_accuracy"] <= 1 and 0 <= r["rf_accuracy"] <= 1 for r in rows)
 
