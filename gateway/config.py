@@ -248,6 +248,7 @@ class FlSection:
     strategy ["gsfs"]: until the aggregator's control topic says otherwise.
     local_epochs [1], max_local_steps [50], batch_size [64], lr [0.003]: local training.
     lr_decay [1.0]: the local rate on global version v is lr * lr_decay**v, in (0, 1].
+    prox_mu [0.0]: FedProx proximal term mu/2 * ||w - w_global||^2 in the local loss.
     compression ["none"]: none, int8 or topk for uploaded deltas.
     status_interval_s [5.0]: retained status refresh period.
     threads [1]: torch threads for local training (keeps a core for detection).
@@ -260,6 +261,7 @@ class FlSection:
     batch_size: int = 64
     lr: float = 3e-3
     lr_decay: float = 1.0
+    prox_mu: float = 0.0
     compression: str = "none"
     status_interval_s: float = 5.0
     threads: int = 1
@@ -271,6 +273,7 @@ class FlSection:
             _require(getattr(self, name) >= 1, f"fl.{name}", "must be >= 1")
         _require(0 < self.lr <= 10, "fl.lr", "must be in (0, 10]")
         _require(0 < self.lr_decay <= 1, "fl.lr_decay", "must be in (0, 1]")
+        _require(0 <= self.prox_mu <= 1000, "fl.prox_mu", "must be in [0, 1000]")
         _require(self.status_interval_s > 0, "fl.status_interval_s", "must be > 0")
 
 

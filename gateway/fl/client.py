@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway.fl.control import Control, ControlError, parse_control
+from gateway.fl.control import MAX_PROX_MU, Control, ControlError, parse_control
 from gateway.fl.learner import TorchLearner, steps_per_epoch
 from gateway.fl.link import Acked, GatewayLink, LinkDown, LinkUp
 from gateway.fl.localdata import load_labelled
@@ -101,6 +101,11 @@ class ClientSettings:
                         clients (Li et al., ICLR 2020); with a constant one each round
                         pulls the global model as far towards the sampled clients
                         as the first did, and the central metric keeps swinging
+    prox_mu             FedProx proximal term mu/2 * ||w - w_global||^2 added to the local
+                        loss, >= 0 (default 0.0: plain local training). It bounds client
+                        drift on non-IID data (Li et al., MLSys 2020): a gateway whose
+                        data the global already fits stops pulling the shared weights
+                        towards its own labels once its data gradient is small
     val_fraction        local validation share, stratified (default 0.2)
     seed                data split and training seed (default 0)
     compression         none | int8 | topk for uploaded deltas (default none)
@@ -118,6 +123,7 @@ class ClientSettings:
     batch_size: int = 64
     lr: float = 3e-3
     lr_decay: float = 1.0
+    prox_mu: float = 0.0
     val_fraction: float = 0.2
     seed: int = 0
     compression: Compression = Compression.NONE
@@ -139,6 +145,8 @@ class ClientSettings:
             raise ClientConfigError(f"lr must be in (0, 10], got {self.lr}")
         if not 0 < self.lr_decay <= 1:
             raise ClientConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if not 0 <= self.prox_mu <= MAX_PROX_MU:
+            raise ClientConfigError(f"prox_mu must be in [0, {MAX_PROX_MU:g}], got {self.prox_mu}")
         if not 0 < self.val_fraction < 1:
             raise ClientConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.topk_fraction <= 1:
@@ -197,7 +205,7 @@ class FLClient:
         self.strategy = settings.strategy
         self.local = {
             "epochs": settings.local_epochs, "max_steps": settings.max_local_steps, "lr": settings.lr,
-            "lr_decay": settings.lr_decay, "batch_size": settings.batch_size, "compression": settings.compression,
+            "lr_decay": settings.lr_decay, "prox_mu": settings.prox_mu, "batch_size": settings.batch_size, "compression": settings.compression,
             "topk_fraction": settings.topk_fraction,
         }
         self.spec = spec_of(learner.weights())
@@ -496,6 +504,7 @@ class FLClient:
         total_steps = min(cap, epochs * steps_per_epoch(len(data), bs))
         try:
             self.learner.train(data, epochs=epochs, lr=self._session_lr(), batch_size=bs,
+                               prox_mu=float(self.local["prox_mu"]),
                                seed=self.settings.seed + (self.version or 0), on_step=on_step)
         except _StopTraining:
             pass
@@ -522,7 +531,7 @@ class FLClient:
                 self.counters.train_steps += 1
 
             self.learner.train(data, epochs=epochs, lr=self._session_lr(),
-                               batch_size=int(self.local["batch_size"]),
+                               batch_size=int(self.local["batch_size"]), prox_mu=float(self.local["prox_mu"]),
                                seed=self.settings.seed + round_, on_step=on_step)
             self._upload(round_=round_, data=data, metrics={"val_metric": self._val_metric()})
         finally:

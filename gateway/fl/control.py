@@ -7,7 +7,7 @@ PURE: bytes in, a validated :class:`Control` out (or :class:`ControlError`). JSO
      "version": 3,              # the current global model version
      "round": 4,                # FedAvg/FedOpt: the open round (0: none open)
      "selected": ["gw-a", ...], # FedAvg/FedOpt: who should answer (null: everyone)
-     "local": {"epochs": 1, "max_steps": 50, "lr": 0.003, "lr_decay": 1.0, "batch_size": 64,
+     "local": {"epochs": 1, "max_steps": 50, "lr": 0.003, "lr_decay": 1.0, "prox_mu": 0.0, "batch_size": 64,
                "compression": "none", "topk_fraction": 0.01},
      "trigger": {"tau": 0.01, "ema": 0.9, "k": 3, "warmup": 20, "eval_every": 25}}
 
@@ -29,6 +29,7 @@ from gateway.protocol.topics import TopicError, check_gateway_id
 
 STRATEGIES = ("gsfs", "fedavg", "fedopt")
 MAX_CONTROL_BYTES = 64 * 1024
+MAX_PROX_MU = 1000.0  # beyond this the proximal term freezes local training outright
 
 
 class ControlError(ValueError):
@@ -43,6 +44,7 @@ class LocalSettings:
     max_steps: int | None = None
     lr: float | None = None
     lr_decay: float | None = None
+    prox_mu: float | None = None
     batch_size: int | None = None
     compression: Compression | None = None
     topk_fraction: float | None = None
@@ -74,12 +76,13 @@ def _int(d: dict, key: str, *, minimum: int = 0) -> int | None:
     return v
 
 
-def _float(d: dict, key: str, *, lo: float, hi: float) -> float | None:
+def _float(d: dict, key: str, *, lo: float, hi: float, lo_closed: bool = False) -> float | None:
     v = d.get(key)
     if v is None:
         return None
-    if type(v) not in (int, float) or not math.isfinite(v) or not lo < v <= hi:
-        raise ControlError(f"{key!r} must be a number in ({lo}, {hi}]")
+    numeric = type(v) in (int, float) and math.isfinite(v)
+    if not numeric or not ((lo <= v) if lo_closed else (lo < v)) or v > hi:
+        raise ControlError(f"{key!r} must be a number in {'[' if lo_closed else '('}{lo}, {hi}]")
     return float(v)
 
 
@@ -132,6 +135,7 @@ def parse_control(data: bytes) -> Control:
             max_steps=_int(local, "max_steps", minimum=1),
             lr=_float(local, "lr", lo=0.0, hi=10.0),
             lr_decay=_float(local, "lr_decay", lo=0.0, hi=1.0),
+            prox_mu=_float(local, "prox_mu", lo=0.0, hi=MAX_PROX_MU, lo_closed=True),
             batch_size=_int(local, "batch_size", minimum=1),
             compression=comp,
             topk_fraction=_float(local, "topk_fraction", lo=0.0, hi=1.0),

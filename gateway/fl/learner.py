@@ -53,10 +53,11 @@ class TorchLearner:
         return ds.dedupe()
 
     def train(self, data: FlowDataset, *, epochs: int, lr: float, seed: int, batch_size: int,
-              on_step: StepFn | None = None) -> int:
-        """Local training in place; returns the number of optimiser steps."""
+              prox_mu: float = 0.0, on_step: StepFn | None = None) -> int:
+        """Local training in place (``prox_mu``: FedProx's proximal term towards the
+        weights training starts from); returns the number of optimiser steps."""
         return train_epochs(self.model, data, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
-                            on_step=on_step).steps
+                            prox_mu=prox_mu, on_step=on_step).steps
 
     def evaluate(self, data: FlowDataset) -> dict[str, float]:
         """Binary accuracy/precision/recall/F1 (malicious = positive) and macro-F1."""

@@ -88,6 +88,7 @@ def train_epochs(
     teacher_logits: np.ndarray | None = None,
     temperature: float = 2.0,
     alpha: float = 0.7,
+    prox_mu: float = 0.0,
     on_step: StepCallback | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
@@ -96,13 +97,18 @@ def train_epochs(
     With ``teacher_logits`` (``float[N, C]``, rows aligned with ``dataset``) the loss is
     distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``.
     ``on_step`` receives per-layer gradient norms (for the GSFS gradient trigger);
-    ``on_epoch(epoch, mean_loss)`` drives progress bars.  ``threads`` sets torch's
+    ``on_epoch(epoch, mean_loss)`` drives progress bars.  ``prox_mu`` > 0 adds FedProx's
+    proximal term ``prox_mu / 2 * ||w - w_start||^2`` (w_start: the weights the call
+    began with, i.e. the global model in federated learning), which bounds how far a
+    client with non-IID data drifts from the global model in one session.  ``threads`` sets torch's
     intra-op threads for the call (``None``: leave as is).  The model is left in eval mode.
     """
     if epochs < 0 or lr <= 0 or batch_size < 1:
         raise ValueError("epochs must be >= 0, lr > 0 and batch_size >= 1")
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise ValueError("alpha must be in [0, 1] and temperature > 0")
+    if not 0.0 <= prox_mu < math.inf:
+        raise ValueError("prox_mu must be finite and >= 0")
     if teacher_logits is not None and len(teacher_logits) != len(dataset):
         raise ValueError("teacher_logits must have one row per dataset row")
     result = TrainResult()
@@ -113,7 +119,7 @@ def train_epochs(
         return _train(
             model, dataset, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
             weight_decay=weight_decay, weights=row_weights(dataset, weight_power, class_power),
-            teacher_logits=teacher_logits, temperature=temperature, alpha=alpha,
+            teacher_logits=teacher_logits, temperature=temperature, alpha=alpha, prox_mu=prox_mu,
             on_step=on_step, on_epoch=on_epoch, result=result,
         )
 
@@ -160,8 +166,10 @@ def torch_threads(n: int | None):
 
 
 def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weights, teacher_logits,
-           temperature, alpha, on_step, on_epoch, result) -> TrainResult:
+           temperature, alpha, prox_mu, on_step, on_epoch, result) -> TrainResult:
     gen = _seed_all(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
     ids = torch.from_numpy(dataset.ids)
     mask = torch.ones_like(ids)
     y = torch.from_numpy(dataset.y)
@@ -187,6 +195,8 @@ def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weight
             else:
                 per_row = ce
             loss = (per_row * wb).sum() / wb.sum().clamp_min(1e-12)
+            if anchor is not None:
+                loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -85,6 +85,7 @@ def test_example_config_is_valid():
         (("[source]", "[inference]\nalert_threshold = 1.5\n[source]"), "inference.alert_threshold", "[0, 1]"),
         (("[source]", "[inference]\nprovider = 'tpu'\n[source]"), "inference.provider", "one of"),
         (("[source]", "[fl]\nstrategy = 'fedsgd'\n[source]"), "fl.strategy", "one of"),
+        (("[source]", "[fl]\nprox_mu = -1.0\n[source]"), "fl.prox_mu", "[0, 1000]"),
         (("[source]", "[http]\nlisten = 'localhost'\n[source]"), "http.listen", "host:port"),
         (("[source]", "[mqtt]\ncert_file = 'c.pem'\n[source]"), "mqtt.cert_file", "both"),
         (("[source]", "[metrics]\nport = 1\n[source]"), "metrics", "unknown section"),

@@ -14,7 +14,7 @@ from gateway.protocol.compression import Compression
 
 def test_round_trip():
     c = Control(strategy="fedavg", version=3, round=4, selected=frozenset({"gw-a", "gw-b"}),
-                local=LocalSettings(epochs=2, lr=0.01, lr_decay=0.8, compression=Compression.INT8),
+                local=LocalSettings(epochs=2, lr=0.01, lr_decay=0.8, prox_mu=0.0, compression=Compression.INT8),
                 trigger={"tau": 0.05})
     back = parse_control(encode_control(c))
     assert back == c
@@ -25,6 +25,11 @@ def test_minimal_message_keeps_defaults():
     c = parse_control(b'{"strategy": "gsfs"}')
     assert c.version is None and c.round == 0 and c.selected is None and c.selects("anyone")
     assert c.local == LocalSettings() and c.trigger == {} and not c.synchronous
+
+
+def test_prox_mu_zero_is_allowed_and_kept():
+    assert parse_control(b'{"strategy": "fedavg", "local": {"prox_mu": 0}}').local.prox_mu == 0.0
+    assert parse_control(b'{"strategy": "fedavg", "local": {"prox_mu": 0.5}}').local.prox_mu == 0.5
 
 
 def test_unknown_top_level_keys_are_ignored():
@@ -48,6 +53,9 @@ def test_unknown_top_level_keys_are_ignored():
         {"strategy": "gsfs", "local": {"epochs": 0}},
         {"strategy": "gsfs", "local": {"lr_decay": 0}},
         {"strategy": "gsfs", "local": {"lr_decay": 1.5}},
+        {"strategy": "gsfs", "local": {"prox_mu": -0.1}},
+        {"strategy": "gsfs", "local": {"prox_mu": 1e9}},
+        {"strategy": "gsfs", "local": {"prox_mu": "1"}},
         {"strategy": "gsfs", "local": {"compression": "gzip"}},
         {"strategy": "gsfs", "local": []},
         {"strategy": "gsfs", "trigger": {"ema": 1.5}},

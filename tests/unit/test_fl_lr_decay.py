@@ -1,4 +1,5 @@
-"""Local learning-rate decay per global version (pure arithmetic and settings checks)."""
+"""Local learning-rate decay per global version and the FedProx term (pure arithmetic and
+settings checks)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,14 @@ def test_client_settings_refuse_bad_decay(bad):
 
 def test_client_settings_default_is_constant():
     assert ClientSettings(gateway_id="gw1").lr_decay == 1.0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1001.0, float("nan")])
+def test_client_settings_refuse_bad_prox_mu(bad):
+    with pytest.raises(ClientConfigError):
+        ClientSettings(gateway_id="gw1", prox_mu=bad)
+
+
+def test_client_settings_prox_mu_defaults_to_plain_local_training():
+    assert ClientSettings(gateway_id="gw1").prox_mu == 0.0
+    assert ClientSettings(gateway_id="gw1", prox_mu=0.1).prox_mu == 0.1

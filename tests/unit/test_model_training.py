@@ -77,6 +77,29 @@ def test_distillation_loss_runs_and_validates(setup):
         train_epochs(student, ds, epochs=1, lr=1e-2, seed=4, alpha=2.0)
 
 
+def _distance(a: dict, b: dict) -> float:
+    return float(np.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
+
+
+def test_proximal_term_keeps_local_training_near_its_start(setup):
+    tok, labels, ds = setup
+    start = state_to_numpy(build_model(TINY, tok, labels, seed=5))
+    moved = {}
+    for mu in (0.0, 1.0, 100.0):
+        m = build_model(TINY, tok, labels, seed=5)
+        train_epochs(m, ds, epochs=5, lr=1e-2, seed=5, batch_size=16, prox_mu=mu)
+        moved[mu] = _distance(state_to_numpy(m), start)
+    # FedProx: the stronger the pull towards the starting (global) weights, the less
+    # local training moves them; mu = 0 is plain training
+    assert moved[0.0] > moved[1.0] > moved[100.0] > 0
+    plain = build_model(TINY, tok, labels, seed=5)
+    train_epochs(plain, ds, epochs=5, lr=1e-2, seed=5, batch_size=16)
+    assert _distance(state_to_numpy(plain), start) == moved[0.0]
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="prox_mu"):
+            train_epochs(plain, ds, epochs=1, lr=1e-2, seed=5, prox_mu=bad)
+
+
 def test_numpy_state_round_trip_and_mismatches(setup):
     tok, labels, ds = setup
     a = build_model(TINY, tok, labels, seed=1)
