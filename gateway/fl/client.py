@@ -205,8 +205,8 @@ class FLClient:
         self.strategy = settings.strategy
         self.local = {
             "epochs": settings.local_epochs, "max_steps": settings.max_local_steps, "lr": settings.lr,
-            "lr_decay": settings.lr_decay, "prox_mu": settings.prox_mu, "batch_size": settings.batch_size, "compression": settings.compression,
-            "topk_fraction": settings.topk_fraction,
+            "lr_decay": settings.lr_decay, "prox_mu": settings.prox_mu, "batch_size": settings.batch_size,
+            "compression": settings.compression, "topk_fraction": settings.topk_fraction,
         }
         self.spec = spec_of(learner.weights())
         self.version: int | None = None

@@ -100,8 +100,8 @@ def train_epochs(
     ``on_epoch(epoch, mean_loss)`` drives progress bars.  ``prox_mu`` > 0 adds FedProx's
     proximal term ``prox_mu / 2 * ||w - w_start||^2`` (w_start: the weights the call
     began with, i.e. the global model in federated learning), which bounds how far a
-    client with non-IID data drifts from the global model in one session.  ``threads`` sets torch's
-    intra-op threads for the call (``None``: leave as is).  The model is left in eval mode.
+    client with non-IID data drifts from the global model in one session.  ``threads``
+    sets torch's intra-op threads for the call (``None``: leave as is).  The model is left in eval mode.
     """
     if epochs < 0 or lr <= 0 or batch_size < 1:
         raise ValueError("epochs must be >= 0, lr > 0 and batch_size >= 1")
