@@ -33,6 +33,8 @@ from pathlib import Path
 
 import click
 
+from gateway.fl.control import MAX_PROX_MU
+
 log = logging.getLogger(__name__)
 
 STRATEGY_NAMES = ("gsfs", "fedavg", "fedopt")
@@ -59,8 +61,8 @@ class ExperimentSettings:
     batch_size      (default 64)
     lr              local learning rate (default 2e-3)
     lr_decay        local learning rate on global version v: lr * lr_decay**v, in (0, 1]
-    prox_mu         FedProx proximal term of local training, mu/2 * ||w - w_global||^2 (default 0)
                     (default 1.0: constant)
+    prox_mu         FedProx proximal term of local training, mu/2 * ||w - w_global||^2 (default 0)
     target_f1       F1 for the "time to target" column (default 0.99)
     round_timeout_s FedAvg/FedOpt: a round aggregates what arrived after this long (default 120)
     stall_timeout_s a run ends early when no new global version came for this long: under
@@ -108,8 +110,8 @@ class ExperimentSettings:
             raise ValueError("test_fraction must be in (0, 1)")
         if not 0 < self.lr_decay <= 1:
             raise ValueError("lr_decay must be in (0, 1]")
-        if not 0 <= self.prox_mu <= 1000:
-            raise ValueError("prox_mu must be in [0, 1000]")
+        if not 0 <= self.prox_mu <= MAX_PROX_MU:
+            raise ValueError(f"prox_mu must be in [0, {MAX_PROX_MU:g}]")
         if self.max_train_flows < 10:
             raise ValueError("max_train_flows must be >= 10")
         if self.dp_noise is not None and self.dp_noise <= 0:
@@ -753,7 +755,7 @@ QUICK = {"rounds": 2, "max_train_flows": 2000, "max_local_steps": 20, "local_epo
 @click.option("--lr", default=2e-3, show_default=True, type=float)
 @click.option("--lr-decay", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Local learning rate on global version v: lr * lr-decay**v.")
-@click.option("--prox-mu", default=0.0, show_default=True, type=click.FloatRange(0, 1000),
+@click.option("--prox-mu", default=0.0, show_default=True, type=click.FloatRange(0, MAX_PROX_MU),
               help="FedProx proximal term of local training: mu/2 * ||w - w_global||^2.")
 @click.option("--target-f1", default=0.99, show_default=True, type=float)
 @click.option("--quick", is_flag=True, help="Tiny settings (2 rounds, small data): demos and tests.")

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.fl.control import MAX_PROX_MU
 from gateway.protocol import topics
 
 ENV_PREFIX = "FEDGATE__"
@@ -273,7 +274,7 @@ class FlSection:
             _require(getattr(self, name) >= 1, f"fl.{name}", "must be >= 1")
         _require(0 < self.lr <= 10, "fl.lr", "must be in (0, 10]")
         _require(0 < self.lr_decay <= 1, "fl.lr_decay", "must be in (0, 1]")
-        _require(0 <= self.prox_mu <= 1000, "fl.prox_mu", "must be in [0, 1000]")
+        _require(0 <= self.prox_mu <= MAX_PROX_MU, "fl.prox_mu", f"must be in [0, {MAX_PROX_MU:g}]")
         _require(self.status_interval_s > 0, "fl.status_interval_s", "must be > 0")
 
 
