@@ -250,6 +250,8 @@ class FlSection:
     local_epochs [1], max_local_steps [50], batch_size [64], lr [0.003]: local training.
     lr_decay [1.0]: the local rate on global version v is lr * lr_decay**v, in (0, 1].
     prox_mu [0.0]: FedProx proximal term mu/2 * ||w - w_global||^2 in the local loss.
+    missing_class_scale [1.0]: FedRS; local training multiplies the logits of classes
+        this gateway has no flow of by this, in [0, 1] (1 = plain softmax).
     compression ["none"]: none, int8 or topk for uploaded deltas.
     status_interval_s [5.0]: retained status refresh period.
     threads [1]: torch threads for local training (keeps a core for detection).
@@ -263,6 +265,7 @@ class FlSection:
     lr: float = 3e-3
     lr_decay: float = 1.0
     prox_mu: float = 0.0
+    missing_class_scale: float = 1.0
     compression: str = "none"
     status_interval_s: float = 5.0
     threads: int = 1
@@ -275,6 +278,7 @@ class FlSection:
         _require(0 < self.lr <= 10, "fl.lr", "must be in (0, 10]")
         _require(0 < self.lr_decay <= 1, "fl.lr_decay", "must be in (0, 1]")
         _require(0 <= self.prox_mu <= MAX_PROX_MU, "fl.prox_mu", f"must be in [0, {MAX_PROX_MU:g}]")
+        _require(0 <= self.missing_class_scale <= 1, "fl.missing_class_scale", "must be in [0, 1]")
         _require(self.status_interval_s > 0, "fl.status_interval_s", "must be > 0")
 
 

@@ -106,6 +106,11 @@ class ClientSettings:
                         drift on non-IID data (Li et al., MLSys 2020): a gateway whose
                         data the global already fits stops pulling the shared weights
                         towards its own labels once its data gradient is small
+    missing_class_scale FedRS restricted softmax, in [0, 1] (default 1.0: plain softmax):
+                        local training multiplies the logits of classes the gateway has
+                        no flow of by this, so a gateway of benign traffic only does not
+                        teach the shared classifier that attacks do not exist (Li & Zhan,
+                        KDD 2021)
     val_fraction        local validation share, stratified (default 0.2)
     seed                data split and training seed (default 0)
     compression         none | int8 | topk for uploaded deltas (default none)
@@ -124,6 +129,7 @@ class ClientSettings:
     lr: float = 3e-3
     lr_decay: float = 1.0
     prox_mu: float = 0.0
+    missing_class_scale: float = 1.0
     val_fraction: float = 0.2
     seed: int = 0
     compression: Compression = Compression.NONE
@@ -147,6 +153,8 @@ class ClientSettings:
             raise ClientConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if not 0 <= self.prox_mu <= MAX_PROX_MU:
             raise ClientConfigError(f"prox_mu must be in [0, {MAX_PROX_MU:g}], got {self.prox_mu}")
+        if not 0 <= self.missing_class_scale <= 1:
+            raise ClientConfigError(f"missing_class_scale must be in [0, 1], got {self.missing_class_scale}")
         if not 0 < self.val_fraction < 1:
             raise ClientConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.topk_fraction <= 1:
@@ -205,7 +213,8 @@ class FLClient:
         self.strategy = settings.strategy
         self.local = {
             "epochs": settings.local_epochs, "max_steps": settings.max_local_steps, "lr": settings.lr,
-            "lr_decay": settings.lr_decay, "prox_mu": settings.prox_mu, "batch_size": settings.batch_size,
+            "lr_decay": settings.lr_decay, "prox_mu": settings.prox_mu,
+            "missing_class_scale": settings.missing_class_scale, "batch_size": settings.batch_size,
             "compression": settings.compression, "topk_fraction": settings.topk_fraction,
         }
         self.spec = spec_of(learner.weights())
@@ -505,6 +514,7 @@ class FLClient:
         try:
             self.learner.train(data, epochs=epochs, lr=self._session_lr(), batch_size=bs,
                                prox_mu=float(self.local["prox_mu"]),
+                               missing_class_scale=float(self.local["missing_class_scale"]),
                                seed=self.settings.seed + (self.version or 0), on_step=on_step)
         except _StopTraining:
             pass
@@ -532,6 +542,7 @@ class FLClient:
 
             self.learner.train(data, epochs=epochs, lr=self._session_lr(),
                                batch_size=int(self.local["batch_size"]), prox_mu=float(self.local["prox_mu"]),
+                               missing_class_scale=float(self.local["missing_class_scale"]),
                                seed=self.settings.seed + round_, on_step=on_step)
             self._upload(round_=round_, data=data, metrics={"val_metric": self._val_metric()})
         finally:

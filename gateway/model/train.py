@@ -89,6 +89,7 @@ def train_epochs(
     temperature: float = 2.0,
     alpha: float = 0.7,
     prox_mu: float = 0.0,
+    missing_class_scale: float = 1.0,
     on_step: StepCallback | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
@@ -102,6 +103,12 @@ def train_epochs(
     began with, i.e. the global model in federated learning), which bounds how far a
     client with non-IID data drifts from the global model in one session.  ``threads``
     sets torch's intra-op threads for the call (``None``: leave as is).  The model is left in eval mode.
+
+    ``missing_class_scale`` < 1 is FedRS's restricted softmax (Li & Zhan, KDD 2021): while
+    training, the logits of classes with no row in ``dataset`` are multiplied by it, so a
+    gateway that has only seen benign traffic sharpens "benign" without also teaching the
+    shared classifier that DDoS or C&C do not exist (0 = those logits are held at 0,
+    1 = plain softmax).
     """
     if epochs < 0 or lr <= 0 or batch_size < 1:
         raise ValueError("epochs must be >= 0, lr > 0 and batch_size >= 1")
@@ -109,6 +116,8 @@ def train_epochs(
         raise ValueError("alpha must be in [0, 1] and temperature > 0")
     if not 0.0 <= prox_mu < math.inf:
         raise ValueError("prox_mu must be finite and >= 0")
+    if not 0.0 <= missing_class_scale <= 1.0:
+        raise ValueError("missing_class_scale must be in [0, 1]")
     if teacher_logits is not None and len(teacher_logits) != len(dataset):
         raise ValueError("teacher_logits must have one row per dataset row")
     result = TrainResult()
@@ -120,7 +129,7 @@ def train_epochs(
             model, dataset, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
             weight_decay=weight_decay, weights=row_weights(dataset, weight_power, class_power),
             teacher_logits=teacher_logits, temperature=temperature, alpha=alpha, prox_mu=prox_mu,
-            on_step=on_step, on_epoch=on_epoch, result=result,
+            missing_class_scale=missing_class_scale, on_step=on_step, on_epoch=on_epoch, result=result,
         )
 
 
@@ -166,7 +175,7 @@ def torch_threads(n: int | None):
 
 
 def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weights, teacher_logits,
-           temperature, alpha, prox_mu, on_step, on_epoch, result) -> TrainResult:
+           temperature, alpha, prox_mu, missing_class_scale, on_step, on_epoch, result) -> TrainResult:
     gen = _seed_all(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
@@ -175,6 +184,7 @@ def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weight
     y = torch.from_numpy(dataset.y)
     w = torch.from_numpy(weights)
     t_logits = None if teacher_logits is None else torch.from_numpy(np.asarray(teacher_logits, np.float32))
+    logit_scale = _missing_class_logit_scale(dataset, model, missing_class_scale)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     total_steps = epochs * math.ceil(len(dataset) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps))
@@ -185,6 +195,8 @@ def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weight
         for start in range(0, len(order), batch_size):
             b = order[start : start + batch_size]
             logits = model(input_ids=ids[b], attention_mask=mask[b]).logits
+            if logit_scale is not None:
+                logits = logits * logit_scale
             wb = w[b]
             ce = F.cross_entropy(logits, y[b], reduction="none")
             if t_logits is not None:
@@ -213,6 +225,19 @@ def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weight
             on_epoch(epoch + 1, mean)
     model.eval()
     return result
+
+
+def _missing_class_logit_scale(dataset: FlowDataset, model: torch.nn.Module, scale: float) -> torch.Tensor | None:
+    """Per-class logit factors for FedRS: 1 for classes with weighted rows, ``scale``
+    for the others; None when nothing would change."""
+    n_classes = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
+    if scale >= 1.0 or n_classes == 0:
+        return None
+    present = np.zeros(n_classes, bool)
+    present[np.unique(dataset.y[dataset.weight > 0])] = True
+    if present.all():
+        return None
+    return torch.from_numpy(np.where(present, 1.0, scale).astype(np.float32))
 
 
 def predict_logits(model: torch.nn.Module, ids: np.ndarray, *, batch_size: int = 1024, threads: int | None = 1) -> np.ndarray:

@@ -32,6 +32,12 @@ def test_prox_mu_zero_is_allowed_and_kept():
     assert parse_control(b'{"strategy": "fedavg", "local": {"prox_mu": 0.5}}').local.prox_mu == 0.5
 
 
+def test_missing_class_scale_takes_the_closed_unit_interval():
+    for v in (0, 0.5, 1):
+        raw = json.dumps({"strategy": "gsfs", "local": {"missing_class_scale": v}}).encode()
+        assert parse_control(raw).local.missing_class_scale == float(v)
+
+
 def test_unknown_top_level_keys_are_ignored():
     assert parse_control(b'{"strategy": "gsfs", "future": 1}').strategy == "gsfs"
 
@@ -56,6 +62,10 @@ def test_unknown_top_level_keys_are_ignored():
         {"strategy": "gsfs", "local": {"prox_mu": -0.1}},
         {"strategy": "gsfs", "local": {"prox_mu": 1e9}},
         {"strategy": "gsfs", "local": {"prox_mu": "1"}},
+        {"strategy": "gsfs", "local": {"missing_class_scale": -0.5}},
+        {"strategy": "gsfs", "local": {"missing_class_scale": 1.01}},
+        {"strategy": "gsfs", "local": {"missing_class_scale": None, "lr": "x"}},
+        {"strategy": "gsfs", "local": {"missing_class_scale": True}},
         {"strategy": "gsfs", "local": {"compression": "gzip"}},
         {"strategy": "gsfs", "local": []},
         {"strategy": "gsfs", "trigger": {"ema": 1.5}},

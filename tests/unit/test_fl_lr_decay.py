@@ -35,3 +35,13 @@ def test_client_settings_refuse_bad_prox_mu(bad):
 def test_client_settings_prox_mu_defaults_to_plain_local_training():
     assert ClientSettings(gateway_id="gw1").prox_mu == 0.0
     assert ClientSettings(gateway_id="gw1", prox_mu=0.1).prox_mu == 0.1
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_client_settings_refuse_bad_missing_class_scale(bad):
+    with pytest.raises(ClientConfigError):
+        ClientSettings(gateway_id="gw1", missing_class_scale=bad)
+
+
+def test_client_settings_missing_class_scale_defaults_to_plain_softmax():
+    assert ClientSettings(gateway_id="gw1").missing_class_scale == 1.0

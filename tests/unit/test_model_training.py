@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from gateway.flows.record import ConnRecord
-from gateway.model.data import encode
+from gateway.model.data import FlowDataset, encode
 from gateway.model.labels import LabelSet, record_label
 from gateway.model.opt import PRESETS, Preset, build_model, parameter_count
 from gateway.model.prompt import COMPACT
 from gateway.model.tokenizer import FlowTokenizer
+from gateway.model.metrics import softmax
 from gateway.model.train import evaluate, load_numpy_state, predict_logits, state_to_numpy, train_epochs
 
 TINY = Preset(hidden=16, layers=1, heads=2, ffn=32, dropout=0.0, epochs=3, lr=1e-2, batch_size=16)
@@ -98,6 +99,42 @@ def test_proximal_term_keeps_local_training_near_its_start(setup):
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="prox_mu"):
             train_epochs(plain, ds, epochs=1, lr=1e-2, seed=5, prox_mu=bad)
+
+
+def test_missing_class_scale_restricts_the_softmax_to_the_classes_a_gateway_has(setup):
+    tok, labels, ds = setup
+    benign_only = ds.subset(np.flatnonzero(ds.y == 0))  # a honeypot-like gateway
+    attacks = ds.subset(np.flatnonzero(ds.y != 0))
+    start = state_to_numpy(build_model(TINY, tok, labels, seed=3))
+    trained = {}
+    for scale in (1.0, 0.0):
+        m = build_model(TINY, tok, labels, seed=3)
+        train_epochs(m, benign_only, epochs=5, lr=1e-2, seed=3, batch_size=16, weight_decay=0.0,
+                     missing_class_scale=scale)
+        trained[scale] = m
+    absent = np.unique(attacks.y)
+    head = "score.weight"
+    # FedRS with scale 0: the classifier rows of classes the gateway never saw get no
+    # gradient at all; plain softmax pushes them away
+    np.testing.assert_array_equal(state_to_numpy(trained[0.0])[head][absent], start[head][absent])
+    assert not np.allclose(state_to_numpy(trained[1.0])[head][absent], start[head][absent])
+    # so benign-only training leaves the attacks it never saw less sure to be benign
+    p_benign = {s: softmax(predict_logits(m, attacks.ids).astype(np.float64))[:, 0].mean() for s, m in trained.items()}
+    assert p_benign[1.0] > p_benign[0.0]
+    # with every class present (the Malicious catch-all too) nothing is restricted: bit
+    # for bit plain training
+    extra = np.flatnonzero(ds.y != 0)[:1]
+    every_class = FlowDataset(np.concatenate([ds.ids, ds.ids[extra]]),
+                              np.concatenate([ds.y, [labels.index["Malicious"]]]),
+                              np.concatenate([ds.weight, [1.0]]))
+    assert set(every_class.y) == set(range(len(labels)))
+    a, b = build_model(TINY, tok, labels, seed=3), build_model(TINY, tok, labels, seed=3)
+    train_epochs(a, every_class, epochs=2, lr=1e-2, seed=3, batch_size=16)
+    train_epochs(b, every_class, epochs=2, lr=1e-2, seed=3, batch_size=16, missing_class_scale=0.5)
+    assert _distance(state_to_numpy(a), state_to_numpy(b)) == 0.0
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="missing_class_scale"):
+            train_epochs(a, ds, epochs=1, lr=1e-2, seed=3, missing_class_scale=bad)
 
 
 def test_numpy_state_round_trip_and_mismatches(setup):
