@@ -18,7 +18,12 @@ does):
   trigger's reference to P. After ``max_uploads_per_version`` uploads it stops training
   until the next global model (further steps would only be overwritten by the server's
   newest-update-per-client pool or thrown away on the next broadcast). A client whose
-  model barely changes uploads nothing: that is where GSFS saves bytes.
+  model barely changes uploads nothing: that is where GSFS saves bytes. When the store's
+  labelled flows change (a labelled log, analyst feedback) the client trains again on
+  the version it holds, at most once per ``retrain_interval_s``, continuing from its
+  local model: its next upload is still the delta from v and replaces its earlier one
+  in the server's pool. Without this, a federation where every gateway went quiet would
+  never train again (no upload, no new version, no session).
 * FedAvg / FedOpt: the client answers each round announced on the control topic (if
   selected) by training ``local_epochs`` epochs (at most ``max_local_steps`` steps)
   from the announced global version and uploading the delta, once per round.
@@ -40,6 +45,7 @@ records the version in ``model_versions``).
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -111,6 +117,12 @@ class ClientSettings:
                         no flow of by this, so a gateway of benign traffic only does not
                         teach the shared classifier that attacks do not exist (Li & Zhan,
                         KDD 2021)
+    retrain_interval_s  GSFS: once the labelled flows of the store changed (new labelled
+                        logs, analyst feedback) the gateway trains again on the global
+                        version it holds, at most once per this many seconds (default
+                        300; 0 = only when a new global version arrives). Without it a
+                        federation where every gateway went quiet never learns what
+                        its analysts label: no upload, so no new version, so no session
     val_fraction        local validation share, stratified (default 0.2)
     seed                data split and training seed (default 0)
     compression         none | int8 | topk for uploaded deltas (default none)
@@ -130,6 +142,7 @@ class ClientSettings:
     lr_decay: float = 1.0
     prox_mu: float = 0.0
     missing_class_scale: float = 1.0
+    retrain_interval_s: float = 300.0
     val_fraction: float = 0.2
     seed: int = 0
     compression: Compression = Compression.NONE
@@ -155,6 +168,8 @@ class ClientSettings:
             raise ClientConfigError(f"prox_mu must be in [0, {MAX_PROX_MU:g}], got {self.prox_mu}")
         if not 0 <= self.missing_class_scale <= 1:
             raise ClientConfigError(f"missing_class_scale must be in [0, 1], got {self.missing_class_scale}")
+        if not 0 <= self.retrain_interval_s < math.inf:
+            raise ClientConfigError(f"retrain_interval_s must be finite and >= 0, got {self.retrain_interval_s}")
         if not 0 < self.val_fraction < 1:
             raise ClientConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.topk_fraction <= 1:
@@ -227,7 +242,10 @@ class FLClient:
         self._global_at = 0.0
         self._global_metric: float | None = None  # P of the current global version
         self.last_eval: dict = {}
-        self._data_key: tuple[int, int] | None = None
+        self._data_key: tuple[int, int, int] | None = None
+        self._session_at: float | None = None  # clock of the last GSFS session's start
+        self._session_data_key: tuple[int, int, int] | None = None  # the data it trained on
+        self._next_data_check = 0.0
         self.train_data: FlowDataset | None = None
         self.val_data: FlowDataset | None = None
         self._stop = threading.Event()
@@ -395,7 +413,7 @@ class FLClient:
     def _ensure_data(self) -> None:
         """(Re)load the local labelled flows when the store changed; split them."""
         with self.sessions() as session:
-            key = (repo.count_flows(session), len(repo.labelled_feedback(session)))
+            key = repo.labelled_data_key(session)
             if key == self._data_key and self.train_data is not None:
                 return
             records, classes = load_labelled(session)
@@ -434,6 +452,10 @@ class FLClient:
                 self.train_gsfs(arrival=True)
             elif self.trigger.retry_due(self.clock()):  # quiet on this version, nothing newer came
                 self.train_gsfs(admitted=True)
+            elif self._new_labels_due():
+                log.info("gateway %s: labelled flows changed since the last session; training on version %s",
+                         self.settings.gateway_id, self.version)
+                self.train_gsfs(admitted=True)
         else:
             c = self.control
             if (c is not None and c.synchronous and c.round > 0 and c.round not in self.answered_rounds
@@ -441,6 +463,19 @@ class FLClient:
                     and (c.version is None or self.version >= c.version)):
                 self.answered_rounds.add(c.round)
                 self.train_round(c.round)
+
+    def _new_labels_due(self) -> bool:
+        """GSFS: the labelled data changed since the last session, which is at least
+        ``retrain_interval_s`` old (the store is asked at most once per interval)."""
+        interval = self.settings.retrain_interval_s
+        now = self.clock()
+        if interval <= 0 or self._session_at is None or now - self._session_at < interval:
+            return False
+        if now < self._next_data_check:
+            return False
+        self._next_data_check = now + interval
+        self._ensure_data()
+        return self._data_key != self._session_data_key
 
     def _round_plan(self) -> tuple[FlowDataset, int]:
         """Training rows for this round and the epochs to run within the step cap."""
@@ -462,6 +497,7 @@ class FLClient:
         ``admitted``: skip the cooldown check (the retry after ``cooldown_s``)."""
         if self.train_data is None:
             self._ensure_data()
+        self._session_at, self._session_data_key = self.clock(), self._data_key
         if len(self.train_data) == 0:
             return
         if arrival:

@@ -272,6 +272,15 @@ def count_flows(session: Session, *, source: str | None = None) -> int:
     return session.execute(stmt).scalar_one()
 
 
+def labelled_data_key(session: Session) -> tuple[int, int, int]:
+    """(labelled flows, feedback rows, newest feedback id): changes whenever the
+    training data of the FL client does (a new labelled flow, a new or revised analyst
+    label, retention removing labelled flows), not with every unlabelled live flow."""
+    flows = session.execute(select(func.count()).select_from(Flow).where(Flow.label.is_not(None))).scalar_one()
+    n_feedback, newest = session.execute(select(func.count(Feedback.id), func.max(Feedback.id))).one()
+    return int(flows), int(n_feedback), int(newest or 0)
+
+
 def load_records(session: Session, *, source: str | None = None, limit: int | None = None) -> list[ConnRecord]:
     """Stored flows as ``ConnRecord``s, oldest first (for training and exports)."""
     stmt = select(Flow).order_by(Flow.ts, Flow.id)

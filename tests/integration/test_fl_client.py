@@ -146,13 +146,13 @@ class Aggregatorish:
         self.link.stop()
 
 
-def make_client(store, model_dir, port, verify_key, on_global=None, **kw):
+def make_client(store, model_dir, port, verify_key, on_global=None, clock=time.monotonic, **kw):
     learner = TorchLearner(model_dir, threads=1)
     link = GatewayLink(MqttSettings(port=port, client_id=f"gw-{GW}", keepalive_s=5, reconnect_min_s=1,
                                     reconnect_max_s=2), gateway_id=GW)
     settings = ClientSettings(gateway_id=GW, status_interval_s=0.5, **kw)
     return FLClient(settings=settings, learner=learner, sessions=store, link=link, verify_key=verify_key,
-                    on_global=on_global)
+                    on_global=on_global, clock=clock)
 
 
 def global_envelope(weights, key, version, base=None):
@@ -275,6 +275,51 @@ def test_outbox_keeps_update_while_broker_down_and_the_aggregator_counts_it_once
     finally:
         client.stop()
         service.stop()
+
+
+def test_gsfs_gateway_quiet_on_a_version_trains_again_when_labelled_flows_arrive(broker, store, model_dir, keys,
+                                                                                 iot23_dir):
+    key = keys[0]
+    now = [1000.0]  # the client's clock; the broker and MQTT run in real time
+    client = make_client(store, model_dir, broker.port, key.public_key(), strategy="gsfs", max_local_steps=3,
+                         retrain_interval_s=60, clock=lambda: now[0])
+    agg = Aggregatorish(broker.port)
+    never = {"tau": 1e9, "k": 1e9, "warmup": 10**9, "eval_every": 10**9}
+    try:
+        client.start(thread=False)
+        pump = lambda: client.pump_once(0.05)  # noqa: E731
+        wait_for(lambda: client.link.connected, pump=pump, what="connected")
+        agg.publish(topics.global_control(), encode_control(Control(strategy="gsfs", trigger=never)))
+        agg.publish(topics.global_model(), global_envelope(client.learner.weights(), key, 1))
+        wait_for(lambda: client.counters.train_steps == 3, pump=pump, what="the session on version 1")
+        trained_on = client.train_data.flows + client.val_data.flows
+        now[0] += 600  # long after: the gateway stays quiet while its labelled data is unchanged
+        for _ in range(20):
+            pump()
+        assert client.counters.train_steps == 3 and client.counters.uploads == 0
+
+        later = []
+        for r in iter_records(iot23_dir / "CTU-Honeypot-Capture-4-1" / "conn.log.labeled"):
+            later.append(r)
+            if len(later) >= 40:
+                break
+        with store.begin() as s:  # new labelled flows (a labelled log, analyst labels)
+            repo.insert_flows(s, later, source="later")
+            repo.insert_flows(s, [r._replace(label=None, detailed_label=None) for r in later],
+                              source="live")  # unlabelled live flows are not training data
+        for _ in range(20):  # the store was asked at +600 s; the next look is due 60 s later
+            pump()
+        assert client.counters.train_steps == 3
+        now[0] += 61
+        wait_for(lambda: client.counters.train_steps == 6, pump=pump, what="a session on the new flows")
+        assert client.version == 1 and client.train_data.flows + client.val_data.flows == trained_on + len(later)
+        now[0] += 600  # nothing changed since that session: no further one
+        for _ in range(20):
+            pump()
+        assert client.counters.train_steps == 6
+    finally:
+        client.stop()
+        agg.stop()
 
 
 def test_fedavg_round_announcement_is_answered_once(broker, store, model_dir, keys):

@@ -140,6 +140,30 @@ def test_detections_feedback_and_query_filters(store):
         assert [(r.uid, lab) for r, lab in pairs] == [("Cb1", "benign")]
 
 
+def test_labelled_data_key_moves_with_training_data_only(store):
+    _, factory = store
+    with factory() as s:
+        assert repo.labelled_data_key(s) == (0, 0, 0)
+    with factory.begin() as s:
+        repo.insert_flows(s, [rec("L1", label="benign"), rec("L2", label="Malicious", detailed="DDoS")], source="g")
+    with factory() as s:
+        first = repo.labelled_data_key(s)
+    assert first == (2, 0, 0)
+    with factory.begin() as s:  # live, unlabelled flows are not training data
+        repo.insert_flows(s, [rec(f"U{i}", ts=2000.0 + i) for i in range(5)], source="g")
+    with factory() as s:
+        assert repo.labelled_data_key(s) == first
+    with factory.begin() as s:  # an analyst label, then a revised one on the same flow
+        repo.add_feedback(s, "U0", "Malicious")
+    with factory() as s:
+        after_one = repo.labelled_data_key(s)
+    with factory.begin() as s:
+        repo.add_feedback(s, "U0", "benign")
+    with factory() as s:
+        after_two = repo.labelled_data_key(s)
+    assert after_one[:2] == (2, 1) and after_two[:2] == (2, 2) and after_two[2] > after_one[2] > 0
+
+
 def test_feedback_errors(store):
     _, factory = store
     with factory.begin() as s:

@@ -45,3 +45,14 @@ def test_client_settings_refuse_bad_missing_class_scale(bad):
 
 def test_client_settings_missing_class_scale_defaults_to_plain_softmax():
     assert ClientSettings(gateway_id="gw1").missing_class_scale == 1.0
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
+def test_client_settings_refuse_bad_retrain_interval(bad):
+    with pytest.raises(ClientConfigError):
+        ClientSettings(gateway_id="gw1", retrain_interval_s=bad)
+
+
+def test_client_settings_retrain_interval_default_and_off():
+    assert ClientSettings(gateway_id="gw1").retrain_interval_s == 300.0
+    assert ClientSettings(gateway_id="gw1", retrain_interval_s=0).retrain_interval_s == 0
