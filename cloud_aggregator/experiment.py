@@ -28,7 +28,7 @@ import os
 import queue
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import click
@@ -627,6 +627,84 @@ def _run_all(settings: ExperimentSettings, console, forks, t_start: float) -> di
     return report
 
 
+def run_seeds(settings: ExperimentSettings, seeds: Sequence[int], *, console=None) -> dict:
+    """The whole experiment once per seed (split, initial model and training all follow
+    the seed), each into ``out/seed-<s>``; writes ``seeds.md`` and ``seeds.json`` in
+    ``out`` and returns their content. One 10-round run on non-IID gateways is a sample,
+    not a result: a federated-learning comparison is read across seeds."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError("give distinct seeds")
+    reports = [run_experiment(replace(settings, seed=int(s), out=settings.out / f"seed-{s}"), console=console)
+               for s in seeds]
+    result = {"seeds": [int(s) for s in seeds], "summary": seed_summary(reports),
+              "per_seed": [{"seed": int(s), "rows": summary_rows(r)} for s, r in zip(seeds, reports)]}
+    write_seed_report(result, settings.out)
+    return result
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs distinct integers, e.g. --seeds 0,1,2,3 (got {text!r})")
+    return seeds
+
+
+def seed_summary(reports: Sequence[dict]) -> list[dict]:
+    """PURE. One row per run label (strategy, strategy+compression) over the reports of
+    several seeds: final central accuracy and F1 as mean, sample standard deviation
+    (0 for one seed) and minimum, the mean of the last three rounds' accuracy, and the
+    mean uploads and MB up. Labels keep the order of the first report."""
+    import statistics
+
+    by_label: dict[str, list[dict]] = {}
+    for report in reports:
+        for row in summary_rows(report):
+            by_label.setdefault(row["run"], []).append(row)
+
+    def stats(values):
+        vals = [float(v) for v in values if v is not None]
+        if not vals:
+            return None, None, None
+        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), min(vals)
+
+    out = []
+    for label, rows in by_label.items():
+        acc, acc_sd, acc_min = stats(r["central_acc"] for r in rows)
+        f1, f1_sd, f1_min = stats(r["central_f1"] for r in rows)
+        out.append({"run": label, "seeds": len(rows), "acc_mean": acc, "acc_std": acc_sd, "acc_min": acc_min,
+                    "f1_mean": f1, "f1_std": f1_sd, "f1_min": f1_min,
+                    "last3_acc_mean": stats(r["last3_acc"] for r in rows)[0],
+                    "uploads_mean": stats(r["uploads"] for r in rows)[0],
+                    "MB_up_mean": stats(r["MB_up"] for r in rows)[0]})
+    return out
+
+
+def write_seed_report(result: dict, out: Path) -> None:
+    """seeds.json and seeds.md (summary over seeds, then each seed's final numbers)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    rows = result["summary"]
+    cols = list(rows[0]) if rows else []
+    lines = ["# fedgate experiment over seeds", "",
+             f"Seeds {', '.join(str(s) for s in result['seeds'])}; each seed's full report is in seed-<s>/. "
+             "acc/f1: final central accuracy and F1 (mean, sample standard deviation, minimum over seeds); "
+             "last3_acc_mean: mean over seeds of the mean of the last three rounds.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["", "## Per seed (final central accuracy / F1, uploads, MB up)", "",
+              "| seed | " + " | ".join(r["run"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    for entry in result["per_seed"]:
+        got = {r["run"]: r for r in entry["rows"]}
+        cells = [(f"{_cell(got[r['run']]['central_acc'])} / {_cell(got[r['run']]['central_f1'])}, "
+                  f"{got[r['run']]['uploads']}, {got[r['run']]['MB_up']:.2f}") if r["run"] in got else "-"
+                 for r in rows]
+        lines.append(f"| {entry['seed']} | " + " | ".join(cells) + " |")
+    (out / "seeds.md").write_text("\n".join(lines) + "\n")
+
+
 def _fmt(v, spec=".4f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -754,6 +832,9 @@ QUICK = {"rounds": 2, "max_train_flows": 2000, "max_local_steps": 20, "local_epo
 @click.option("--dp-noise", type=float, default=None, help="Central DP noise multiplier (DP off if absent).")
 @click.option("--dp-clip", type=float, default=1.0, show_default=True, help="Central DP clipping norm.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seeds", default=None,
+              help="Comma-separated seeds: the whole experiment once per seed into OUT/seed-<s>, then "
+                   "OUT/seeds.md and seeds.json with mean, std and min over seeds (replaces --seed).")
 @click.option("--max-train-flows", default=100_000, show_default=True, type=int,
               help="Training flows kept per gateway (stratified sample).")
 @click.option("--max-local-steps", default=50, show_default=True, type=int)
@@ -770,9 +851,9 @@ QUICK = {"rounds": 2, "max_train_flows": 2000, "max_local_steps": 20, "local_epo
 @click.option("--quick", is_flag=True, help="Tiny settings (2 rounds, small data): demos and tests.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.argument("more_data", nargs=-1, type=click.Path(exists=True, path_type=Path))
-def experiment_command(strategies, gateway_data, more_data, rounds, out, compression, dp_noise, dp_clip, seed, max_train_flows,
-                       max_local_steps, local_epochs, lr, lr_decay, prox_mu, missing_class_scale, target_f1, quick,
-                       as_json) -> None:
+def experiment_command(strategies, gateway_data, more_data, rounds, out, compression, dp_noise, dp_clip, seed, seeds,
+                       max_train_flows, max_local_steps, local_epochs, lr, lr_decay, prox_mu, missing_class_scale,
+                       target_f1, quick, as_json) -> None:
     """Compare GSFS, FedAvg and FedOpt on real gateway processes over a real broker.
 
     Each --gateway-data directory becomes one gateway process with its own store;
@@ -783,6 +864,7 @@ def experiment_command(strategies, gateway_data, more_data, rounds, out, compres
     \b
     Examples:
       fedgate-aggregator experiment --gateway-data data/iot23/* --rounds 10 --out runs/exp
+      fedgate-aggregator experiment --seeds 0,1,2,3 --gateway-data data/iot23/* --out runs/seeds
       fedgate-aggregator experiment --strategies gsfs,fedavg --compression none,int8 \\
           --gateway-data data/iot23/* --out runs/compress
       fedgate-aggregator experiment --quick --gateway-data data/iot23/CTU-Honeypot-Capture-7-1 \\
@@ -801,8 +883,19 @@ def experiment_command(strategies, gateway_data, more_data, rounds, out, compres
             gateway_data=tuple(gateway_data) + tuple(more_data), out=out, seed=seed, lr=lr, lr_decay=lr_decay, prox_mu=prox_mu,
             missing_class_scale=missing_class_scale, target_f1=target_f1,
             dp_noise=dp_noise, dp_clip=dp_clip, quick=quick, **kwargs)
+        seed_list = None if seeds is None else _parse_seeds(seeds)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if seed_list is not None:
+        result = run_seeds(settings, seed_list)
+        if as_json:
+            emit_json(result["summary"])
+        else:
+            emit_rows(result["summary"], ["run", "seeds", "acc_mean", "acc_std", "acc_min", "f1_mean",
+                                          "uploads_mean", "MB_up_mean"],
+                      title=f"experiment over seeds {seeds}")
+            click.echo(f"report: {out / 'seeds.md'} (+ seeds.json, seed-<s>/)")
+        return
     report = run_experiment(settings)
     rows = summary_rows(report)
     if as_json:

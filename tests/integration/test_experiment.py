@@ -69,6 +69,34 @@ def test_numbers_are_sane(report):
     assert len(summary_rows(rep)) == 3
 
 
+def test_seeds_run_the_experiment_once_per_seed_and_summarise(tmp_path, iot23_dir):
+    out = tmp_path / "seeds"
+    res = subprocess.run(
+        [sys.executable, "-m", "cloud_aggregator.cli", "experiment", "--quick", "--strategies", "fedavg",
+         "--max-train-flows", "300", "--max-local-steps", "5", "--seeds", "0,1", "--json",
+         "--gateway-data", str(iot23_dir / "CTU-Honeypot-Capture-7-1"),
+         "--gateway-data", str(iot23_dir / "CTU-Malware-Capture-8-1"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = json.loads(res.stdout)
+    per_seed = [json.loads((out / f"seed-{s}" / "report.json").read_text()) for s in (0, 1)]
+    assert [r["settings"]["seed"] for r in per_seed] == [0, 1]
+    finals = [r["runs"][0]["summary"]["final_central_accuracy"] for r in per_seed]
+    assert row["run"] == "fedavg" and row["seeds"] == 2
+    assert row["acc_mean"] == pytest.approx(sum(finals) / 2) and row["acc_min"] == pytest.approx(min(finals))
+    assert "| fedavg | 2 |" in (out / "seeds.md").read_text()
+    assert json.loads((out / "seeds.json").read_text())["seeds"] == [0, 1]
+
+
+@pytest.mark.parametrize("seeds", ["1,x", "1,1", ","])
+def test_bad_seeds_are_a_usage_error(tmp_path, iot23_dir, seeds):
+    res = subprocess.run(
+        [sys.executable, "-m", "cloud_aggregator.cli", "experiment", "--seeds", seeds,
+         "--gateway-data", str(iot23_dir / "CTU-Honeypot-Capture-7-1"), "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "seeds" in res.stderr and not (tmp_path / "x").exists()
+
+
 def test_cli_help_has_examples():
     out = subprocess.run([sys.executable, "-m", "cloud_aggregator.cli", "experiment", "--help"],
                          capture_output=True, text=True, timeout=60)

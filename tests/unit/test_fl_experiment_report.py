@@ -3,13 +3,21 @@ broker config rendering (no processes, no sockets)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 
 from cloud_aggregator.broker import render_config
-from cloud_aggregator.experiment import ExperimentSettings, gateway_id_for, summary_rows, write_report
+from cloud_aggregator.experiment import (
+    ExperimentSettings,
+    gateway_id_for,
+    seed_summary,
+    summary_rows,
+    write_report,
+    write_seed_report,
+)
 
 
 def test_settings_validation(tmp_path):
@@ -73,3 +81,35 @@ def test_write_report_files(tmp_path: Path):
     assert json.loads((tmp_path / "report.json").read_text())["runs"][0]["label"] == "gsfs"
     for png in ("central_f1", "central_accuracy", "client_f1", "bytes_up"):
         assert (tmp_path / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _other_seed(report: dict, label: str, acc: float) -> dict:
+    out = copy.deepcopy(report)
+    run = next(r for r in out["runs"] if r["label"] == label)
+    run["summary"]["final_central_accuracy"] = run["summary"]["final_central_f1"] = acc
+    return out
+
+
+def test_seed_summary_mean_std_and_min_per_run():
+    a = fake_report()
+    rows = {r["run"]: r for r in seed_summary([a, _other_seed(a, "gsfs", 0.9)])}
+    assert list(rows) == ["gsfs", "fedavg"]
+    g = rows["gsfs"]
+    assert g["seeds"] == 2 and g["acc_mean"] == pytest.approx(0.9475) and g["acc_min"] == pytest.approx(0.9)
+    assert g["acc_std"] == pytest.approx(0.095 / 2**0.5)  # sample standard deviation
+    assert g["f1_mean"] == pytest.approx(0.9475) and g["uploads_mean"] == 4 and g["MB_up_mean"] == pytest.approx(0.001)
+    assert rows["fedavg"]["acc_std"] == 0.0 and rows["fedavg"]["acc_mean"] == pytest.approx(0.999)
+    assert g["last3_acc_mean"] is None  # not in these reports
+    assert seed_summary([a])[0]["acc_std"] == 0.0  # one seed: no spread
+
+
+def test_write_seed_report_files(tmp_path: Path):
+    a = fake_report()
+    b = _other_seed(a, "gsfs", 0.9)
+    result = {"seeds": [0, 1], "summary": seed_summary([a, b]),
+              "per_seed": [{"seed": 0, "rows": summary_rows(a)}, {"seed": 1, "rows": summary_rows(b)}]}
+    write_seed_report(result, tmp_path)
+    md = (tmp_path / "seeds.md").read_text()
+    assert "| gsfs | 2 | 0.9475 | 0.0672 | 0.9000 |" in md
+    assert "| 1 | 0.9000 / 0.9000, 4, 0.00 | 0.9990 / 0.9990, 4, 0.00 |" in md
+    assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [0, 1]
