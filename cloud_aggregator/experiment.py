@@ -33,7 +33,7 @@ from pathlib import Path
 
 import click
 
-from gateway.fl.control import MAX_PROX_MU
+from gateway.fl.control import MAX_LABEL_SMOOTHING, MAX_PROX_MU
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class ExperimentSettings:
     lr_decay        local learning rate on global version v: lr * lr_decay**v, in (0, 1]
                     (default 1.0: constant)
     prox_mu         FedProx proximal term of local training, mu/2 * ||w - w_global||^2 (default 0)
+    label_smoothing local cross-entropy label smoothing, in [0, 0.5] (default 0.1)
     missing_class_scale  FedRS: local training scales the logits of classes a gateway has no
                     flow of by this, in [0, 1] (default 1.0: plain softmax)
     target_f1       F1 for the "time to target" column (default 0.99)
@@ -90,6 +91,7 @@ class ExperimentSettings:
     lr_decay: float = 1.0
     prox_mu: float = 0.0
     missing_class_scale: float = 1.0
+    label_smoothing: float = 0.1
     target_f1: float = 0.99
     round_timeout_s: float = 120.0
     stall_timeout_s: float = 45.0
@@ -117,6 +119,8 @@ class ExperimentSettings:
             raise ValueError(f"prox_mu must be in [0, {MAX_PROX_MU:g}]")
         if not 0 <= self.missing_class_scale <= 1:
             raise ValueError("missing_class_scale must be in [0, 1]")
+        if not 0 <= self.label_smoothing <= MAX_LABEL_SMOOTHING:
+            raise ValueError(f"label_smoothing must be in [0, {MAX_LABEL_SMOOTHING:g}]")
         if self.max_train_flows < 10:
             raise ValueError("max_train_flows must be >= 10")
         if self.dp_noise is not None and self.dp_noise <= 0:
@@ -463,7 +467,8 @@ def run_one(settings: ExperimentSettings, prep: Prepared, *, strategy: str, comp
             known_senders=frozenset(names), signing_key=str(prep.key_path),
             local={"epochs": settings.local_epochs, "max_steps": settings.max_local_steps, "lr": settings.lr,
                    "lr_decay": settings.lr_decay, "prox_mu": settings.prox_mu,
-                   "missing_class_scale": settings.missing_class_scale, "batch_size": settings.batch_size,
+                   "missing_class_scale": settings.missing_class_scale, "label_smoothing": settings.label_smoothing,
+                   "batch_size": settings.batch_size,
                    "compression": compression},
             mqtt=MqttSettings(port=broker.port, client_id=f"aggregator-{label}"))
         service = AggregatorService(config, initial_weights=evaluator.initial_weights, evaluator=evaluator,
@@ -737,7 +742,7 @@ def write_report(report: dict, out: Path) -> None:
         "# fedgate experiment report", "",
         f"{len(report['gateways'])} gateways, {st['rounds']} rounds, seed {st['seed']}, "
         f"local: {st['local_epochs']} epochs / at most {st['max_local_steps']} steps of batch {st['batch_size']}, "
-        f"lr {st['lr']} x {st.get('lr_decay', 1.0)}^version, proximal mu {st.get('prox_mu', 0.0)}, missing-class logit scale {st.get('missing_class_scale', 1.0)}; test part {st['test_fraction']:.0%} of every scenario (never trained on); "
+        f"lr {st['lr']} x {st.get('lr_decay', 1.0)}^version, proximal mu {st.get('prox_mu', 0.0)}, missing-class logit scale {st.get('missing_class_scale', 1.0)}, label smoothing {st.get('label_smoothing', 0.0)}; test part {st['test_fraction']:.0%} of every scenario (never trained on); "
         f"training flows capped at {st['max_train_flows']} per gateway (stratified sample). "
         f"Initial model: random init (seed {st['seed']}), central accuracy "
         f"{report['initial_model']['central']['accuracy']:.4f}. Raw float32 delta: "
@@ -844,6 +849,8 @@ QUICK = {"rounds": 2, "max_train_flows": 2000, "max_local_steps": 20, "local_epo
               help="Local learning rate on global version v: lr * lr-decay**v.")
 @click.option("--prox-mu", default=0.0, show_default=True, type=click.FloatRange(0, MAX_PROX_MU),
               help="FedProx proximal term of local training: mu/2 * ||w - w_global||^2.")
+@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, MAX_LABEL_SMOOTHING),
+              help="Label smoothing of the local cross-entropy (0 = plain).")
 @click.option("--missing-class-scale", default=1.0, show_default=True, type=click.FloatRange(0, 1),
               help="FedRS restricted softmax: local training multiplies the logits of classes a "
                    "gateway has no flow of by this (1 = plain softmax).")
@@ -853,7 +860,7 @@ QUICK = {"rounds": 2, "max_train_flows": 2000, "max_local_steps": 20, "local_epo
 @click.argument("more_data", nargs=-1, type=click.Path(exists=True, path_type=Path))
 def experiment_command(strategies, gateway_data, more_data, rounds, out, compression, dp_noise, dp_clip, seed, seeds,
                        max_train_flows, max_local_steps, local_epochs, lr, lr_decay, prox_mu, missing_class_scale,
-                       target_f1, quick, as_json) -> None:
+                       label_smoothing, target_f1, quick, as_json) -> None:
     """Compare GSFS, FedAvg and FedOpt on real gateway processes over a real broker.
 
     Each --gateway-data directory becomes one gateway process with its own store;
@@ -881,7 +888,7 @@ def experiment_command(strategies, gateway_data, more_data, rounds, out, compres
             strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
             compressions=tuple(c.strip() for c in compression.split(",") if c.strip()),
             gateway_data=tuple(gateway_data) + tuple(more_data), out=out, seed=seed, lr=lr, lr_decay=lr_decay, prox_mu=prox_mu,
-            missing_class_scale=missing_class_scale, target_f1=target_f1,
+            missing_class_scale=missing_class_scale, label_smoothing=label_smoothing, target_f1=target_f1,
             dp_noise=dp_noise, dp_clip=dp_clip, quick=quick, **kwargs)
         seed_list = None if seeds is None else _parse_seeds(seeds)
     except ValueError as exc:

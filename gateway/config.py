@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.fl.control import MAX_PROX_MU
+from gateway.fl.control import MAX_LABEL_SMOOTHING, MAX_PROX_MU
 from gateway.protocol import topics
 
 ENV_PREFIX = "FEDGATE__"
@@ -250,6 +250,8 @@ class FlSection:
     local_epochs [1], max_local_steps [50], batch_size [64], lr [0.003]: local training.
     lr_decay [1.0]: the local rate on global version v is lr * lr_decay**v, in (0, 1].
     prox_mu [0.0]: FedProx proximal term mu/2 * ||w - w_global||^2 in the local loss.
+    label_smoothing [0.1]: share of a uniform distribution in the local cross-entropy
+        target, in [0, 0.5].
     retrain_interval_s [300.0]: GSFS; once the labelled flows changed, train again on
         the global version held, at most once per this many seconds (0: only on a new
         global version).
@@ -269,6 +271,7 @@ class FlSection:
     lr_decay: float = 1.0
     prox_mu: float = 0.0
     missing_class_scale: float = 1.0
+    label_smoothing: float = 0.1
     retrain_interval_s: float = 300.0
     compression: str = "none"
     status_interval_s: float = 5.0
@@ -283,6 +286,8 @@ class FlSection:
         _require(0 < self.lr_decay <= 1, "fl.lr_decay", "must be in (0, 1]")
         _require(0 <= self.prox_mu <= MAX_PROX_MU, "fl.prox_mu", f"must be in [0, {MAX_PROX_MU:g}]")
         _require(0 <= self.missing_class_scale <= 1, "fl.missing_class_scale", "must be in [0, 1]")
+        _require(0 <= self.label_smoothing <= MAX_LABEL_SMOOTHING, "fl.label_smoothing",
+                 f"must be in [0, {MAX_LABEL_SMOOTHING:g}]")
         _require(0 <= self.retrain_interval_s < float("inf"), "fl.retrain_interval_s", "must be finite and >= 0")
         _require(self.status_interval_s > 0, "fl.status_interval_s", "must be > 0")
 

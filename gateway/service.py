@@ -482,6 +482,7 @@ class GatewayService:
                                   batch_size=cfg.fl.batch_size, lr=cfg.fl.lr, lr_decay=cfg.fl.lr_decay,
                                   prox_mu=cfg.fl.prox_mu, missing_class_scale=cfg.fl.missing_class_scale,
                                   retrain_interval_s=cfg.fl.retrain_interval_s,
+                                  label_smoothing=cfg.fl.label_smoothing,
                                   compression=cfg.fl.compression,
                                   status_interval_s=cfg.fl.status_interval_s)
         service = self

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway.fl.control import MAX_PROX_MU, Control, ControlError, parse_control
+from gateway.fl.control import MAX_LABEL_SMOOTHING, MAX_PROX_MU, Control, ControlError, parse_control
 from gateway.fl.learner import TorchLearner, steps_per_epoch
 from gateway.fl.link import Acked, GatewayLink, LinkDown, LinkUp
 from gateway.fl.localdata import load_labelled
@@ -117,6 +117,12 @@ class ClientSettings:
                         no flow of by this, so a gateway of benign traffic only does not
                         teach the shared classifier that attacks do not exist (Li & Zhan,
                         KDD 2021)
+    label_smoothing     share of a uniform distribution in the local cross-entropy target,
+                        in [0, 0.5] (default 0.1). Without it a gateway's 50 AdamW steps
+                        keep raising the logits of flows it already classifies, and
+                        that push lands on every other gateway's flows that share
+                        tokens with them (IoT-23, GSFS: a window of one benign gateway
+                        scaled to a tenth still flipped another gateway's C&C flows)
     retrain_interval_s  GSFS: once the labelled flows of the store changed (new labelled
                         logs, analyst feedback) the gateway trains again on the global
                         version it holds, at most once per this many seconds (default
@@ -142,6 +148,7 @@ class ClientSettings:
     lr_decay: float = 1.0
     prox_mu: float = 0.0
     missing_class_scale: float = 1.0
+    label_smoothing: float = 0.1
     retrain_interval_s: float = 300.0
     val_fraction: float = 0.2
     seed: int = 0
@@ -168,6 +175,8 @@ class ClientSettings:
             raise ClientConfigError(f"prox_mu must be in [0, {MAX_PROX_MU:g}], got {self.prox_mu}")
         if not 0 <= self.missing_class_scale <= 1:
             raise ClientConfigError(f"missing_class_scale must be in [0, 1], got {self.missing_class_scale}")
+        if not 0 <= self.label_smoothing <= MAX_LABEL_SMOOTHING:
+            raise ClientConfigError(f"label_smoothing must be in [0, {MAX_LABEL_SMOOTHING:g}], got {self.label_smoothing}")
         if not 0 <= self.retrain_interval_s < math.inf:
             raise ClientConfigError(f"retrain_interval_s must be finite and >= 0, got {self.retrain_interval_s}")
         if not 0 < self.val_fraction < 1:
@@ -229,7 +238,8 @@ class FLClient:
         self.local = {
             "epochs": settings.local_epochs, "max_steps": settings.max_local_steps, "lr": settings.lr,
             "lr_decay": settings.lr_decay, "prox_mu": settings.prox_mu,
-            "missing_class_scale": settings.missing_class_scale, "batch_size": settings.batch_size,
+            "missing_class_scale": settings.missing_class_scale, "label_smoothing": settings.label_smoothing,
+            "batch_size": settings.batch_size,
             "compression": settings.compression, "topk_fraction": settings.topk_fraction,
         }
         self.spec = spec_of(learner.weights())
@@ -551,6 +561,7 @@ class FLClient:
             self.learner.train(data, epochs=epochs, lr=self._session_lr(), batch_size=bs,
                                prox_mu=float(self.local["prox_mu"]),
                                missing_class_scale=float(self.local["missing_class_scale"]),
+                               label_smoothing=float(self.local["label_smoothing"]),
                                seed=self.settings.seed + (self.version or 0), on_step=on_step)
         except _StopTraining:
             pass
@@ -579,6 +590,7 @@ class FLClient:
             self.learner.train(data, epochs=epochs, lr=self._session_lr(),
                                batch_size=int(self.local["batch_size"]), prox_mu=float(self.local["prox_mu"]),
                                missing_class_scale=float(self.local["missing_class_scale"]),
+                               label_smoothing=float(self.local["label_smoothing"]),
                                seed=self.settings.seed + round_, on_step=on_step)
             self._upload(round_=round_, data=data, metrics={"val_metric": self._val_metric()})
         finally:

@@ -8,7 +8,7 @@ PURE: bytes in, a validated :class:`Control` out (or :class:`ControlError`). JSO
      "round": 4,                # FedAvg/FedOpt: the open round (0: none open)
      "selected": ["gw-a", ...], # FedAvg/FedOpt: who should answer (null: everyone)
      "local": {"epochs": 1, "max_steps": 50, "lr": 0.003, "lr_decay": 1.0, "prox_mu": 0.0,
-               "missing_class_scale": 1.0, "batch_size": 64,
+               "missing_class_scale": 1.0, "label_smoothing": 0.1, "batch_size": 64,
                "compression": "none", "topk_fraction": 0.01},
      "trigger": {"tau": 0.01, "ema": 0.9, "k": 3, "warmup": 20, "eval_every": 25}}
 
@@ -30,6 +30,7 @@ from gateway.protocol.topics import TopicError, check_gateway_id
 
 STRATEGIES = ("gsfs", "fedavg", "fedopt")
 MAX_CONTROL_BYTES = 64 * 1024
+MAX_LABEL_SMOOTHING = 0.5  # beyond this the target no longer favours the true class much
 MAX_PROX_MU = 1000.0  # beyond this the proximal term freezes local training outright
 
 
@@ -47,6 +48,7 @@ class LocalSettings:
     lr_decay: float | None = None
     prox_mu: float | None = None
     missing_class_scale: float | None = None
+    label_smoothing: float | None = None
     batch_size: int | None = None
     compression: Compression | None = None
     topk_fraction: float | None = None
@@ -139,6 +141,7 @@ def parse_control(data: bytes) -> Control:
             lr_decay=_float(local, "lr_decay", lo=0.0, hi=1.0),
             prox_mu=_float(local, "prox_mu", lo=0.0, hi=MAX_PROX_MU, lo_closed=True),
             missing_class_scale=_float(local, "missing_class_scale", lo=0.0, hi=1.0, lo_closed=True),
+            label_smoothing=_float(local, "label_smoothing", lo=0.0, hi=MAX_LABEL_SMOOTHING, lo_closed=True),
             batch_size=_int(local, "batch_size", minimum=1),
             compression=comp,
             topk_fraction=_float(local, "topk_fraction", lo=0.0, hi=1.0),

@@ -53,12 +53,15 @@ class TorchLearner:
         return ds.dedupe()
 
     def train(self, data: FlowDataset, *, epochs: int, lr: float, seed: int, batch_size: int,
-              prox_mu: float = 0.0, missing_class_scale: float = 1.0, on_step: StepFn | None = None) -> int:
+              prox_mu: float = 0.0, missing_class_scale: float = 1.0, label_smoothing: float = 0.0,
+              on_step: StepFn | None = None) -> int:
         """Local training in place (``prox_mu``: FedProx's proximal term towards the
         weights training starts from; ``missing_class_scale``: FedRS's factor on the
-        logits of classes this gateway has no flow of); returns the number of optimiser steps."""
+        logits of classes this gateway has no flow of; ``label_smoothing``: of the
+        cross-entropy target); returns the number of optimiser steps."""
         return train_epochs(self.model, data, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
-                            prox_mu=prox_mu, missing_class_scale=missing_class_scale, on_step=on_step).steps
+                            prox_mu=prox_mu, missing_class_scale=missing_class_scale,
+                            label_smoothing=label_smoothing, on_step=on_step).steps
 
     def evaluate(self, data: FlowDataset) -> dict[str, float]:
         """Binary accuracy/precision/recall/F1 (malicious = positive) and macro-F1."""

@@ -90,6 +90,7 @@ def train_epochs(
     alpha: float = 0.7,
     prox_mu: float = 0.0,
     missing_class_scale: float = 1.0,
+    label_smoothing: float = 0.0,
     on_step: StepCallback | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
@@ -109,6 +110,11 @@ def train_epochs(
     gateway that has only seen benign traffic sharpens "benign" without also teaching the
     shared classifier that DDoS or C&C do not exist (0 = those logits are held at 0,
     1 = plain softmax).
+
+    ``label_smoothing`` in [0, 1) mixes that share of a uniform distribution into the
+    cross-entropy target, so the loss stops rewarding ever larger logits once a flow is
+    classified with confidence; a federated session then moves the shared weights only
+    as far as its own flows need, not as far as 50 Adam steps can push them.
     """
     if epochs < 0 or lr <= 0 or batch_size < 1:
         raise ValueError("epochs must be >= 0, lr > 0 and batch_size >= 1")
@@ -118,6 +124,8 @@ def train_epochs(
         raise ValueError("prox_mu must be finite and >= 0")
     if not 0.0 <= missing_class_scale <= 1.0:
         raise ValueError("missing_class_scale must be in [0, 1]")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError("label_smoothing must be in [0, 1)")
     if teacher_logits is not None and len(teacher_logits) != len(dataset):
         raise ValueError("teacher_logits must have one row per dataset row")
     result = TrainResult()
@@ -129,7 +137,8 @@ def train_epochs(
             model, dataset, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
             weight_decay=weight_decay, weights=row_weights(dataset, weight_power, class_power),
             teacher_logits=teacher_logits, temperature=temperature, alpha=alpha, prox_mu=prox_mu,
-            missing_class_scale=missing_class_scale, on_step=on_step, on_epoch=on_epoch, result=result,
+            missing_class_scale=missing_class_scale, label_smoothing=label_smoothing, on_step=on_step,
+            on_epoch=on_epoch, result=result,
         )
 
 
@@ -175,7 +184,8 @@ def torch_threads(n: int | None):
 
 
 def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weights, teacher_logits,
-           temperature, alpha, prox_mu, missing_class_scale, on_step, on_epoch, result) -> TrainResult:
+           temperature, alpha, prox_mu, missing_class_scale, label_smoothing, on_step, on_epoch,
+           result) -> TrainResult:
     gen = _seed_all(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
@@ -198,7 +208,7 @@ def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weight
             if logit_scale is not None:
                 logits = logits * logit_scale
             wb = w[b]
-            ce = F.cross_entropy(logits, y[b], reduction="none")
+            ce = F.cross_entropy(logits, y[b], reduction="none", label_smoothing=label_smoothing)
             if t_logits is not None:
                 log_s = F.log_softmax(logits / temperature, dim=-1)
                 p_t = F.softmax(t_logits[b] / temperature, dim=-1)

@@ -88,6 +88,7 @@ def test_example_config_is_valid():
         (("[source]", "[fl]\nprox_mu = -1.0\n[source]"), "fl.prox_mu", "[0, 1000]"),
         (("[source]", "[fl]\nmissing_class_scale = 1.5\n[source]"), "fl.missing_class_scale", "[0, 1]"),
         (("[source]", "[fl]\nretrain_interval_s = -5.0\n[source]"), "fl.retrain_interval_s", ">= 0"),
+        (("[source]", "[fl]\nlabel_smoothing = 0.9\n[source]"), "fl.label_smoothing", "[0, 0.5]"),
         (("[source]", "[http]\nlisten = 'localhost'\n[source]"), "http.listen", "host:port"),
         (("[source]", "[mqtt]\ncert_file = 'c.pem'\n[source]"), "mqtt.cert_file", "both"),
         (("[source]", "[metrics]\nport = 1\n[source]"), "metrics", "unknown section"),

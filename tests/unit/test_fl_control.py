@@ -32,6 +32,11 @@ def test_prox_mu_zero_is_allowed_and_kept():
     assert parse_control(b'{"strategy": "fedavg", "local": {"prox_mu": 0.5}}').local.prox_mu == 0.5
 
 
+def test_label_smoothing_zero_is_allowed_and_kept():
+    assert parse_control(b'{"strategy": "gsfs", "local": {"label_smoothing": 0}}').local.label_smoothing == 0.0
+    assert parse_control(b'{"strategy": "gsfs", "local": {"label_smoothing": 0.1}}').local.label_smoothing == 0.1
+
+
 def test_missing_class_scale_takes_the_closed_unit_interval():
     for v in (0, 0.5, 1):
         raw = json.dumps({"strategy": "gsfs", "local": {"missing_class_scale": v}}).encode()
@@ -66,6 +71,8 @@ def test_unknown_top_level_keys_are_ignored():
         {"strategy": "gsfs", "local": {"missing_class_scale": 1.01}},
         {"strategy": "gsfs", "local": {"missing_class_scale": None, "lr": "x"}},
         {"strategy": "gsfs", "local": {"missing_class_scale": True}},
+        {"strategy": "gsfs", "local": {"label_smoothing": 0.6}},
+        {"strategy": "gsfs", "local": {"label_smoothing": -0.1}},
         {"strategy": "gsfs", "local": {"compression": "gzip"}},
         {"strategy": "gsfs", "local": []},
         {"strategy": "gsfs", "trigger": {"ema": 1.5}},

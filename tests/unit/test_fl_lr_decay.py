@@ -56,3 +56,14 @@ def test_client_settings_refuse_bad_retrain_interval(bad):
 def test_client_settings_retrain_interval_default_and_off():
     assert ClientSettings(gateway_id="gw1").retrain_interval_s == 300.0
     assert ClientSettings(gateway_id="gw1", retrain_interval_s=0).retrain_interval_s == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.6, float("nan")])
+def test_client_settings_refuse_bad_label_smoothing(bad):
+    with pytest.raises(ClientConfigError):
+        ClientSettings(gateway_id="gw1", label_smoothing=bad)
+
+
+def test_client_settings_smooth_local_labels_by_default():
+    assert ClientSettings(gateway_id="gw1").label_smoothing == 0.1
+    assert ClientSettings(gateway_id="gw1", label_smoothing=0).label_smoothing == 0

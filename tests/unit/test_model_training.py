@@ -137,6 +137,26 @@ def test_missing_class_scale_restricts_the_softmax_to_the_classes_a_gateway_has(
             train_epochs(a, ds, epochs=1, lr=1e-2, seed=3, missing_class_scale=bad)
 
 
+def test_label_smoothing_stops_rewarding_ever_larger_logits(setup):
+    tok, labels, ds = setup
+    spread = {}
+    for ls in (0.0, 0.2):
+        m = build_model(TINY, tok, labels, seed=4)
+        train_epochs(m, ds, epochs=30, lr=1e-2, seed=4, batch_size=16, label_smoothing=ls)
+        logits = predict_logits(m, ds.ids)
+        assert ((logits.argmax(-1) == 0) == (ds.y == 0)).all()  # both still separate benign from attacks
+        spread[ls] = float((logits.max(-1) - logits.min(-1)).mean())
+    # a smoothed target is met at a finite logit gap: local training stops pushing
+    assert spread[0.2] < spread[0.0]
+    a, b = build_model(TINY, tok, labels, seed=4), build_model(TINY, tok, labels, seed=4)
+    train_epochs(a, ds, epochs=2, lr=1e-2, seed=4, batch_size=16)
+    train_epochs(b, ds, epochs=2, lr=1e-2, seed=4, batch_size=16, label_smoothing=0.0)
+    assert _distance(state_to_numpy(a), state_to_numpy(b)) == 0.0  # 0 is plain cross-entropy
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            train_epochs(a, ds, epochs=1, lr=1e-2, seed=4, label_smoothing=bad)
+
+
 def test_numpy_state_round_trip_and_mismatches(setup):
     tok, labels, ds = setup
     a = build_model(TINY, tok, labels, seed=1)
