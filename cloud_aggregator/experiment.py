@@ -33,7 +33,7 @@ from pathlib import Path
 
 import click
 
-from gateway.fl.control import MAX_LABEL_SMOOTHING, MAX_PROX_MU
+from gateway.fl.control import MAX_LABEL_SMOOTHING, MAX_PROX_MU, local_setting_problem
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,10 @@ class ExperimentSettings:
             raise ValueError("rounds, max_local_steps, local_epochs and batch_size must be >= 1")
         if not 0 < self.test_fraction < 1:
             raise ValueError("test_fraction must be in (0, 1)")
-        if not 0 < self.lr_decay <= 1:
-            raise ValueError("lr_decay must be in (0, 1]")
-        if not 0 <= self.prox_mu <= MAX_PROX_MU:
-            raise ValueError(f"prox_mu must be in [0, {MAX_PROX_MU:g}]")
-        if not 0 <= self.missing_class_scale <= 1:
-            raise ValueError("missing_class_scale must be in [0, 1]")
-        if not 0 <= self.label_smoothing <= MAX_LABEL_SMOOTHING:
-            raise ValueError(f"label_smoothing must be in [0, {MAX_LABEL_SMOOTHING:g}]")
+        for name in ("lr", "lr_decay", "prox_mu", "missing_class_scale", "label_smoothing"):
+            problem = local_setting_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(f"{name} {problem}")
         if self.max_train_flows < 10:
             raise ValueError("max_train_flows must be >= 10")
         if self.dp_noise is not None and self.dp_noise <= 0:

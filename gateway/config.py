@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.fl.control import MAX_LABEL_SMOOTHING, MAX_PROX_MU
+from gateway.fl.control import local_setting_problem
 from gateway.protocol import topics
 
 ENV_PREFIX = "FEDGATE__"
@@ -282,12 +282,9 @@ class FlSection:
         _require(self.compression in COMPRESSIONS, "fl.compression", f"must be one of {', '.join(COMPRESSIONS)}")
         for name in ("local_epochs", "max_local_steps", "batch_size", "threads"):
             _require(getattr(self, name) >= 1, f"fl.{name}", "must be >= 1")
-        _require(0 < self.lr <= 10, "fl.lr", "must be in (0, 10]")
-        _require(0 < self.lr_decay <= 1, "fl.lr_decay", "must be in (0, 1]")
-        _require(0 <= self.prox_mu <= MAX_PROX_MU, "fl.prox_mu", f"must be in [0, {MAX_PROX_MU:g}]")
-        _require(0 <= self.missing_class_scale <= 1, "fl.missing_class_scale", "must be in [0, 1]")
-        _require(0 <= self.label_smoothing <= MAX_LABEL_SMOOTHING, "fl.label_smoothing",
-                 f"must be in [0, {MAX_LABEL_SMOOTHING:g}]")
+        for name in ("lr", "lr_decay", "prox_mu", "missing_class_scale", "label_smoothing"):
+            problem = local_setting_problem(name, getattr(self, name))
+            _require(problem is None, f"fl.{name}", problem or "")
         _require(0 <= self.retrain_interval_s < float("inf"), "fl.retrain_interval_s", "must be finite and >= 0")
         _require(self.status_interval_s > 0, "fl.status_interval_s", "must be > 0")
 

@@ -56,7 +56,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway.fl.control import MAX_LABEL_SMOOTHING, MAX_PROX_MU, Control, ControlError, parse_control
+from gateway.fl.control import (
+    LOCAL_SETTING_RANGES,
+    Control,
+    ControlError,
+    local_setting_problem,
+    parse_control,
+)
 from gateway.fl.learner import TorchLearner, steps_per_epoch
 from gateway.fl.link import Acked, GatewayLink, LinkDown, LinkUp
 from gateway.fl.localdata import load_labelled
@@ -167,22 +173,14 @@ class ClientSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ClientConfigError(f"{name} must be an integer >= 1, got {v!r}")
-        if not 0 < self.lr <= 10:
-            raise ClientConfigError(f"lr must be in (0, 10], got {self.lr}")
-        if not 0 < self.lr_decay <= 1:
-            raise ClientConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if not 0 <= self.prox_mu <= MAX_PROX_MU:
-            raise ClientConfigError(f"prox_mu must be in [0, {MAX_PROX_MU:g}], got {self.prox_mu}")
-        if not 0 <= self.missing_class_scale <= 1:
-            raise ClientConfigError(f"missing_class_scale must be in [0, 1], got {self.missing_class_scale}")
-        if not 0 <= self.label_smoothing <= MAX_LABEL_SMOOTHING:
-            raise ClientConfigError(f"label_smoothing must be in [0, {MAX_LABEL_SMOOTHING:g}], got {self.label_smoothing}")
+        for name in LOCAL_SETTING_RANGES:
+            problem = local_setting_problem(name, getattr(self, name))
+            if problem:
+                raise ClientConfigError(f"{name} {problem}")
         if not 0 <= self.retrain_interval_s < math.inf:
             raise ClientConfigError(f"retrain_interval_s must be finite and >= 0, got {self.retrain_interval_s}")
         if not 0 < self.val_fraction < 1:
             raise ClientConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0 < self.topk_fraction <= 1:
-            raise ClientConfigError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
         if self.max_chunk_bytes < 1024:
             raise ClientConfigError("max_chunk_bytes must be >= 1024")
         if self.status_interval_s <= 0:

@@ -33,6 +33,27 @@ MAX_CONTROL_BYTES = 64 * 1024
 MAX_LABEL_SMOOTHING = 0.5  # beyond this the target no longer favours the true class much
 MAX_PROX_MU = 1000.0  # beyond this the proximal term freezes local training outright
 
+# The one home of the ranges of the real-valued local settings (the control topic's
+# "local" block): (low, high, low included). The control topic, ClientSettings, the
+# gateway's [fl] section and the experiment all check against these.
+LOCAL_SETTING_RANGES: dict[str, tuple[float, float, bool]] = {
+    "lr": (0.0, 10.0, False),
+    "lr_decay": (0.0, 1.0, False),
+    "prox_mu": (0.0, MAX_PROX_MU, True),
+    "missing_class_scale": (0.0, 1.0, True),
+    "label_smoothing": (0.0, MAX_LABEL_SMOOTHING, True),
+    "topk_fraction": (0.0, 1.0, False),
+}
+
+
+def local_setting_problem(name: str, value: object) -> str | None:
+    """Why ``value`` is not a valid ``name`` (a key of LOCAL_SETTING_RANGES), or None."""
+    lo, hi, lo_closed = LOCAL_SETTING_RANGES[name]
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if numeric and ((lo <= value) if lo_closed else (lo < value)) and value <= hi:
+        return None
+    return f"must be a number in {'[' if lo_closed else '('}{lo:g}, {hi:g}], got {value!r}"
+
 
 class ControlError(ValueError):
     """A control message that is not valid JSON of the expected shape."""
@@ -80,13 +101,13 @@ def _int(d: dict, key: str, *, minimum: int = 0) -> int | None:
     return v
 
 
-def _float(d: dict, key: str, *, lo: float, hi: float, lo_closed: bool = False) -> float | None:
+def _float(d: dict, key: str) -> float | None:
     v = d.get(key)
     if v is None:
         return None
-    numeric = type(v) in (int, float) and math.isfinite(v)
-    if not numeric or not ((lo <= v) if lo_closed else (lo < v)) or v > hi:
-        raise ControlError(f"{key!r} must be a number in {'[' if lo_closed else '('}{lo}, {hi}]")
+    problem = local_setting_problem(key, v)
+    if problem:
+        raise ControlError(f"{key!r} {problem}")
     return float(v)
 
 
@@ -137,14 +158,14 @@ def parse_control(data: bytes) -> Control:
         local=LocalSettings(
             epochs=_int(local, "epochs", minimum=1),
             max_steps=_int(local, "max_steps", minimum=1),
-            lr=_float(local, "lr", lo=0.0, hi=10.0),
-            lr_decay=_float(local, "lr_decay", lo=0.0, hi=1.0),
-            prox_mu=_float(local, "prox_mu", lo=0.0, hi=MAX_PROX_MU, lo_closed=True),
-            missing_class_scale=_float(local, "missing_class_scale", lo=0.0, hi=1.0, lo_closed=True),
-            label_smoothing=_float(local, "label_smoothing", lo=0.0, hi=MAX_LABEL_SMOOTHING, lo_closed=True),
+            lr=_float(local, "lr"),
+            lr_decay=_float(local, "lr_decay"),
+            prox_mu=_float(local, "prox_mu"),
+            missing_class_scale=_float(local, "missing_class_scale"),
+            label_smoothing=_float(local, "label_smoothing"),
             batch_size=_int(local, "batch_size", minimum=1),
             compression=comp,
-            topk_fraction=_float(local, "topk_fraction", lo=0.0, hi=1.0),
+            topk_fraction=_float(local, "topk_fraction"),
         ),
         trigger=dict(trigger),
     )

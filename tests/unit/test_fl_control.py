@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.fl.control import Control, ControlError, LocalSettings, encode_control, parse_control
+from gateway.fl.control import (
+    LOCAL_SETTING_RANGES,
+    Control,
+    ControlError,
+    LocalSettings,
+    encode_control,
+    local_setting_problem,
+    parse_control,
+)
 from gateway.protocol.compression import Compression
 
 
@@ -41,6 +49,27 @@ def test_missing_class_scale_takes_the_closed_unit_interval():
     for v in (0, 0.5, 1):
         raw = json.dumps({"strategy": "gsfs", "local": {"missing_class_scale": v}}).encode()
         assert parse_control(raw).local.missing_class_scale == float(v)
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL_SETTING_RANGES))
+def test_local_setting_ranges_at_their_edges(name):
+    lo, hi, lo_closed = LOCAL_SETTING_RANGES[name]
+    assert local_setting_problem(name, hi) is None
+    assert local_setting_problem(name, (lo + hi) / 2) is None
+    assert (local_setting_problem(name, lo) is None) is lo_closed
+    for bad in (hi * 1.001 + 1e-9, lo - 1e-9, float("nan"), float("inf"), True, "0.1", None):
+        assert local_setting_problem(name, bad) is not None, bad
+
+
+@given(name=st.sampled_from(sorted(LOCAL_SETTING_RANGES)), value=st.floats(allow_nan=True, allow_infinity=True))
+def test_control_and_settings_agree_on_every_local_value(name, value):
+    """The control topic accepts exactly the values the shared range table accepts."""
+    raw = json.dumps({"strategy": "gsfs", "local": {name: value}}).encode()
+    if local_setting_problem(name, value) is None:
+        assert getattr(parse_control(raw).local, name) == value
+    else:
+        with pytest.raises(ControlError, match=name):
+            parse_control(raw)
 
 
 def test_unknown_top_level_keys_are_ignored():

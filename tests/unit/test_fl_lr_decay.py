@@ -16,54 +16,34 @@ def test_decayed_lr_by_hand():
     assert decayed_lr(2e-3, 0.5, -1) == 2e-3  # no version yet counts as version 0
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.5, 1.01, float("nan")])
-def test_client_settings_refuse_bad_decay(bad):
-    with pytest.raises(ClientConfigError):
-        ClientSettings(gateway_id="gw1", lr_decay=bad)
+# (setting, its default, bad values): every real-valued local-training setting
+DEFAULTS_AND_BAD = [
+    ("lr", 3e-3, [0.0, -1e-3, 10.5, float("nan")]),
+    ("lr_decay", 1.0, [0.0, -0.5, 1.01, float("nan")]),  # default: constant rate
+    ("prox_mu", 0.0, [-0.1, 1001.0, float("nan")]),  # default: plain local training
+    ("missing_class_scale", 1.0, [-0.1, 1.5, float("nan")]),  # default: plain softmax
+    ("label_smoothing", 0.1, [-0.1, 0.6, float("nan")]),  # default: smoothed targets
+    ("retrain_interval_s", 300.0, [-1.0, float("inf"), float("nan")]),
+]
 
 
-def test_client_settings_default_is_constant():
-    assert ClientSettings(gateway_id="gw1").lr_decay == 1.0
+@pytest.mark.parametrize(("name", "default", "bad_values"), DEFAULTS_AND_BAD)
+def test_client_settings_defaults_and_refusals(name, default, bad_values):
+    assert getattr(ClientSettings(gateway_id="gw1"), name) == default
+    for bad in bad_values:
+        with pytest.raises(ClientConfigError, match=name):
+            ClientSettings(gateway_id="gw1", **{name: bad})
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1001.0, float("nan")])
-def test_client_settings_refuse_bad_prox_mu(bad):
-    with pytest.raises(ClientConfigError):
-        ClientSettings(gateway_id="gw1", prox_mu=bad)
+@pytest.mark.parametrize(("name", "value"), [("prox_mu", 0.1), ("label_smoothing", 0), ("retrain_interval_s", 0)])
+def test_client_settings_keep_an_edge_value(name, value):
+    assert getattr(ClientSettings(gateway_id="gw1", **{name: value}), name) == value
 
 
-def test_client_settings_prox_mu_defaults_to_plain_local_training():
-    assert ClientSettings(gateway_id="gw1").prox_mu == 0.0
-    assert ClientSettings(gateway_id="gw1", prox_mu=0.1).prox_mu == 0.1
+@pytest.mark.parametrize(("name", "bad"), [("lr", 0.0), ("lr_decay", 1.5), ("prox_mu", -1.0),
+                                           ("missing_class_scale", 2.0), ("label_smoothing", 0.9)])
+def test_experiment_settings_refuse_the_same_ranges(name, bad, tmp_path):
+    from cloud_aggregator.experiment import ExperimentSettings
 
-
-@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
-def test_client_settings_refuse_bad_missing_class_scale(bad):
-    with pytest.raises(ClientConfigError):
-        ClientSettings(gateway_id="gw1", missing_class_scale=bad)
-
-
-def test_client_settings_missing_class_scale_defaults_to_plain_softmax():
-    assert ClientSettings(gateway_id="gw1").missing_class_scale == 1.0
-
-
-@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
-def test_client_settings_refuse_bad_retrain_interval(bad):
-    with pytest.raises(ClientConfigError):
-        ClientSettings(gateway_id="gw1", retrain_interval_s=bad)
-
-
-def test_client_settings_retrain_interval_default_and_off():
-    assert ClientSettings(gateway_id="gw1").retrain_interval_s == 300.0
-    assert ClientSettings(gateway_id="gw1", retrain_interval_s=0).retrain_interval_s == 0
-
-
-@pytest.mark.parametrize("bad", [-0.1, 0.6, float("nan")])
-def test_client_settings_refuse_bad_label_smoothing(bad):
-    with pytest.raises(ClientConfigError):
-        ClientSettings(gateway_id="gw1", label_smoothing=bad)
-
-
-def test_client_settings_smooth_local_labels_by_default():
-    assert ClientSettings(gateway_id="gw1").label_smoothing == 0.1
-    assert ClientSettings(gateway_id="gw1", label_smoothing=0).label_smoothing == 0
+    with pytest.raises(ValueError, match=name):
+        ExperimentSettings(gateway_data=(tmp_path,), out=tmp_path, **{name: bad})
