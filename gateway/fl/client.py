@@ -32,7 +32,7 @@ P is the binary F1 (malicious = positive) on the local validation split, or the
 accuracy when that split holds a single class (F1 is then meaningless); the trigger's
 ``metric`` may instead say "accuracy" (flow-weighted binary accuracy) or "likelihood"
 (the geometric-mean probability of each validation flow's true side,
-:func:`gateway.fl.learner.binary_likelihood`).
+:func:`gateway.model.metrics.binary_likelihood`).
 
 A received global model is checked by :func:`gateway.protocol.validation.validate_envelope`
 (signature, digest, names, shapes, dtypes, finiteness, version not older); a rejected
@@ -438,7 +438,7 @@ class FLClient:
     def _val_metric(self) -> float:
         """P on the validation split, as the trigger's ``metric`` says: binary F1
         (accuracy if the split holds one class only), accuracy, or the likelihood of
-        the true side (:func:`gateway.fl.learner.binary_likelihood`)."""
+        the true side (:func:`gateway.model.metrics.binary_likelihood`)."""
         if self.val_data is None or len(self.val_data) == 0:
             return 0.0
         if self.trigger.config.metric == "likelihood":

@@ -17,7 +17,7 @@ import torch
 from gateway.flows.record import ConnRecord
 from gateway.model.data import FlowDataset
 from gateway.model.modeldir import load_student
-from gateway.model.metrics import softmax
+from gateway.model.metrics import binary_likelihood, softmax
 from gateway.model.train import evaluate, load_numpy_state, predict_logits, state_to_numpy, train_epochs
 
 StepFn = Callable[[int, dict[str, float], float], None]
@@ -84,32 +84,6 @@ class TorchLearner:
         finally:
             self.model.train(was_training)
         return binary_likelihood(probs, data.y, data.weight)
-
-
-# a probability below this counts as this (log 1e-6 = -13.8): one hopeless flow cannot
-# outweigh thousands of good ones, and the result stays finite
-LIKELIHOOD_FLOOR = 1e-6
-
-
-def binary_likelihood(probs: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None) -> float:
-    """exp(weighted mean log p_i): the geometric mean of the probability given to each
-    row's true side, p_i = P(Benign) for benign rows (class 0), 1 - P(Benign) for the
-    others; rows weighted by the flows they stand for. In (0, 1]; 1 = certain and right.
-
-    PURE. The GSFS trigger's smooth alternative to F1 (see :mod:`gateway.fl.trigger`):
-    it moves with the decision margin, not only when a flow crosses it.
-    """
-    probs = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(y)
-    if probs.ndim != 2 or len(probs) != len(y) or len(y) == 0:
-        raise ValueError("need one row of class probabilities per label")
-    w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=np.float64)
-    if w.shape != y.shape or (w < 0).any() or not w.sum() > 0:
-        raise ValueError("weights must be non-negative, one per row, not all zero")
-    benign = np.clip(probs[:, 0], 0.0, 1.0)
-    p_true = np.where(y == 0, benign, 1.0 - benign)
-    logp = np.log(np.clip(p_true, LIKELIHOOD_FLOOR, 1.0))
-    return float(math.exp(float(np.dot(w, logp) / w.sum())))
 
 
 def steps_per_epoch(rows: int, batch_size: int) -> int:

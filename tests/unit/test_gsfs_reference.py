@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.fl.control import ControlError, parse_control
-from gateway.fl.learner import LIKELIHOOD_FLOOR, binary_likelihood
+from gateway.model.metrics import LIKELIHOOD_FLOOR, binary_likelihood
 from gateway.fl.trigger import GSFSTrigger, TriggerConfig, TriggerConfigError
 
 
