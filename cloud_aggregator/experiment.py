@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import time
@@ -66,6 +67,8 @@ class ExperimentSettings:
     label_smoothing local cross-entropy label smoothing, in [0, 0.5] (default 0.1)
     missing_class_scale  FedRS: local training scales the logits of classes a gateway has no
                     flow of by this, in [0, 1] (default 1.0: plain softmax)
+    fedopt_eta      FedOpt server Adam learning rate (default 0.03)
+    fedopt_tau      FedOpt server Adam adaptivity, added to sqrt(v) (default 1e-3)
     target_f1       F1 for the "time to target" column (default 0.99)
     round_timeout_s FedAvg/FedOpt: a round aggregates what arrived after this long (default 120)
     stall_timeout_s a run ends early when no new global version came for this long: under
@@ -92,6 +95,8 @@ class ExperimentSettings:
     prox_mu: float = 0.0
     missing_class_scale: float = 1.0
     label_smoothing: float = 0.1
+    fedopt_eta: float = 0.03
+    fedopt_tau: float = 1e-3
     target_f1: float = 0.99
     round_timeout_s: float = 120.0
     stall_timeout_s: float = 45.0
@@ -119,6 +124,10 @@ class ExperimentSettings:
                 raise ValueError(f"{name} {problem}")
         if self.max_train_flows < 10:
             raise ValueError("max_train_flows must be >= 10")
+        for name in ("fedopt_eta", "fedopt_tau"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, not {value!r}")
         if self.dp_noise is not None and self.dp_noise <= 0:
             raise ValueError("dp_noise must be > 0")
 
@@ -406,7 +415,8 @@ def _strategy_params(settings: ExperimentSettings, strategy: str) -> dict:
                             "reference": "upload", "metric": "accuracy", "min_flows": 5.0, "stay": 0,
                             "cooldown": 0}}
     if strategy == "fedopt":
-        return {"eta": 0.03, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3, "round_timeout_s": settings.round_timeout_s}
+        return {"eta": settings.fedopt_eta, "beta1": 0.9, "beta2": 0.99, "tau": settings.fedopt_tau,
+                "round_timeout_s": settings.round_timeout_s}
     return {"eta": 1.0, "round_timeout_s": settings.round_timeout_s}
 
 
@@ -738,7 +748,7 @@ def write_report(report: dict, out: Path) -> None:
         "# fedgate experiment report", "",
         f"{len(report['gateways'])} gateways, {st['rounds']} rounds, seed {st['seed']}, "
         f"local: {st['local_epochs']} epochs / at most {st['max_local_steps']} steps of batch {st['batch_size']}, "
-        f"lr {st['lr']} x {st.get('lr_decay', 1.0)}^version, proximal mu {st.get('prox_mu', 0.0)}, missing-class logit scale {st.get('missing_class_scale', 1.0)}, label smoothing {st.get('label_smoothing', 0.0)}; test part {st['test_fraction']:.0%} of every scenario (never trained on); "
+        f"lr {st['lr']} x {st.get('lr_decay', 1.0)}^version, proximal mu {st.get('prox_mu', 0.0)}, missing-class logit scale {st.get('missing_class_scale', 1.0)}, label smoothing {st.get('label_smoothing', 0.0)}; FedOpt server Adam eta {st.get('fedopt_eta', 0.03)}, tau {st.get('fedopt_tau', 1e-3)}; test part {st['test_fraction']:.0%} of every scenario (never trained on); "
         f"training flows capped at {st['max_train_flows']} per gateway (stratified sample). "
         f"Initial model: random init (seed {st['seed']}), central accuracy "
         f"{report['initial_model']['central']['accuracy']:.4f}. Raw float32 delta: "
@@ -850,13 +860,18 @@ QUICK = {"rounds": 2, "max_train_flows": 2000, "max_local_steps": 20, "local_epo
 @click.option("--missing-class-scale", default=1.0, show_default=True, type=click.FloatRange(0, 1),
               help="FedRS restricted softmax: local training multiplies the logits of classes a "
                    "gateway has no flow of by this (1 = plain softmax).")
+@click.option("--fedopt-eta", default=0.03, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="FedOpt: server Adam learning rate.")
+@click.option("--fedopt-tau", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="FedOpt: server Adam adaptivity, added to sqrt(v); larger = less adaptive (a delta much "
+                   "smaller than tau moves the weights by about eta/tau times itself).")
 @click.option("--target-f1", default=0.99, show_default=True, type=float)
 @click.option("--quick", is_flag=True, help="Tiny settings (2 rounds, small data): demos and tests.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.argument("more_data", nargs=-1, type=click.Path(exists=True, path_type=Path))
 def experiment_command(strategies, gateway_data, more_data, rounds, out, compression, dp_noise, dp_clip, seed, seeds,
                        max_train_flows, max_local_steps, local_epochs, lr, lr_decay, prox_mu, missing_class_scale,
-                       label_smoothing, target_f1, quick, as_json) -> None:
+                       label_smoothing, fedopt_eta, fedopt_tau, target_f1, quick, as_json) -> None:
     """Compare GSFS, FedAvg and FedOpt on real gateway processes over a real broker.
 
     Each --gateway-data directory becomes one gateway process with its own store;
@@ -884,7 +899,8 @@ def experiment_command(strategies, gateway_data, more_data, rounds, out, compres
             strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
             compressions=tuple(c.strip() for c in compression.split(",") if c.strip()),
             gateway_data=tuple(gateway_data) + tuple(more_data), out=out, seed=seed, lr=lr, lr_decay=lr_decay, prox_mu=prox_mu,
-            missing_class_scale=missing_class_scale, label_smoothing=label_smoothing, target_f1=target_f1,
+            missing_class_scale=missing_class_scale, label_smoothing=label_smoothing, fedopt_eta=fedopt_eta,
+            fedopt_tau=fedopt_tau, target_f1=target_f1,
             dp_noise=dp_noise, dp_clip=dp_clip, quick=quick, **kwargs)
         seed_list = None if seeds is None else _parse_seeds(seeds)
     except ValueError as exc:
