@@ -34,6 +34,7 @@ from pathlib import Path
 
 import click
 
+from cloud_aggregator.strategies import fedopt
 from gateway.fl.control import MAX_LABEL_SMOOTHING, MAX_PROX_MU, local_setting_problem
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ class ExperimentSettings:
     label_smoothing local cross-entropy label smoothing, in [0, 0.5] (default 0.1)
     missing_class_scale  FedRS: local training scales the logits of classes a gateway has no
                     flow of by this, in [0, 1] (default 1.0: plain softmax)
-    fedopt_eta      FedOpt server Adam learning rate (default 0.03)
-    fedopt_tau      FedOpt server Adam adaptivity, added to sqrt(v) (default 1e-3)
+    fedopt_eta      FedOpt server Adam learning rate (default 0.01, FedOpt's own)
+    fedopt_tau      FedOpt server Adam adaptivity, added to sqrt(v) (default 1e-3, FedOpt's own)
     target_f1       F1 for the "time to target" column (default 0.99)
     round_timeout_s FedAvg/FedOpt: a round aggregates what arrived after this long (default 120)
     stall_timeout_s a run ends early when no new global version came for this long: under
@@ -95,8 +96,8 @@ class ExperimentSettings:
     prox_mu: float = 0.0
     missing_class_scale: float = 1.0
     label_smoothing: float = 0.1
-    fedopt_eta: float = 0.03
-    fedopt_tau: float = 1e-3
+    fedopt_eta: float = fedopt.DEFAULT_ETA
+    fedopt_tau: float = fedopt.DEFAULT_TAU
     target_f1: float = 0.99
     round_timeout_s: float = 120.0
     stall_timeout_s: float = 45.0
@@ -860,9 +861,9 @@ QUICK = {"rounds": 2, "max_train_flows": 2000, "max_local_steps": 20, "local_epo
 @click.option("--missing-class-scale", default=1.0, show_default=True, type=click.FloatRange(0, 1),
               help="FedRS restricted softmax: local training multiplies the logits of classes a "
                    "gateway has no flow of by this (1 = plain softmax).")
-@click.option("--fedopt-eta", default=0.03, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--fedopt-eta", default=fedopt.DEFAULT_ETA, show_default=True, type=click.FloatRange(0, min_open=True),
               help="FedOpt: server Adam learning rate.")
-@click.option("--fedopt-tau", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--fedopt-tau", default=fedopt.DEFAULT_TAU, show_default=True, type=click.FloatRange(0, min_open=True),
               help="FedOpt: server Adam adaptivity, added to sqrt(v); larger = less adaptive (a delta much "
                    "smaller than tau moves the weights by about eta/tau times itself).")
 @click.option("--target-f1", default=0.99, show_default=True, type=float)

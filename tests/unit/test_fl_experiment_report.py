@@ -33,14 +33,15 @@ def test_settings_validation(tmp_path):
 @pytest.mark.parametrize("bad", [0.0, -0.01, float("nan"), float("inf")])
 def test_fedopt_server_settings_refused_and_passed_on(tmp_path, name, bad):
     from cloud_aggregator.experiment import _strategy_params
+    from cloud_aggregator.strategies import fedopt
 
     with pytest.raises(ValueError, match=name):
         ExperimentSettings(gateway_data=(tmp_path,), out=tmp_path, **{name: bad})
-    settings = ExperimentSettings(gateway_data=(tmp_path,), out=tmp_path, fedopt_eta=0.01, fedopt_tau=0.02)
+    settings = ExperimentSettings(gateway_data=(tmp_path,), out=tmp_path, fedopt_eta=0.05, fedopt_tau=0.02)
     params = _strategy_params(settings, "fedopt")
-    assert (params["eta"], params["tau"]) == (0.01, 0.02)
+    assert (params["eta"], params["tau"]) == (0.05, 0.02)
     defaults = _strategy_params(ExperimentSettings(gateway_data=(tmp_path,), out=tmp_path), "fedopt")
-    assert (defaults["eta"], defaults["tau"]) == (0.03, 1e-3)
+    assert (defaults["eta"], defaults["tau"]) == (fedopt.DEFAULT_ETA, fedopt.DEFAULT_TAU) == (0.01, 1e-3)
 
 
 def test_gateway_ids_are_topic_safe():
