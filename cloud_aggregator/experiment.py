@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import queue
 import time
@@ -125,10 +124,10 @@ class ExperimentSettings:
                 raise ValueError(f"{name} {problem}")
         if self.max_train_flows < 10:
             raise ValueError("max_train_flows must be >= 10")
-        for name in ("fedopt_eta", "fedopt_tau"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, not {value!r}")
+        try:  # FedOpt's own rules; its messages name "eta" / "tau"
+            fedopt.FedOpt(eta=self.fedopt_eta, tau=self.fedopt_tau)
+        except ValueError as exc:
+            raise ValueError(f"fedopt_{exc}") from None
         if self.dp_noise is not None and self.dp_noise <= 0:
             raise ValueError("dp_noise must be > 0")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from cloud_aggregator.strategies import aggregate as agg
 from cloud_aggregator.strategies.base import with_adam
 from cloud_aggregator.strategies.fedavg import FedAvg
@@ -31,8 +33,8 @@ class FedOpt(FedAvg):
                          min_available=min_available)
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
             raise ValueError("beta1 and beta2 must be in [0, 1)")
-        if tau <= 0:
-            raise ValueError("tau must be positive")
+        if not (tau > 0 and math.isfinite(tau)):
+            raise ValueError("tau must be a positive finite number")
         self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
 
     def server_step(self, global_weights, delta, state):

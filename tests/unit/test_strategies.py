@@ -188,7 +188,8 @@ def test_state_round_trips_through_tensors():
 
 @pytest.mark.parametrize("bad", [
     lambda: GSFS(rho=0), lambda: GSFS(rho=1.5), lambda: GSFS(deadline_s=0), lambda: FedAvg(fraction=0),
-    lambda: FedOpt(beta1=1.0), lambda: FedOpt(tau=0), lambda: FedAvg(eta=float("nan")),
+    lambda: FedOpt(beta1=1.0), lambda: FedOpt(tau=0), lambda: FedOpt(tau=float("nan")),
+    lambda: FedOpt(tau=float("inf")), lambda: FedAvg(eta=float("nan")),
     lambda: RobustAggregation(FedAvg(), method="mode"), lambda: RobustAggregation(FedAvg(), trim_fraction=0.5),
     lambda: DifferentialPrivacy(FedAvg(), clip_norm=0, rng=np.random.default_rng()),
     lambda: build_strategy("fedsgd"), lambda: build_strategy("gsfs", params={"unknown": 1}),
