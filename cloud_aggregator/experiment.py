@@ -35,6 +35,7 @@ import click
 
 from cloud_aggregator.strategies import fedopt
 from gateway.fl.control import MAX_LABEL_SMOOTHING, MAX_PROX_MU, local_setting_problem
+from gateway.model.prompt import DEFAULT_TEMPLATE, get_template
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class ExperimentSettings:
                     flow of by this, in [0, 1] (default 1.0: plain softmax)
     fedopt_eta      FedOpt server Adam learning rate (default 0.01, FedOpt's own)
     fedopt_tau      FedOpt server Adam adaptivity, added to sqrt(v) (default 1e-3, FedOpt's own)
+    template        prompt template of the initial model, NAME/vN or NAME for its newest
+                    version (default gateway.model.prompt.DEFAULT_TEMPLATE, edge-compact/v2)
     target_f1       F1 for the "time to target" column (default 0.99)
     round_timeout_s FedAvg/FedOpt: a round aggregates what arrived after this long (default 120)
     stall_timeout_s a run ends early when no new global version came for this long: under
@@ -97,6 +100,7 @@ class ExperimentSettings:
     label_smoothing: float = 0.1
     fedopt_eta: float = fedopt.DEFAULT_ETA
     fedopt_tau: float = fedopt.DEFAULT_TAU
+    template: str = DEFAULT_TEMPLATE
     target_f1: float = 0.99
     round_timeout_s: float = 120.0
     stall_timeout_s: float = 45.0
@@ -130,6 +134,10 @@ class ExperimentSettings:
             raise ValueError(f"fedopt_{exc}") from None
         if self.dp_noise is not None and self.dp_noise <= 0:
             raise ValueError("dp_noise must be > 0")
+        try:
+            get_template(self.template)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
 
 
 # --------------------------------------------------------------------------- data
@@ -188,17 +196,17 @@ def _one_scenario(path: Path):
     return scenarios[0]
 
 
-def build_initial_model(train_records: Sequence, out: Path, *, seed: int, onnx: bool = False):
-    """A randomly initialised student (seeded) with a vocabulary built from
-    ``train_records`` (words only) and their label set (ONNX export only if asked:
-    the experiment's gateways train, they do not detect)."""
+def build_initial_model(train_records: Sequence, out: Path, *, seed: int, onnx: bool = False,
+                        template: str = DEFAULT_TEMPLATE):
+    """A randomly initialised student (seeded) with a vocabulary of ``template``'s
+    words for ``train_records`` and their label set (ONNX export only if asked: the
+    experiment's gateways train, they do not detect)."""
     from gateway.model.labels import LabelSet, record_label
     from gateway.model.modeldir import save_model_dir
     from gateway.model.opt import build_model
-    from gateway.model.prompt import DEFAULT_TEMPLATE, get_template
     from gateway.model.tokenizer import FlowTokenizer
 
-    tokenizer = FlowTokenizer.build(train_records, get_template(DEFAULT_TEMPLATE))
+    tokenizer = FlowTokenizer.build(train_records, get_template(template))
     labels = LabelSet.from_labels(record_label(r) for r in train_records)
     model = build_model("student", tokenizer, labels, seed=seed)
     return save_model_dir(model, tokenizer, labels, out, version=f"initial-seed{seed}", onnx=onnx,
@@ -233,7 +241,7 @@ def prepare(settings: ExperimentSettings, *, say=print) -> Prepared:
                                max_train_flows=settings.max_train_flows, seed=settings.seed)
     train_all = [r for g in gateways for r in g.train]
     model_dir = out / "initial-model"
-    build_initial_model(train_all, model_dir, seed=settings.seed)
+    build_initial_model(train_all, model_dir, seed=settings.seed, template=settings.template)
     test_records = [r for g in gateways for r in g.test]
     test_log = out / "data" / "test.conn.log"
     with open(test_log, "wb") as f:
@@ -748,7 +756,7 @@ def write_report(report: dict, out: Path) -> None:
         "# fedgate experiment report", "",
         f"{len(report['gateways'])} gateways, {st['rounds']} rounds, seed {st['seed']}, "
         f"local: {st['local_epochs']} epochs / at most {st['max_local_steps']} steps of batch {st['batch_size']}, "
-        f"lr {st['lr']} x {st.get('lr_decay', 1.0)}^version, proximal mu {st.get('prox_mu', 0.0)}, missing-class logit scale {st.get('missing_class_scale', 1.0)}, label smoothing {st.get('label_smoothing', 0.0)}; FedOpt server Adam eta {st.get('fedopt_eta', 0.03)}, tau {st.get('fedopt_tau', 1e-3)}; test part {st['test_fraction']:.0%} of every scenario (never trained on); "
+        f"lr {st['lr']} x {st.get('lr_decay', 1.0)}^version, proximal mu {st.get('prox_mu', 0.0)}, missing-class logit scale {st.get('missing_class_scale', 1.0)}, label smoothing {st.get('label_smoothing', 0.0)}; FedOpt server Adam eta {st.get('fedopt_eta', 0.03)}, tau {st.get('fedopt_tau', 1e-3)}; prompt template {st.get('template', 'edge-compact/v2')}; test part {st['test_fraction']:.0%} of every scenario (never trained on); "
         f"training flows capped at {st['max_train_flows']} per gateway (stratified sample). "
         f"Initial model: random init (seed {st['seed']}), central accuracy "
         f"{report['initial_model']['central']['accuracy']:.4f}. Raw float32 delta: "
@@ -865,13 +873,15 @@ QUICK = {"rounds": 2, "max_train_flows": 2000, "max_local_steps": 20, "local_epo
 @click.option("--fedopt-tau", default=fedopt.DEFAULT_TAU, show_default=True, type=click.FloatRange(0, min_open=True),
               help="FedOpt: server Adam adaptivity, added to sqrt(v); larger = less adaptive (a delta much "
                    "smaller than tau moves the weights by about eta/tau times itself).")
+@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
+              help="Prompt template of the initial model: NAME/vN, or NAME for its newest version.")
 @click.option("--target-f1", default=0.99, show_default=True, type=float)
 @click.option("--quick", is_flag=True, help="Tiny settings (2 rounds, small data): demos and tests.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.argument("more_data", nargs=-1, type=click.Path(exists=True, path_type=Path))
 def experiment_command(strategies, gateway_data, more_data, rounds, out, compression, dp_noise, dp_clip, seed, seeds,
                        max_train_flows, max_local_steps, local_epochs, lr, lr_decay, prox_mu, missing_class_scale,
-                       label_smoothing, fedopt_eta, fedopt_tau, target_f1, quick, as_json) -> None:
+                       label_smoothing, fedopt_eta, fedopt_tau, template, target_f1, quick, as_json) -> None:
     """Compare GSFS, FedAvg and FedOpt on real gateway processes over a real broker.
 
     Each --gateway-data directory becomes one gateway process with its own store;
@@ -887,6 +897,7 @@ def experiment_command(strategies, gateway_data, more_data, rounds, out, compres
           --gateway-data data/iot23/* --out runs/compress
       fedgate-aggregator experiment --quick --gateway-data data/iot23/CTU-Honeypot-Capture-7-1 \\
           --gateway-data data/iot23/CTU-Malware-Capture-8-1 --out /tmp/quick
+      fedgate-aggregator experiment --template edge-compact/v3 --seeds 0,1 --gateway-data data/iot23/* --out runs/v3
     """
     from gateway.output import emit_json, emit_rows
 
@@ -900,7 +911,7 @@ def experiment_command(strategies, gateway_data, more_data, rounds, out, compres
             compressions=tuple(c.strip() for c in compression.split(",") if c.strip()),
             gateway_data=tuple(gateway_data) + tuple(more_data), out=out, seed=seed, lr=lr, lr_decay=lr_decay, prox_mu=prox_mu,
             missing_class_scale=missing_class_scale, label_smoothing=label_smoothing, fedopt_eta=fedopt_eta,
-            fedopt_tau=fedopt_tau, target_f1=target_f1,
+            fedopt_tau=fedopt_tau, template=template, target_f1=target_f1,
             dp_noise=dp_noise, dp_clip=dp_clip, quick=quick, **kwargs)
         seed_list = None if seeds is None else _parse_seeds(seeds)
     except ValueError as exc:

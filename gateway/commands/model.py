@@ -17,6 +17,14 @@ SUMMARY_COLUMNS = ("accuracy", "precision", "recall", "f1", "label_accuracy", "m
 DATA_HELP = "Data directory or labelled conn.log (repeatable); every conn.log.labeled below it is used."
 
 
+def _template_option():
+    from gateway.model.prompt import DEFAULT_TEMPLATE, TEMPLATE_VERSIONS
+
+    idents = ", ".join(sorted(t.ident for t in TEMPLATE_VERSIONS.values()))
+    return click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
+                        help=f"Prompt template, NAME/vN or NAME for its newest version ({idents}).")
+
+
 def _progress():
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -71,9 +79,10 @@ def model() -> None:
               help="Local pretrained OPT checkpoint directory to start from (nothing is downloaded).")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Passes over the (deduplicated) train part [preset default].")
 @click.option("--seed", type=int, default=23, show_default=True, help="Seed of the split and of training.")
+@_template_option()
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def train(data, out, preset, base_model, epochs, seed, int8, as_json):
+def train(data, out, preset, base_model, epochs, seed, template, int8, as_json):
     """Train a classifier on the train part (70%) of the paper split of DATA.
 
     The alert threshold is chosen on the validation part (20%); the test part (10%)
@@ -83,13 +92,14 @@ def train(data, out, preset, base_model, epochs, seed, int8, as_json):
     Examples:
       fedgate model train --data data/iot23 --out build/teacher --preset teacher
       fedgate model train --data data/iot23 --out build/s1 --base-model ~/opt-tiny --epochs 10
+      fedgate model train --data data/iot23 --out build/t3 --preset teacher --template edge-compact/v3
     """
     from gateway.model.pipeline import train_model
 
     try:
         with _progress() as progress:
             info = train_model(list(data), out, preset=preset, base_model=base_model, epochs=epochs,
-                               seed=seed, int8=int8, progress=progress)
+                               seed=seed, template=template, int8=int8, progress=progress)
     except (ValueError, OSError) as exc:
         raise _fail(exc) from None
     _model_summary(info, as_json, f"trained {preset}")
@@ -203,20 +213,23 @@ def evaluate(models, data, split, epochs, no_latency, as_json):
 @click.option("--teacher-out", default="build/teacher", show_default=True, type=click.Path(file_okay=False),
               help="Where the teacher is kept (not committed).")
 @click.option("--seed", type=int, default=23, show_default=True)
+@_template_option()
 @click.option("--json", "as_json", is_flag=True)
-def build_default(data, out, teacher_out, seed, as_json):
+def build_default(data, out, teacher_out, seed, template, as_json):
     """Rebuild the default model: teacher, then distilled student with int8 (what `make model` runs).
 
     \b
     Example:
       fedgate model build-default --data data/iot23 --out models/default
+      fedgate model build-default --data data/iot23 --out build/v3 --teacher-out build/t3 --template edge-compact/v3
     """
     from gateway.model.pipeline import build_default as build
 
     logging.getLogger("root").setLevel(logging.WARNING)
     try:
         with _progress() as progress:
-            teacher, student = build(list(data), out, teacher_out=teacher_out, seed=seed, progress=progress)
+            teacher, student = build(list(data), out, teacher_out=teacher_out, seed=seed, template=template,
+                                     progress=progress)
     except (ValueError, OSError) as exc:
         raise _fail(exc) from None
     _model_summary(teacher, as_json, "teacher")

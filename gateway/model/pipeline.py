@@ -115,7 +115,11 @@ def train_model(
     tr_idx = prepared.split[0] if train_index is None else train_index
     va_idx = prepared.split[1] if val_index is None else val_index
     train_records = _take(prepared.records, tr_idx)
-    tokenizer = FlowTokenizer.build(train_records, get_template(template))
+    try:
+        prompt_template = get_template(template)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    tokenizer = FlowTokenizer.build(train_records, prompt_template)
     labels = LabelSet.from_labels(prepared.names[i] for i in tr_idx)
     train_ds = encode(train_records, tokenizer, labels).dedupe()
     val_ds = encode(_take(prepared.records, va_idx), tokenizer, labels).dedupe()
@@ -238,11 +242,13 @@ def _train_and_save(
 
 
 def build_default(
-    data: Sequence[str | Path], out: str | Path, *, teacher_out: str | Path, seed: int = DEFAULT_SEED, progress=None
+    data: Sequence[str | Path], out: str | Path, *, teacher_out: str | Path, seed: int = DEFAULT_SEED,
+    template: str = DEFAULT_TEMPLATE, progress=None,
 ) -> tuple[ModelInfo, ModelInfo]:
-    """Teacher then distilled student (with int8), reproducibly from ``data``."""
+    """Teacher then distilled student (with int8), reproducibly from ``data``; the
+    student reads the teacher's ``template``."""
     prepared = prepare(data, seed=seed)
-    teacher = train_model(prepared, teacher_out, preset="teacher", seed=seed, progress=progress)
+    teacher = train_model(prepared, teacher_out, preset="teacher", seed=seed, template=template, progress=progress)
     student = distill_model(teacher.path, prepared, out, seed=seed, int8=True, candidates=DEFAULT_CANDIDATES,
                             progress=progress)
     return teacher, student

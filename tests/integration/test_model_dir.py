@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from gateway.model.modeldir import ModelDirError, load_student, validate_model_dir
-from gateway.model.prompt import get_template
+from gateway.model.prompt import DEFAULT_TEMPLATE, get_template
 
 pytestmark = pytest.mark.integration
 
@@ -55,13 +55,25 @@ def test_directory_contents_and_metadata(trained):
             "labels.json", "metadata.json"} <= files
     meta = student.metadata
     assert meta["parent"] == teacher.version and meta["version"].startswith("student-")
-    assert meta["template"] == {"name": "edge-compact", "version": get_template("edge-compact").version}
+    assert meta["template"] == {"name": "edge-compact", "version": get_template(DEFAULT_TEMPLATE).version}
     assert meta["data_digest"] == teacher.metadata["data_digest"] and len(meta["data_digest"]) == 64
     assert 0.0 < meta["threshold"] < 1.0
     assert {"accuracy", "f1", "macro_f1"} <= set(meta["metrics"]["validation"])
     assert meta["training"]["loss"] == "distillation"
     assert student.labels.names[:2] == ("Benign", "Malicious")
     assert meta["parameters"] * 10 <= teacher.metadata["parameters"]
+
+
+def test_a_named_template_is_trained_saved_and_read_back(data_dir, tmp_path):
+    from gateway.model.pipeline import train_model
+
+    info = train_model([data_dir], tmp_path / "v3", epochs=1, seed=1, template="edge-compact/v3")
+    assert info.metadata["template"] == {"name": "edge-compact", "version": 3}
+    _, tokenizer, _, _ = load_student(info.path)
+    assert tokenizer.template is get_template("edge-compact/v3")
+    with pytest.raises(ValueError, match="unknown prompt template 'edge-compact/v42'"):
+        train_model([data_dir], tmp_path / "bad", epochs=1, template="edge-compact/v42")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_onnx_and_torch_logits_agree(trained):
@@ -117,7 +129,7 @@ def test_mismatches_are_named(trained, tmp_path):
     teacher, student = trained
     d = _copy(student, tmp_path)
     text = (d / "tokenizer.json").read_text()
-    (d / "tokenizer.json").write_text(text.replace(f"[TEMPLATE:edge-compact:v{get_template('edge-compact').version}]", "[TEMPLATE:edge-compact:v7]"))
+    (d / "tokenizer.json").write_text(text.replace(f"[TEMPLATE:edge-compact:v{get_template(DEFAULT_TEMPLATE).version}]", "[TEMPLATE:edge-compact:v7]"))
     with pytest.raises(ModelDirError, match=r"tokenizer\.json: .*v7"):
         validate_model_dir(d)
     (d / "tokenizer.json").write_text(text)

@@ -44,6 +44,16 @@ def test_fedopt_server_settings_refused_and_passed_on(tmp_path, name, bad):
     assert (defaults["eta"], defaults["tau"]) == (fedopt.DEFAULT_ETA, fedopt.DEFAULT_TAU) == (0.01, 1e-3)
 
 
+def test_template_is_the_models_default_unless_named(tmp_path):
+    from gateway.model.prompt import DEFAULT_TEMPLATE
+
+    assert ExperimentSettings(gateway_data=(tmp_path,), out=tmp_path).template == DEFAULT_TEMPLATE == "edge-compact/v2"
+    assert ExperimentSettings(gateway_data=(tmp_path,), out=tmp_path, template="edge-compact/v3").template == "edge-compact/v3"
+    for bad in ("edge-compact/v99", "nope", "edge-compact/3", ""):
+        with pytest.raises(ValueError, match="unknown prompt template"):
+            ExperimentSettings(gateway_data=(tmp_path,), out=tmp_path, template=bad)
+
+
 def test_gateway_ids_are_topic_safe():
     assert gateway_id_for("CTU-Malware-Capture-34-1") == "CTU-Malware-Capture-34-1"
     assert gateway_id_for("my scenario/#1") == "my-scenario--1"

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from gateway.flows.record import ConnRecord
 from gateway.model.prompt import (
-    COMPACT, COMPACT_V2, END, TEMPLATE_VERSIONS, TEMPLATES, Template, count_bucket, duration_bucket, get_template,
-    host_class, per_packet_bucket, port_word, register,
+    COMPACT, COMPACT_V2, COMPACT_V3, DEFAULT_TEMPLATE, END, TEMPLATE_VERSIONS, TEMPLATES, Template, count_bucket, duration_bucket,
+    bare_packet_size, get_template, host_class, per_packet_bucket, port_word, register,
 )
 from gateway.model.tokenizer import FlowTokenizer, TokenizerError, TokenizerVersionError, marker_token
 
@@ -54,7 +54,12 @@ def test_template_has_fixed_length_and_ends_with_end():
         assert len(words) == COMPACT.length
         assert words[-1] == END
     assert get_template("edge-compact", 1) is COMPACT
-    assert get_template("edge-compact") is COMPACT_V2  # the newest version builds new models
+    assert get_template("edge-compact") is COMPACT_V3  # a bare name is its newest version
+    assert get_template("edge-compact/v2") is COMPACT_V2 is get_template(COMPACT_V2.ident)
+    assert get_template(DEFAULT_TEMPLATE) is COMPACT_V2  # what new models are built with (pinned)
+    for bad in ("edge-compact/v", "edge-compact/vx", "edge-compact/v9", "/v2"):
+        with pytest.raises(KeyError, match="registered"):
+            get_template(bad)
     with pytest.raises(KeyError, match="registered"):
         get_template("nope")
     with pytest.raises(KeyError, match="edge-compact/v9"):
@@ -79,8 +84,30 @@ def test_v2_reads_bytes_per_packet_instead_of_ip_bytes():
     assert duration_bucket(1.797693134862316e305) == "bad"  # overflows when turned into ms (hypothesis)
 
 
+def test_v3_reads_the_size_of_payload_less_packets_where_v2_read_nothing():
+    # a phone's SYN (60 bytes: TCP options) and Mirai's (40 bytes, none) to port 80:
+    # v2 reads them the same, v3 tells them apart
+    phone = rec(proto="tcp", service=None, resp_p=80, conn_state="S0", history="S", duration=None,
+                orig_bytes=None, resp_bytes=None, orig_pkts=1, resp_pkts=0, orig_ip_bytes=60, resp_ip_bytes=0)
+    mirai = phone._replace(orig_ip_bytes=40)
+    assert COMPACT_V2.words(phone) == COMPACT_V2.words(mirai)
+    v2, v3_phone, v3_mirai = COMPACT_V2.words(phone), COMPACT_V3.words(phone), COMPACT_V3.words(mirai)
+    assert "obp:b60" in v3_phone and "obp:b40" in v3_mirai
+    assert len(v3_phone) == COMPACT_V3.length == COMPACT_V2.length and v3_phone[-1] == END
+    assert [w for w in v3_phone if not w.startswith("obp:")] == [w for w in v2 if not w.startswith("obp:")]
+    # three SYN retries with a zero payload read like one
+    assert "obp:b60" in COMPACT_V3.words(phone._replace(orig_pkts=3, orig_ip_bytes=180, orig_bytes=0))
+    # a flow with payload, or without IP bytes, reads exactly as in v2
+    for same in (TRAIN[2], TRAIN[2]._replace(orig_ip_bytes=TRAIN[2].orig_ip_bytes + 500), phone._replace(orig_ip_bytes=None)):
+        assert COMPACT_V3.words(same) == COMPACT_V2.words(same)
+    assert bare_packet_size(None, 1) == bare_packet_size(60, 0) == bare_packet_size(60, None) == "-"
+    assert bare_packet_size(60, -1) == "-" and bare_packet_size(-60, 1) == "neg"
+    assert bare_packet_size(58, 1) == "56" and bare_packet_size(28, 1) == "28"  # to 4-byte words
+    assert bare_packet_size(1500, 1) == count_bucket(1500) and bare_packet_size(10**400, 1) == "bad"
+
+
 def test_an_older_template_version_still_loads(tmp_path):
-    for template in (COMPACT, COMPACT_V2):
+    for template in (COMPACT, COMPACT_V2, COMPACT_V3):
         tok = FlowTokenizer.build(TRAIN, template)
         tok.save(tmp_path / "tokenizer.json")
         back = FlowTokenizer.load(tmp_path / "tokenizer.json")
@@ -127,7 +154,7 @@ def test_version_mismatch_is_a_clear_error(tmp_path):
     path = tmp_path / "tokenizer.json"
     tok.save(path)
     _rewrite_marker(path, marker_token(COMPACT), "[TEMPLATE:edge-compact:v99]")
-    with pytest.raises(TokenizerVersionError, match=r"tokenizer\.json.*v99.*v2"):
+    with pytest.raises(TokenizerVersionError, match=r"tokenizer\.json.*v99.*v3"):
         FlowTokenizer.load(path)
 
 
@@ -164,17 +191,17 @@ ints = st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2**64))
 floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True))
 
 
-@pytest.mark.parametrize("template", [COMPACT, COMPACT_V2], ids=lambda t: t.ident)
+@pytest.mark.parametrize("template", [COMPACT, COMPACT_V2, COMPACT_V3], ids=lambda t: t.ident)
 @settings(max_examples=150, deadline=None)
 @given(proto=st.text(max_size=10), service=text, state=text, history=text, orig_h=st.text(max_size=40),
        resp_h=st.text(max_size=40), orig_p=st.integers(-1, 70000), resp_p=st.integers(-1, 70000),
-       duration=floats, ob=ints, rb=ints, opk=ints, rpk=ints, mb=ints, lo=st.one_of(st.none(), st.booleans()))
+       duration=floats, ob=ints, rb=ints, opk=ints, rpk=ints, oib=ints, mb=ints, lo=st.one_of(st.none(), st.booleans()))
 def test_hostile_records_never_crash(template, proto, service, state, history, orig_h, resp_h, orig_p, resp_p,
-                                     duration, ob, rb, opk, rpk, mb, lo):
+                                     duration, ob, rb, opk, rpk, oib, mb, lo):
     tok = FlowTokenizer.build(TRAIN, template)
     r = ConnRecord(ts=0.0, uid="X", orig_h=orig_h, orig_p=orig_p, resp_h=resp_h, resp_p=resp_p, proto=proto,
                    service=service, duration=duration, orig_bytes=ob, resp_bytes=rb, conn_state=state,
-                   history=history, orig_pkts=opk, resp_pkts=rpk, missed_bytes=mb, local_orig=lo)
+                   history=history, orig_pkts=opk, resp_pkts=rpk, orig_ip_bytes=oib, missed_bytes=mb, local_orig=lo)
     ids = tok.encode([r])
     assert ids.shape == (1, template.length)
     assert ids.min() >= 0 and ids.max() < tok.vocab_size
