@@ -34,6 +34,7 @@ import numpy as np
 
 from gateway.flows.record import ConnRecord
 from gateway.model.modeldir import ModelDirError, ModelInfo, validate_model_dir
+from gateway.model.metrics import detailed_labels, malicious_score, softmax
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +179,9 @@ class LoadedModel:
         for start in range(0, len(missing), max_batch):
             keys = missing[start : start + max_batch]
             logits = self.logits(np.array(keys, dtype=np.int64)).astype(np.float64)
-            z = np.exp(logits - logits.max(axis=1, keepdims=True))
-            probs = z / z.sum(axis=1, keepdims=True)
-            scores = 1.0 - probs[:, 0]
-            for key, best, score in zip(keys, probs.argmax(axis=1).tolist(), scores.tolist()):
+            probs = softmax(logits)
+            labels = detailed_labels(probs, self.threshold).tolist()
+            for key, best, score in zip(keys, labels, malicious_score(probs).tolist()):
                 local[key] = (self.labels[best], score)
         limit = self.options.cache_size
         if missing and limit:

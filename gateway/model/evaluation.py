@@ -22,7 +22,9 @@ import numpy as np
 from gateway.model.baseline import ForestBaseline
 from gateway.model.data import encode, train_val_split
 from gateway.model.labels import LabelSet
-from gateway.model.metrics import classification_report, choose_threshold, latency_summary, malicious_score, softmax
+from gateway.model.metrics import (
+    classification_report, choose_threshold, detailed_labels, latency_summary, malicious_score, softmax,
+)
 from gateway.model.modeldir import load_student, validate_model_dir
 from gateway.model.pipeline import DEFAULT_SEED, PreparedData, prepare, train_model
 from gateway.model.train import predict_logits
@@ -86,7 +88,8 @@ def _speed(run: Callable[[np.ndarray], object], ids: np.ndarray) -> dict:
 
 
 def _report_from_probs(probs: np.ndarray, y: np.ndarray, labels: LabelSet, threshold: float) -> dict:
-    return classification_report(y, probs.argmax(-1), malicious_score(probs), labels.names, threshold=threshold)
+    return classification_report(y, detailed_labels(probs, threshold), malicious_score(probs), labels.names,
+                                 threshold=threshold)
 
 
 def forest_report(prepared: PreparedData, train_idx, val_idx, test_idx, labels: LabelSet, *, seed: int) -> dict:

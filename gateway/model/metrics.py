@@ -20,6 +20,18 @@ def malicious_score(probs: np.ndarray) -> np.ndarray:
     return 1.0 - probs[:, 0]
 
 
+def detailed_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The detailed label of each row that agrees with its verdict: the most probable
+    malicious label where the malicious score reaches ``threshold``, else Benign (0).
+
+    A plain argmax can say Benign for a flow the threshold calls malicious (P(Benign)
+    0.45, the rest spread over C&C and DDoS), or the reverse under a threshold above
+    0.5; an analyst would then read an alert labelled Benign."""
+    probs = np.asarray(probs)
+    best_malicious = probs[:, 1:].argmax(axis=-1) + 1
+    return np.where(malicious_score(probs) >= threshold, best_malicious, 0)
+
+
 def _weights(n: int, weight: np.ndarray | None) -> np.ndarray:
     return np.ones(n) if weight is None else np.asarray(weight, dtype=np.float64)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from gateway.model.data import FlowDataset
-from gateway.model.metrics import classification_report, malicious_score, softmax
+from gateway.model.metrics import classification_report, detailed_labels, malicious_score, softmax
 
 StepCallback = Callable[[int, dict[str, float], float], None]
 """``on_step(step, per_layer_grad_norms, loss)``; called after every optimiser step."""
@@ -272,7 +272,8 @@ def evaluate(model: torch.nn.Module, dataset: FlowDataset, *, threshold: float =
     names = labels or [model.config.id2label[i] for i in range(model.config.num_labels)]
     probs = softmax(logits.astype(np.float64))
     return classification_report(
-        dataset.y, probs.argmax(-1), malicious_score(probs), names, threshold=threshold, weight=dataset.weight
+        dataset.y, detailed_labels(probs, threshold), malicious_score(probs), names, threshold=threshold,
+        weight=dataset.weight,
     )
 
 

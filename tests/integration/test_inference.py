@@ -49,10 +49,11 @@ def test_classify_matches_the_session_and_labels(model_dirs, records):
     verdicts = engine.classify(records)
     assert len(verdicts) == len(records)
     probs = softmax(engine.model.logits(engine.model.tokenizer.encode(records)).astype(np.float64))
-    names = engine.model.labels
+    names, threshold = engine.model.labels, engine.model.threshold
     for (label, score), p in zip(verdicts, probs):
-        assert label == names[int(p.argmax())]
+        # the stored label follows the verdict: Benign below the threshold, else the best malicious label
         assert score == pytest.approx(1 - p[0], abs=1e-9)
+        assert label == (names[int(p[1:].argmax()) + 1] if score >= threshold else "Benign")
         assert 0.0 <= score <= 1.0
     assert engine.classify([]) == []
     # the cache of distinct prompts gives the same answers as no cache

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from gateway.flows.record import ConnRecord
 from gateway.model.data import FlowDataset, encode, paper_split
 from gateway.model.labels import BENIGN, MALICIOUS, LabelSet, record_label
-from gateway.model.metrics import binary_metrics, choose_threshold, classification_report, confusion_matrix
+from gateway.model.metrics import (
+    binary_metrics, choose_threshold, classification_report, confusion_matrix, detailed_labels, malicious_score, softmax,
+)
 from gateway.model.train import layer_of, row_weights
 
 
@@ -108,6 +110,29 @@ def test_threshold_is_as_good_as_any_cut(pairs):
         f1 = binary_metrics(truth, scores >= cut)["f1"]
         if not math.isnan(f1) and not math.isnan(best):
             assert best >= f1 - 1e-12
+
+
+def test_detailed_label_agrees_with_the_verdict():
+    # Benign 0.45 is the argmax, but the malicious score 0.55 passes 0.5: the label is the
+    # best malicious one (C&C), not Benign; under a 0.6 threshold the same flow is Benign
+    probs = np.array([[0.45, 0.05, 0.30, 0.20], [0.90, 0.02, 0.05, 0.03], [0.10, 0.10, 0.20, 0.60]])
+    np.testing.assert_array_equal(probs.argmax(-1), [0, 0, 3])
+    np.testing.assert_array_equal(detailed_labels(probs, 0.5), [2, 0, 3])
+    np.testing.assert_array_equal(detailed_labels(probs, 0.6), [0, 0, 3])
+    np.testing.assert_array_equal(detailed_labels(probs, 0.95), [0, 0, 0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits=st.lists(st.lists(st.floats(-30, 30), min_size=3, max_size=3), min_size=1, max_size=20),
+       threshold=st.floats(0.0, 1.0))
+def test_detailed_label_is_malicious_exactly_when_the_score_passes(logits, threshold):
+    probs = softmax(np.array(logits))
+    labels = detailed_labels(probs, threshold)
+    malicious = malicious_score(probs) >= threshold
+    np.testing.assert_array_equal(labels != 0, malicious)
+    np.testing.assert_array_equal(labels[malicious], probs[malicious, 1:].argmax(-1) + 1)
+    agree = (probs.argmax(-1) != 0) == malicious  # where argmax and verdict agree, nothing changes
+    np.testing.assert_array_equal(labels[agree], probs[agree].argmax(-1))
 
 
 def test_paper_split_is_stratified_and_reproducible():
