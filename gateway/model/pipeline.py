@@ -115,11 +115,7 @@ def train_model(
     tr_idx = prepared.split[0] if train_index is None else train_index
     va_idx = prepared.split[1] if val_index is None else val_index
     train_records = _take(prepared.records, tr_idx)
-    try:
-        prompt_template = get_template(template)
-    except KeyError as exc:
-        raise ValueError(exc.args[0]) from None
-    tokenizer = FlowTokenizer.build(train_records, prompt_template)
+    tokenizer = FlowTokenizer.build(train_records, get_template(template))
     labels = LabelSet.from_labels(prepared.names[i] for i in tr_idx)
     train_ds = encode(train_records, tokenizer, labels).dedupe()
     val_ds = encode(_take(prepared.records, va_idx), tokenizer, labels).dedupe()

@@ -179,6 +179,17 @@ def register(template: Template) -> Template:
     return template
 
 
+class UnknownTemplateError(KeyError, ValueError):
+    """No registered template of that name or version.  A ``KeyError`` for lookups and a
+    ``ValueError`` for the commands and settings that take a template by name."""
+
+    def __str__(self) -> str:  # KeyError's own quotes the message
+        return str(self.args[0])
+
+
+_IDENT_RE = re.compile(r"(?P<name>.+)/v(?P<version>[0-9]{1,9})")
+
+
 def get_template(name: str, version: int | None = None) -> Template:
     """The template ``name`` at ``version``; ``name`` may carry the version itself
     (``edge-compact/v2``, a template's ``ident``); without one, its newest version."""
@@ -189,10 +200,7 @@ def get_template(name: str, version: int | None = None) -> Template:
     except KeyError:
         registered = ", ".join(sorted(t.ident for t in TEMPLATE_VERSIONS.values()))
         wanted = name if version is None else f"{name}/v{version}"
-        raise KeyError(f"unknown prompt template {wanted!r}; registered: {registered}") from None
-
-
-_IDENT_RE = re.compile(r"(?P<name>.+)/v(?P<version>[0-9]{1,9})")
+        raise UnknownTemplateError(f"unknown prompt template {wanted!r}; registered: {registered}") from None
 
 
 COMPACT = register(
@@ -301,9 +309,8 @@ COMPACT_V3 = register(
         "apart) in place of its payload per packet when it sent no payload; no addresses",
     )
 )
-# What new models are built with unless a template is named.  v3 is the better
-# classifier when trained centrally (test macro-F1 at or above the RandomForest's, on
-# AVX2 and AVX-512 builds alike) but federated learning from scratch is less stable with
-# it (GSFS ends at or above 0.99 on 4 of 8 seeds against 7 of 8 with v2); the README's
-# "Model quality" has both measurements.
+# What new models are built with unless a template is named.  v3 removes the v2
+# prompts' only benign/DDoS collisions, but federated learning from scratch is less
+# stable with it (GSFS ends at or above 0.99 on 4 of 8 seeds against 7 of 8 with v2);
+# the README's "Model quality" has both measurements.
 DEFAULT_TEMPLATE = COMPACT_V2.ident
