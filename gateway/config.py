@@ -73,6 +73,15 @@ def _require(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(key, problem)
 
 
+def _is_device(name: str) -> bool:
+    from gateway.model.device import check_device_name
+
+    try:
+        return bool(check_device_name(name))
+    except ValueError:
+        return False
+
+
 # ---------------------------------------------------------------- sections
 
 
@@ -260,6 +269,8 @@ class FlSection:
     compression ["none"]: none, int8 or topk for uploaded deltas.
     status_interval_s [5.0]: retained status refresh period.
     threads [1]: torch threads for local training (keeps a core for detection).
+    device ["auto"]: where local training runs: auto (CUDA when torch sees a GPU, else
+        the CPU), cpu, cuda or cuda:N.
     """
 
     enabled: bool = True
@@ -276,8 +287,10 @@ class FlSection:
     compression: str = "none"
     status_interval_s: float = 5.0
     threads: int = 1
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        _require(_is_device(self.device), "fl.device", "must be auto, cpu, cuda or cuda:N")
         _require(self.strategy in FL_STRATEGIES, "fl.strategy", f"must be one of {', '.join(FL_STRATEGIES)}")
         _require(self.compression in COMPRESSIONS, "fl.compression", f"must be one of {', '.join(COMPRESSIONS)}")
         for name in ("local_epochs", "max_local_steps", "batch_size", "threads"):

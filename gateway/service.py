@@ -470,7 +470,7 @@ class GatewayService:
             if learner is None:
                 from gateway.fl.learner import TorchLearner
 
-                learner = TorchLearner(cfg.gateway.model, threads=cfg.fl.threads)
+                learner = TorchLearner(cfg.gateway.model, threads=cfg.fl.threads, device=cfg.fl.device)
             key = signing.load_public_key(cfg.gateway.global_model_public_key) \
                 if cfg.gateway.global_model_public_key else None
         except (OSError, ValueError, RuntimeError, ImportError) as exc:

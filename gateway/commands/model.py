@@ -25,6 +25,23 @@ def _template_option():
                         help=f"Prompt template, NAME/vN or NAME for its newest version ({idents}).")
 
 
+def _device_option(default: str = "auto"):
+    return click.option(
+        "--device", default=default, show_default=True, metavar="auto|cpu|cuda[:N]",
+        help="Where torch trains: auto = CUDA when torch sees a GPU, else the CPU. "
+             "On CUDA forward passes run under bfloat16/float16 autocast.")
+
+
+def _batch_option():
+    return click.option("--batch-size", type=click.IntRange(1), default=None,
+                        help="Training rows per optimiser step [the preset's, on every device].")
+
+
+def _lr_option():
+    return click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                        help="Peak learning rate of AdamW (warm-up, then cosine) [the preset's].")
+
+
 def _progress():
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -80,9 +97,12 @@ def model() -> None:
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Passes over the (deduplicated) train part [preset default].")
 @click.option("--seed", type=int, default=23, show_default=True, help="Seed of the split and of training.")
 @_template_option()
+@_lr_option()
+@_batch_option()
+@_device_option()
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def train(data, out, preset, base_model, epochs, seed, template, int8, as_json):
+def train(data, out, preset, base_model, epochs, seed, template, lr, batch_size, device, int8, as_json):
     """Train a classifier on the train part (70%) of the paper split of DATA.
 
     The alert threshold is chosen on the validation part (20%); the test part (10%)
@@ -93,14 +113,16 @@ def train(data, out, preset, base_model, epochs, seed, template, int8, as_json):
       fedgate model train --data data/iot23 --out build/teacher --preset teacher
       fedgate model train --data data/iot23 --out build/s1 --base-model ~/opt-tiny --epochs 10
       fedgate model train --data data/iot23 --out build/t3 --preset teacher --template edge-compact/v3
+      fedgate model train --data data/iot23 --out build/teacher --preset teacher --device cuda
     """
     from gateway.model.pipeline import train_model
 
     try:
         with _progress() as progress:
             info = train_model(list(data), out, preset=preset, base_model=base_model, epochs=epochs,
-                               seed=seed, template=template, int8=int8, progress=progress)
-    except (ValueError, OSError) as exc:
+                               seed=seed, template=template, lr=lr, batch_size=batch_size, device=device,
+                               int8=int8, progress=progress)
+    except (ValueError, OSError, RuntimeError) as exc:
         raise _fail(exc) from None
     _model_summary(info, as_json, f"trained {preset}")
 
@@ -115,9 +137,13 @@ def train(data, out, preset, base_model, epochs, seed, template, int8, as_json):
 @click.option("--seed", type=int, default=None, help="Training seed [the teacher's split seed].")
 @click.option("--candidates", type=click.IntRange(1), default=1, show_default=True,
               help="Students trained (seeds SEED, SEED+1, ...); the best validation macro-F1 is kept.")
+@_lr_option()
+@_batch_option()
+@_device_option()
 @click.option("--no-int8", is_flag=True, help="Do not write model.int8.onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def distill(teacher, data, out, epochs, temperature, alpha, seed, candidates, no_int8, as_json):
+def distill(teacher, data, out, epochs, temperature, alpha, seed, candidates, lr, batch_size, device, no_int8,
+            as_json):
     """Distil a student (about 1/15 of the teacher's parameters) from TEACHER on the same split.
 
     \b
@@ -130,8 +156,9 @@ def distill(teacher, data, out, epochs, temperature, alpha, seed, candidates, no
     try:
         with _progress() as progress:
             info = distill_model(teacher, list(data), out, epochs=epochs, temperature=temperature, alpha=alpha,
-                                 seed=seed, candidates=candidates, int8=not no_int8, progress=progress)
-    except (ValueError, OSError) as exc:
+                                 seed=seed, candidates=candidates, lr=lr, batch_size=batch_size, device=device,
+                                 int8=not no_int8, progress=progress)
+    except (ValueError, OSError, RuntimeError) as exc:
         raise _fail(exc) from None
     _model_summary(info, as_json, "distilled student")
 
@@ -214,8 +241,9 @@ def evaluate(models, data, split, epochs, no_latency, as_json):
               help="Where the teacher is kept (not committed).")
 @click.option("--seed", type=int, default=23, show_default=True)
 @_template_option()
+@_device_option(default="cpu")
 @click.option("--json", "as_json", is_flag=True)
-def build_default(data, out, teacher_out, seed, template, as_json):
+def build_default(data, out, teacher_out, seed, template, device, as_json):
     """Rebuild the default model: teacher, then distilled student with int8 (what `make model` runs).
 
     \b
@@ -229,8 +257,8 @@ def build_default(data, out, teacher_out, seed, template, as_json):
     try:
         with _progress() as progress:
             teacher, student = build(list(data), out, teacher_out=teacher_out, seed=seed, template=template,
-                                     progress=progress)
-    except (ValueError, OSError) as exc:
+                                     device=device, progress=progress)
+    except (ValueError, OSError, RuntimeError) as exc:
         raise _fail(exc) from None
     _model_summary(teacher, as_json, "teacher")
     _model_summary(student, as_json, "student (default model)")

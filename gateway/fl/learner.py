@@ -16,6 +16,7 @@ import torch
 
 from gateway.flows.record import ConnRecord
 from gateway.model.data import FlowDataset
+from gateway.model.device import resolve_device
 from gateway.model.modeldir import load_student
 from gateway.model.metrics import binary_likelihood, softmax
 from gateway.model.train import evaluate, load_numpy_state, predict_logits, state_to_numpy, train_epochs
@@ -28,12 +29,16 @@ class TorchLearner:
 
     threads: torch intra-op threads for this process (several gateways share a box in
     the experiment; 1 keeps them from fighting over cores).
+    device: where local training and evaluation run (auto: CUDA when torch sees a GPU);
+    weights go in and out as CPU numpy arrays whatever the device.
     """
 
-    def __init__(self, model_dir: str | Path, *, threads: int | None = None):
+    def __init__(self, model_dir: str | Path, *, threads: int | None = None, device: str = "auto"):
         if threads is not None:
             torch.set_num_threads(max(1, int(threads)))
+        self.device = resolve_device(device)
         self.model, self.tokenizer, self.labels, self.metadata = load_student(model_dir)
+        self.model.to(self.device)
         self.model_dir = Path(model_dir)
 
     def weights(self) -> dict[str, np.ndarray]:

@@ -48,6 +48,8 @@ log = logging.getLogger("gateway.fl.run")
 @click.option("--topk-fraction", default=0.01, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", default=1, show_default=True, type=int, help="torch threads for this process.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where local training runs (auto: CUDA when torch sees a GPU).")
 @click.option("--status-interval", default=5.0, show_default=True, type=float)
 @click.option("--tau", default=TriggerConfig().tau, show_default=True, type=float, help="GSFS performance threshold.")
 @click.option("--ema", default=TriggerConfig().ema, show_default=True, type=float, help="GSFS gradient EMA factor.")
@@ -56,7 +58,7 @@ log = logging.getLogger("gateway.fl.run")
 @click.option("--eval-every", default=TriggerConfig().eval_every, show_default=True, type=int)
 @click.option("-v", "--verbose", count=True)
 def main(gateway_id, db_url, model_dir, host, port, prefix, verify_key, eval_data, strategy, local_epochs,
-         max_local_steps, batch_size, lr, compression, topk_fraction, seed, threads, status_interval, tau, ema,
+         max_local_steps, batch_size, lr, compression, topk_fraction, seed, threads, device, status_interval, tau, ema,
          zk, warmup, eval_every, verbose) -> None:
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
                         format=f"%(asctime)s %(levelname)s {gateway_id} %(name)s: %(message)s", stream=sys.stderr)
@@ -80,11 +82,11 @@ def main(gateway_id, db_url, model_dir, host, port, prefix, verify_key, eval_dat
     from gateway.store.db import StoreError
 
     try:
-        learner = TorchLearner(model_dir, threads=threads)
+        learner = TorchLearner(model_dir, threads=threads, device=device)
         engine, sessions = open_store(db_url)
         eval_ds = load_eval_data(learner, Path(eval_data)) if eval_data else None
         key = signing.load_public_key(verify_key) if verify_key else None
-    except (ModelDirError, StoreError, OSError, ValueError) as exc:
+    except (ModelDirError, StoreError, OSError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     link = GatewayLink(MqttSettings(host=host, port=port, client_id=f"gw-{gateway_id}", keepalive_s=10,
                                     reconnect_min_s=1, reconnect_max_s=5),

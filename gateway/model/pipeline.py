@@ -20,6 +20,7 @@ import numpy as np
 from gateway.model.data import FlowDataset, data_digest, encode, load_scenarios, paper_split
 from gateway.model.labels import LabelSet, record_label
 from gateway.model.metrics import malicious_score, softmax, choose_threshold
+from gateway.model.device import Precision, describe, resolve_device
 from gateway.model.modeldir import ModelInfo, load_student, save_model_dir
 from gateway.model.opt import PRESETS, build_model, from_base_model, parameter_count
 from gateway.model.prompt import DEFAULT_TEMPLATE, get_template
@@ -104,10 +105,14 @@ def train_model(
     int8: bool = False,
     train_index: np.ndarray | None = None,
     val_index: np.ndarray | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
     progress=None,
 ) -> ModelInfo:
     """Train a classifier with cross-entropy on the train part of the paper split
-    (or ``train_index``), choose its threshold on the validation part, save it."""
+    (or ``train_index``), choose its threshold on the validation part, save it.
+    ``device``: auto, cpu, cuda or cuda:N (:mod:`gateway.model.device`);
+    ``batch_size``: training rows per step [the preset's]."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -127,7 +132,7 @@ def train_model(
     return _train_and_save(
         make_model, tokenizer, labels, train_ds, val_ds, out,
         preset=preset, epochs=epochs, lr=lr, seed=seed, digest=prepared.digest, int8=int8, parent=None,
-        progress=progress, description=f"train {preset}",
+        progress=progress, description=f"train {preset}", device=device, batch_size=batch_size,
         extra={
             "kind": "teacher" if preset == "teacher" else "student",
             "base_model": str(base_model) if base_model else None,
@@ -151,6 +156,8 @@ def distill_model(
     candidates: int = 1,
     train_index: np.ndarray | None = None,
     val_index: np.ndarray | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
     progress=None,
 ) -> ModelInfo:
     """Distil a student from a teacher directory on the same split the teacher used
@@ -169,7 +176,8 @@ def distill_model(
     va_idx = prepared.split[1] if val_index is None else val_index
     train_ds = encode(_take(prepared.records, tr_idx), tokenizer, labels).dedupe()
     val_ds = encode(_take(prepared.records, va_idx), tokenizer, labels).dedupe()
-    t_logits = predict_logits(teacher, train_ds.ids)
+    t_logits = predict_logits(teacher.to(resolve_device(device)), train_ds.ids)
+    teacher.cpu()
     p = PRESETS[preset]
     ratio = parameter_count(build_model(p, tokenizer, labels, seed=seed)) / parameter_count(teacher)
     if ratio > 0.1:
@@ -179,6 +187,7 @@ def distill_model(
         train_ds, val_ds, out, candidates=candidates,
         preset=preset, epochs=epochs, lr=lr, seed=seed, digest=prepared.digest, int8=int8,
         parent=str(t_meta["version"]), progress=progress, description=f"distill {preset}",
+        device=device, batch_size=batch_size,
         extra={"kind": "student", "teacher": {"version": t_meta["version"], "parameters": parameter_count(teacher)}},
         training={"loss": "distillation", "temperature": temperature, "alpha": alpha,
                   "split_seed": split_seed, "data": prepared.paths},
@@ -189,7 +198,8 @@ def distill_model(
 def _train_and_save(
     make_model: Callable[[int], object], tokenizer, labels, train_ds: FlowDataset, val_ds: FlowDataset, out, *,
     preset: str, epochs: int | None, lr: float | None, seed: int, digest: str, int8: bool,
-    parent: str | None, progress, description: str, extra: dict, training: dict, candidates: int = 1, **loss,
+    parent: str | None, progress, description: str, extra: dict, training: dict, candidates: int = 1,
+    device: str = "auto", batch_size: int | None = None, **loss,
 ) -> ModelInfo:
     """Train ``make_model(seed)`` (``loss``: distillation arguments of train_epochs, if
     any) for ``candidates`` consecutive seeds, choose each one's threshold on
@@ -199,20 +209,24 @@ def _train_and_save(
     p = PRESETS[preset]
     n_epochs = p.epochs if epochs is None else epochs
     lr = lr or p.lr
+    batch_size = batch_size or p.batch_size
+    dev = resolve_device(device)
     started = time.perf_counter()
     best, tried = None, []
     for model_seed in range(seed, seed + candidates):
         model = make_model(model_seed)
         label = description if candidates == 1 else f"{description} seed {model_seed}"
         train_epochs(
-            model, train_ds, epochs=n_epochs, lr=lr, seed=model_seed, batch_size=p.batch_size,
-            class_power=p.class_power, on_epoch=_Epochs(progress, label, n_epochs), **loss,
+            model, train_ds, epochs=n_epochs, lr=lr, seed=model_seed, batch_size=batch_size,
+            class_power=p.class_power, device=dev, on_epoch=_Epochs(progress, label, n_epochs), **loss,
         )
         threshold, val_metrics = fit_threshold(model, val_ds)
         rank = (val_metrics.get("macro_f1", 0.0), val_metrics.get("f1", 0.0))
         tried.append({"seed": model_seed, "val_macro_f1": rank[0], "val_f1": rank[1]})
         if best is None or rank > best[0]:
-            best = (rank, model_seed, model, threshold, val_metrics)
+            best = (rank, model_seed, model.cpu(), threshold, val_metrics)
+        else:
+            model.cpu()  # only the best candidate is kept; free the device for the next
     _, seed, model, threshold, val_metrics = best
     if candidates > 1:
         training = {**training, "candidates": tried}
@@ -228,7 +242,8 @@ def _train_and_save(
             **extra,
             "training": {
                 **training, "epochs": n_epochs, "seed": seed, "lr": lr, "split": "paper",
-                "class_power": p.class_power,
+                "class_power": p.class_power, "batch_size": batch_size,
+                "device": describe(dev), "precision": Precision.for_device(dev).name,
                 "train_rows": len(train_ds), "train_flows": int(train_ds.flows),
                 "seconds": round(time.perf_counter() - started, 1),
             },
@@ -239,12 +254,14 @@ def _train_and_save(
 
 def build_default(
     data: Sequence[str | Path], out: str | Path, *, teacher_out: str | Path, seed: int = DEFAULT_SEED,
-    template: str = DEFAULT_TEMPLATE, progress=None,
+    template: str = DEFAULT_TEMPLATE, device: str = "cpu", progress=None,
 ) -> tuple[ModelInfo, ModelInfo]:
     """Teacher then distilled student (with int8), reproducibly from ``data``; the
-    student reads the teacher's ``template``."""
+    student reads the teacher's ``template``.  ``device`` defaults to the CPU: the
+    committed default model must not depend on whether the build host has a GPU."""
     prepared = prepare(data, seed=seed)
-    teacher = train_model(prepared, teacher_out, preset="teacher", seed=seed, template=template, progress=progress)
+    teacher = train_model(prepared, teacher_out, preset="teacher", seed=seed, template=template, device=device,
+                          progress=progress)
     student = distill_model(teacher.path, prepared, out, seed=seed, int8=True, candidates=DEFAULT_CANDIDATES,
-                            progress=progress)
+                            device=device, progress=progress)
     return teacher, student

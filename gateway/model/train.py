@@ -11,6 +11,11 @@ in proportion to ``weight ** weight_power`` (both 1.0 = the plain empirical risk
 
 Training runs torch on one thread by default: on a small shared CPU, more intra-op
 threads than free cores makes these tiny matrix products many times slower.
+
+Devices (:mod:`gateway.model.device`): ``train_epochs(device=...)`` moves the model to
+that device (``None``: wherever it already is) and leaves it there; on CUDA forward
+passes run under bfloat16/float16 autocast.  Row order is drawn on the CPU from the
+seeded generator on every device, so a seed means the same batches everywhere.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from gateway.model.data import FlowDataset
+from gateway.model.device import Precision, deterministic, model_device, predict_batch, resolve_device
 from gateway.model.metrics import classification_report, detailed_labels, malicious_score, softmax
 
 StepCallback = Callable[[int, dict[str, float], float], None]
@@ -65,12 +71,15 @@ def layer_of(param_name: str) -> str:
 
 
 def grad_norms_by_layer(model: torch.nn.Module) -> dict[str, float]:
-    sq: dict[str, float] = {}
+    sq: dict[str, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
-            key = layer_of(name)
-            sq[key] = sq.get(key, 0.0) + float(p.grad.detach().pow(2).sum())
-    return {k: math.sqrt(v) for k, v in sq.items()}
+            sq.setdefault(layer_of(name), []).append(p.grad.detach().float().pow(2).sum())
+    if not sq:
+        return {}
+    # one device-to-host copy for all layers (a GPU would otherwise sync per tensor)
+    sums = torch.stack([torch.stack(v).sum() for v in sq.values()]).cpu().tolist()
+    return {k: math.sqrt(v) for k, v in zip(sq, sums)}
 
 
 def train_epochs(
@@ -91,6 +100,8 @@ def train_epochs(
     prox_mu: float = 0.0,
     missing_class_scale: float = 1.0,
     label_smoothing: float = 0.0,
+    device: str | torch.device | None = None,
+    amp: bool = True,
     on_step: StepCallback | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
@@ -115,6 +126,10 @@ def train_epochs(
     cross-entropy target, so the loss stops rewarding ever larger logits once a flow is
     classified with confidence; a federated session then moves the shared weights only
     as far as its own flows need, not as far as 50 Adam steps can push them.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N`` or a ``torch.device``; None: where
+    the model is) is where training runs; the model stays there.  ``amp`` turns CUDA
+    autocast on (bfloat16, or float16 with loss scaling); it changes nothing on the CPU.
     """
     if epochs < 0 or lr <= 0 or batch_size < 1:
         raise ValueError("epochs must be >= 0, lr > 0 and batch_size >= 1")
@@ -129,6 +144,8 @@ def train_epochs(
     if teacher_logits is not None and len(teacher_logits) != len(dataset):
         raise ValueError("teacher_logits must have one row per dataset row")
     result = TrainResult()
+    if device is not None:
+        model.to(resolve_device(device))
     if len(dataset) == 0 or epochs == 0:
         model.eval()
         return result
@@ -138,7 +155,7 @@ def train_epochs(
             weight_decay=weight_decay, weights=row_weights(dataset, weight_power, class_power),
             teacher_logits=teacher_logits, temperature=temperature, alpha=alpha, prox_mu=prox_mu,
             missing_class_scale=missing_class_scale, label_smoothing=label_smoothing, on_step=on_step,
-            on_epoch=on_epoch, result=result,
+            on_epoch=on_epoch, result=result, amp=amp,
         )
 
 
@@ -185,26 +202,34 @@ def torch_threads(n: int | None):
 
 def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weights, teacher_logits,
            temperature, alpha, prox_mu, missing_class_scale, label_smoothing, on_step, on_epoch,
-           result) -> TrainResult:
+           result, amp=True) -> TrainResult:
+    dev = model_device(model)
+    deterministic(dev)
+    precision = Precision.for_device(dev, amp=amp)
+    scaler = precision.scaler()
     gen = _seed_all(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
-    ids = torch.from_numpy(dataset.ids)
+    ids = torch.from_numpy(dataset.ids).to(dev)
     mask = torch.ones_like(ids)
-    y = torch.from_numpy(dataset.y)
-    w = torch.from_numpy(weights)
-    t_logits = None if teacher_logits is None else torch.from_numpy(np.asarray(teacher_logits, np.float32))
+    y = torch.from_numpy(dataset.y).to(dev)
+    w = torch.from_numpy(weights).to(dev)
+    t_logits = None if teacher_logits is None else torch.from_numpy(np.asarray(teacher_logits, np.float32)).to(dev)
     logit_scale = _missing_class_logit_scale(dataset, model, missing_class_scale)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if logit_scale is not None:
+        logit_scale = logit_scale.to(dev)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total_steps = epochs * math.ceil(len(dataset) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps))
     model.train()
     for epoch in range(epochs):
-        order = torch.randperm(len(dataset), generator=gen)
+        order = torch.randperm(len(dataset), generator=gen).to(dev)
         losses = []
         for start in range(0, len(order), batch_size):
             b = order[start : start + batch_size]
-            logits = model(input_ids=ids[b], attention_mask=mask[b]).logits
+            with precision.autocast():
+                logits = model(input_ids=ids[b], attention_mask=mask[b]).logits
+            logits = logits.float()  # the loss in float32 on every device
             if logit_scale is not None:
                 logits = logits * logit_scale
             wb = w[b]
@@ -220,16 +245,24 @@ def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weight
             if anchor is not None:
                 loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
             norms = grad_norms_by_layer(model) if on_step is not None else None
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             sched.step()
             result.steps += 1
-            losses.append(loss.item())
+            losses.append(loss.detach())
             if on_step is not None:
-                on_step(result.steps, norms, losses[-1])
-        mean = float(np.mean(losses))
+                on_step(result.steps, norms, float(losses[-1]))
+        mean = float(torch.stack(losses).mean()) if losses else float("nan")
         result.epoch_losses.append(mean)
         if on_epoch is not None:
             on_epoch(epoch + 1, mean)
@@ -250,14 +283,18 @@ def _missing_class_logit_scale(dataset: FlowDataset, model: torch.nn.Module, sca
     return torch.from_numpy(np.where(present, 1.0, scale).astype(np.float32))
 
 
-def predict_logits(model: torch.nn.Module, ids: np.ndarray, *, batch_size: int = 1024, threads: int | None = 1) -> np.ndarray:
-    """Torch logits ``float32[N, C]`` for token id rows."""
+def predict_logits(model: torch.nn.Module, ids: np.ndarray, *, batch_size: int | None = None,
+                   threads: int | None = 1) -> np.ndarray:
+    """Torch logits ``float32[N, C]`` for token id rows, in float32 on the model's device
+    (``batch_size``: rows per pass, default sized for that device)."""
     model.eval()
+    dev = model_device(model)
+    batch_size = batch_size or predict_batch(dev)
     out = []
     with torch_threads(threads), torch.inference_mode():
         for start in range(0, len(ids), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(ids[start : start + batch_size]))
-            out.append(model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits.float().numpy())
+            chunk = torch.from_numpy(np.ascontiguousarray(ids[start : start + batch_size])).to(dev)
+            out.append(model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits.float().cpu().numpy())
     if not out:
         n_labels = getattr(getattr(model, "config", None), "num_labels", 0)
         return np.zeros((0, n_labels), np.float32)
