@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     best = {}
     for threads in (1, 2):
         for int8 in (False, True):
-            loaded = LoadedModel(args.model, EngineOptions(provider="cpu", int8=int8, threads=threads, cache_size=0))
+            loaded = LoadedModel(args.model, EngineOptions(provider="cpu", precision="int8" if int8 else "fp32",
+                                                           threads=threads, cache_size=0))
             row = timed(f"onnx {'int8' if int8 else 'fp32'}", loaded.logits, threads)
             rows.append(row)
             best.setdefault(row["what"], []).append(row)

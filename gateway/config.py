@@ -49,7 +49,8 @@ from gateway.protocol import topics
 ENV_PREFIX = "FEDGATE__"
 DB_URL_ENV = "FEDGATE_DB_URL"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:9108"
-PROVIDERS = ("auto", "cpu", "cuda")
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
 FL_STRATEGIES = ("gsfs", "fedavg", "fedopt")
 COMPRESSIONS = ("none", "int8", "topk")
 
@@ -176,8 +177,15 @@ class SourceSection:
 class InferenceSection:
     """``[inference]``: the ONNX Runtime engine and alerting.
 
-    provider ["auto"]: auto (CUDA when present, else CPU), cpu or cuda.
-    batch_size [256]: most flows per inference batch.
+    provider ["auto"]: auto (CUDA when present, else CPU), cpu, cuda or tensorrt
+      (TensorRT, with CUDA and CPU for what it leaves; engines are built at load).
+    precision ["fp32"]: which graph of the model runs: fp32 (model.onnx), fp16
+      (model.fp16.onnx: GPUs) or int8 (model.int8.onnx: CPUs); the model directory
+      must hold it (``fedgate model export DIR --fp16 --int8``).
+    batch_size [None]: most flows per inference batch; None sizes it for the device
+      the model really runs on (256 on a CPU, 8192 on a GPU).
+    device_id [0]: the GPU (CUDA, TensorRT).
+    gpu_mem_limit_mb [None]: cap of ONNX Runtime's CUDA memory arena (None: no cap).
     max_wait_ms [5.0]: longest a flow waits for its batch to fill.
     alert_threshold [None]: malicious score at or above which a detection is published
       on ``{prefix}/gw/{id}/alerts``; None uses the model's own threshold.
@@ -189,7 +197,10 @@ class InferenceSection:
     """
 
     provider: str = "auto"
-    batch_size: int = 256
+    precision: str = "fp32"
+    batch_size: int | None = None
+    device_id: int = 0
+    gpu_mem_limit_mb: int | None = None
     max_wait_ms: float = 5.0
     alert_threshold: float | None = None
     alerts: bool = True
@@ -198,7 +209,12 @@ class InferenceSection:
 
     def __post_init__(self) -> None:
         _require(self.provider in PROVIDERS, "inference.provider", f"must be one of {', '.join(PROVIDERS)}")
-        _require(1 <= self.batch_size <= 65536, "inference.batch_size", "must be in 1..65536")
+        _require(self.precision in PRECISIONS, "inference.precision", f"must be one of {', '.join(PRECISIONS)}")
+        if self.batch_size is not None:
+            _require(1 <= self.batch_size <= 65536, "inference.batch_size", "must be in 1..65536")
+        _require(0 <= self.device_id <= 64, "inference.device_id", "must be in 0..64")
+        if self.gpu_mem_limit_mb is not None:
+            _require(self.gpu_mem_limit_mb >= 64, "inference.gpu_mem_limit_mb", "must be >= 64 (MiB)")
         _require(0 <= self.max_wait_ms <= 10_000, "inference.max_wait_ms", "must be in [0, 10000] ms")
         if self.alert_threshold is not None:
             _require(0.0 <= self.alert_threshold <= 1.0, "inference.alert_threshold", "must be in [0, 1]")

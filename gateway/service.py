@@ -116,8 +116,10 @@ def load_classifier(config: GatewayConfig) -> ingest.FlowClassifier | None:
     except ImportError as exc:
         raise ServiceError(f"gateway.model is set but the inference engine is not available: {exc}") from exc
     loader = getattr(inference, "load_classifier")
-    wanted = {"provider": config.inference.provider, "max_batch": config.inference.batch_size,
-              "max_wait_ms": config.inference.max_wait_ms, "threads": config.inference.threads}
+    inf = config.inference
+    wanted = {"provider": inf.provider, "precision": inf.precision, "max_batch": inf.batch_size,
+              "max_wait_ms": inf.max_wait_ms, "threads": inf.threads, "device_id": inf.device_id,
+              "gpu_mem_limit_mb": inf.gpu_mem_limit_mb}
     params = inspect.signature(loader).parameters
     kwargs = {k: v for k, v in wanted.items() if k in params}
     try:
@@ -408,6 +410,13 @@ class GatewayService:
                  self.classifier.model_version if self.classifier else "none")
         return self
 
+    @property
+    def batch_size(self) -> int:
+        """Flows per batch of a capture file: the configured size, else the engine's own
+        (sized for its device), else the CPU default."""
+        inner = self.classifier.inner if self.classifier is not None else None
+        return self.config.inference.batch_size or getattr(inner, "max_batch", None) or 256
+
     def _check_sources(self) -> None:
         src = self.config.source
         if src.zeek_log and not Path(src.zeek_log).parent.is_dir():
@@ -626,7 +635,7 @@ class GatewayService:
             try:
                 for rec in pcap_records(fh, stats=stats):
                     batch.append(rec)
-                    if len(batch) >= self.config.inference.batch_size:
+                    if len(batch) >= self.batch_size:
                         total += self.commit(source, batch, live=False)
                         batch = []
             except CaptureError as exc:
@@ -759,6 +768,15 @@ class GatewayService:
             return st.st_size  # nothing of this file committed yet (new or rotated)
         return max(0, st.st_size - saved.offset)
 
+    def _inference_figures(self) -> dict | None:
+        """Precision and the execution provider that really ran the model (None without
+        an engine that can say)."""
+        describe = getattr(self.classifier.inner if self.classifier else None, "describe", None)
+        if not callable(describe):
+            return None
+        d = describe()
+        return {k: d.get(k) for k in ("precision", "provider_ran", "providers", "io_binding", "max_batch")}
+
     def status_summary(self) -> dict:
         """The compact figures published on the retained status topic."""
         m = self.metrics
@@ -786,6 +804,7 @@ class GatewayService:
             "now": now,
             "uptime_s": None if self.started_at is None else round(now - self.started_at, 1),
             "model_version": self.classifier.model_version if self.classifier else None,
+            "inference": self._inference_figures(),
             "alert_threshold": self._threshold,
             "mqtt_connected": bool(self.link is not None and self.link.connected),
             "sources": {

@@ -165,20 +165,26 @@ def distill(teacher, data, out, epochs, temperature, alpha, seed, candidates, lr
 
 @model.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--int8", is_flag=True, help="Also write the dynamic int8 quantisation model.int8.onnx.")
+@click.option("--int8", is_flag=True, help="Also write the dynamic int8 quantisation model.int8.onnx (CPUs).")
+@click.option("--fp16", is_flag=True,
+              help="Also write model.fp16.onnx: float16 weights and activations, float32 logits (GPUs); "
+                   "checked against the float32 graph before it is written.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export(model_dir, int8, as_json):
-    """(Re-)export MODEL_DIR's torch weights to model.onnx (optimum), optionally int8.
+def export(model_dir, int8, fp16, as_json):
+    """(Re-)export MODEL_DIR's torch weights to model.onnx (optimum), optionally int8 and fp16.
+
+    The gateway runs the graph its [inference] precision names (fp32, fp16 or int8).
 
     \b
-    Example:
+    Examples:
       fedgate model export build/student --int8
+      fedgate model export build/student --fp16
     """
     from gateway.model.modeldir import ModelDirError, export_onnx, validate_model_dir
 
     try:
         validate_model_dir(model_dir, need_onnx=False)
-        written = export_onnx(Path(model_dir), int8=int8)
+        written = export_onnx(Path(model_dir), int8=int8, fp16=fp16)
         validate_model_dir(model_dir, need_onnx=True, int8=int8)
     except (ModelDirError, ValueError, OSError) as exc:
         raise _fail(exc) from None

@@ -38,10 +38,13 @@ class EngineHotSwap:
 
         out = self.models_dir / f"global-{version}"
         parent = f"global-{self.swapped[-1]}" if self.swapped else self.engine.model_version
-        # the alert threshold chosen on validation data stays with the detector
+        # the alert threshold chosen on validation data stays with the detector, and the
+        # graph of the precision it runs is written too (fp16 / int8 beside fp32)
+        precision = getattr(self.engine, "precision", "fp32")
         save_model_dir(self.learner.model, self.learner.tokenizer, self.learner.labels, out,
                        version=f"global-{version}", parent=parent, threshold=self.engine.threshold,
-                       metrics={k: float(v) for k, v in metrics.items()}, extra={"source": "federated"}, onnx=True)
+                       metrics={k: float(v) for k, v in metrics.items()}, extra={"source": "federated"}, onnx=True,
+                       int8=precision == "int8", fp16=precision == "fp16")
         self.engine.swap(out)
         self.swapped.append(version)
         self._prune()

@@ -145,7 +145,7 @@ def evaluate_paper(
         torch_report = _report_from_probs(softmax(torch_logits.astype(np.float64)), ds.y, info.labels, info.threshold)
         rows.append(_row(f"{name} (torch)", torch_report, max_logit_diff=float(np.abs(torch_logits - onnx_logits).max()) if len(ds) else 0.0))
         if info.onnx_path(int8=True).exists():
-            q = LoadedModel(model_dir, EngineOptions(provider="cpu", int8=True, cache_size=0))
+            q = LoadedModel(model_dir, EngineOptions(provider="cpu", precision="int8", cache_size=0))
             q_report = _report_from_probs(softmax(q.logits(ds.ids).astype(np.float64)), ds.y, info.labels, info.threshold)
             q_speed = {}
             if latency:

@@ -8,7 +8,8 @@
     labels.json        the class names, in class-id order
     metadata.json      version, parent, data digest, template, threshold, metrics
     model.onnx         ONNX export (optimum), what gateways run
-    model.int8.onnx    optional dynamic int8 quantisation of model.onnx
+    model.int8.onnx    optional dynamic int8 quantisation of model.onnx (CPUs)
+    model.fp16.onnx    optional float16 graph with float32 logits (GPUs)
 
 :func:`validate_model_dir` checks every file and their agreement and raises
 :class:`ModelDirError` naming the offending file; loaders call it before anything is
@@ -42,6 +43,10 @@ LABELS = "labels.json"
 METADATA = "metadata.json"
 ONNX = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
+ONNX_FP16 = "model.fp16.onnx"
+ONNX_FILES = {"fp32": ONNX, "fp16": ONNX_FP16, "int8": ONNX_INT8}
+PRECISIONS = tuple(ONNX_FILES)
+"""The graphs a model directory may hold; the gateway's ``inference.precision`` picks one."""
 REQUIRED = (CONFIG, WEIGHTS, TOKENIZER, LABELS, METADATA)
 METADATA_SCHEMA = 1
 
@@ -81,8 +86,14 @@ class ModelInfo:
     def threshold(self) -> float:
         return float(self.metadata.get("threshold", 0.5))
 
-    def onnx_path(self, *, int8: bool = False) -> Path:
-        return self.path / (ONNX_INT8 if int8 else ONNX)
+    def onnx_path(self, precision: str = "fp32", *, int8: bool = False) -> Path:
+        return self.path / ONNX_FILES["int8" if int8 else check_precision(precision)]
+
+
+def check_precision(precision: str) -> str:
+    if precision not in ONNX_FILES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return precision
 
 
 def _read_json(path: Path) -> Any:
@@ -94,12 +105,15 @@ def _read_json(path: Path) -> Any:
         raise ModelDirError(path, f"unreadable JSON ({exc})") from None
 
 
-def validate_model_dir(model_dir: str | Path, *, need_onnx: bool = True, int8: bool = False) -> ModelInfo:
-    """Check every file of ``model_dir`` and that they agree; return the parsed parts."""
+def validate_model_dir(model_dir: str | Path, *, need_onnx: bool = True, int8: bool = False,
+                       precision: str = "fp32") -> ModelInfo:
+    """Check every file of ``model_dir`` and that they agree; return the parsed parts.
+    ``need_onnx``: the graph of ``precision`` (``int8=True``: of int8) must be there too."""
     d = Path(model_dir)
     if not d.is_dir():
         raise ModelDirError(d, "model directory does not exist")
-    for name in REQUIRED + ((ONNX_INT8 if int8 else ONNX,) if need_onnx else ()):
+    wanted = ONNX_FILES["int8" if int8 else check_precision(precision)]
+    for name in REQUIRED + ((ONNX, wanted) if need_onnx else ()):
         if not (d / name).is_file():
             raise ModelDirError(d / name, "file is missing")
     config = _read_json(d / CONFIG)
@@ -139,10 +153,9 @@ def validate_model_dir(model_dir: str | Path, *, need_onnx: bool = True, int8: b
     if id2label != list(labels.names):
         raise ModelDirError(d / LABELS, f"labels {list(labels.names)} differ from config.json's id2label {id2label}")
     _check_weights(d / WEIGHTS, config)
-    if need_onnx:
-        _check_onnx(d / ONNX, config, tokenizer)
-    if int8 or (d / ONNX_INT8).exists():
-        _check_onnx(d / ONNX_INT8, config, tokenizer)
+    for name in ONNX_FILES.values():  # every graph that is there (the wanted one is)
+        if (d / name).exists() or (need_onnx and name == wanted):
+            _check_onnx(d / name, config, tokenizer)
     return ModelInfo(d, config, tokenizer, labels, metadata)
 
 
@@ -195,11 +208,12 @@ def weights_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def export_onnx(model_dir: str | Path, *, int8: bool = False) -> list[Path]:
-    """Export ``model.onnx`` (optimum, text-classification) and optionally the int8 file."""
+def export_onnx(model_dir: str | Path, *, int8: bool = False, fp16: bool = False) -> list[Path]:
+    """Export ``model.onnx`` (optimum, text-classification) and optionally the int8 and
+    fp16 files."""
     from gateway.model.export import export_onnx as _export
 
-    return _export(Path(model_dir), int8=int8)
+    return _export(Path(model_dir), int8=int8, fp16=fp16)
 
 
 def save_model_dir(
@@ -215,6 +229,7 @@ def save_model_dir(
     data_digest: str | None = None,
     extra: dict | None = None,
     int8: bool = False,
+    fp16: bool = False,
     onnx: bool = True,
 ) -> ModelInfo:
     """Write a complete model directory (torch weights, tokenizer, labels, metadata,
@@ -254,7 +269,7 @@ def save_model_dir(
         }
         (tmp / METADATA).write_text(json.dumps(metadata, indent=1, sort_keys=True, default=float) + "\n")
         if onnx:
-            export_onnx(tmp, int8=int8)
+            export_onnx(tmp, int8=int8, fp16=fp16)
         info = validate_model_dir(tmp, need_onnx=onnx, int8=int8)
         _replace_dir(tmp, out)
     except BaseException:

@@ -93,7 +93,7 @@ def test_int8_export_loads_and_mostly_agrees(trained):
 
     _, student = trained
     f32 = LoadedModel(student.path, EngineOptions(provider="cpu"))
-    q = LoadedModel(student.path, EngineOptions(provider="cpu", int8=True))
+    q = LoadedModel(student.path, EngineOptions(provider="cpu", precision="int8"))
     ids = np.random.default_rng(1).integers(0, student.tokenizer.vocab_size, size=(200, student.tokenizer.length))
     a, b = f32.logits(ids), q.logits(ids)
     assert b.shape == a.shape and np.isfinite(b).all()
