@@ -96,7 +96,8 @@ class GatewaySection:
     model [None]: model directory (ONNX model, tokenizer, labels); None stores flows
       without classifying them (and disables alerts and federated learning).
     global_model_public_key [None]: aggregator's Ed25519 public key (PEM); global
-      models must be signed by it.  None accepts unsigned models (development only).
+      models must be signed by it.  Required when federated learning is on, unless
+      ``[fl] allow_unsigned = true`` (lab use only).
     state_dir ["fedgate-state"]: where received global models are exported to ONNX
       (model directories ``global-<version>``; the newest few are kept).
     """
@@ -287,6 +288,10 @@ class FlSection:
     threads [1]: torch threads for local training (keeps a core for detection).
     device ["auto"]: where local training runs: auto (CUDA when torch sees a GPU, else
         the CPU), cpu, cuda or cuda:N.
+    allow_unsigned [false]: take part without ``gateway.global_model_public_key``, so
+        that unsigned global models are loaded (lab use only). Without it, FL on and no
+        key is a configuration error: anyone who can write the global topic would
+        otherwise choose the model that classifies this gateway's traffic.
     """
 
     enabled: bool = True
@@ -304,6 +309,7 @@ class FlSection:
     status_interval_s: float = 5.0
     threads: int = 1
     device: str = "auto"
+    allow_unsigned: bool = False
 
     def __post_init__(self) -> None:
         _require(_is_device(self.device), "fl.device", "must be auto, cpu, cuda or cuda:N")
@@ -376,6 +382,17 @@ class GatewayConfig:
     http: HttpSection = field(default_factory=HttpSection)
     origin: str | None = None  # the file it came from, for messages
 
+    def __post_init__(self) -> None:
+        _require(not self.fl_on or self.gateway.global_model_public_key is not None or self.fl.allow_unsigned,
+                 "gateway.global_model_public_key",
+                 "federated learning is on (gateway.model, mqtt.enabled, fl.enabled): give the aggregator's "
+                 "public key, or set fl.allow_unsigned = true (lab use only)")
+
+    @property
+    def fl_on(self) -> bool:
+        """Federated learning takes part: a model to train, a broker, and [fl] enabled."""
+        return self.gateway.model is not None and self.mqtt.enabled and self.fl.enabled
+
     @property
     def database_url(self) -> str:
         db = self.gateway.database
@@ -422,8 +439,8 @@ class GatewayConfig:
             notes.append("gateway.model is not set: flows are stored but not classified (no alerts, no FL)")
         if self.mqtt.enabled and self.mqtt.ca_file is None:
             notes.append("mqtt.ca_file is not set: plain MQTT (use TLS outside a lab)")
-        if self.gateway.model is not None and self.fl.enabled and self.gateway.global_model_public_key is None:
-            notes.append("gateway.global_model_public_key is not set: unsigned global models are accepted")
+        if self.fl_on and self.gateway.global_model_public_key is None:
+            notes.append("fl.allow_unsigned: unsigned global models are accepted (lab use only)")
         if self.http.listen and parse_listen(self.http.listen)[0] in ("0.0.0.0", "::"):
             notes.append("http.listen serves the unauthenticated status page on every interface")
         return notes

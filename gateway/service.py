@@ -501,7 +501,7 @@ class GatewayService:
                 return {**service.status_summary(), **super().status()}
 
         return _ServiceFLClient(settings=settings, learner=learner, sessions=self.sessions, link=self.link,
-                                verify_key=key, on_global=self._on_global)
+                                verify_key=key, allow_unsigned=cfg.fl.allow_unsigned, on_global=self._on_global)
 
     def _on_global(self, version: int, weights: dict, metrics: dict) -> None:
         """A validated global model (already loaded into the FL learner): export it to

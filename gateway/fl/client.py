@@ -218,7 +218,11 @@ class FLClient:
         on_global: Callable[[int, dict[str, np.ndarray], dict], object] | None = None,
         eval_data: FlowDataset | None = None,
         clock: Callable[[], float] = time.monotonic,
+        allow_unsigned: bool = False,
     ):
+        if verify_key is None and not allow_unsigned:
+            raise ClientConfigError("no key to verify global models with: give verify_key, or allow_unsigned=True "
+                                    "(lab use only: anyone who can write the global topic would choose the model)")
         self.settings = settings
         self.learner = learner
         self.sessions = sessions

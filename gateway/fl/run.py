@@ -36,6 +36,8 @@ log = logging.getLogger("gateway.fl.run")
 @click.option("--prefix", default="fedgate/v1", show_default=True, help="Topic prefix.")
 @click.option("--verify-key", type=click.Path(exists=True, dir_okay=False),
               help="Aggregator's Ed25519 public key (PEM); global models must be signed by it.")
+@click.option("--allow-unsigned", is_flag=True,
+              help="Run without --verify-key and load unsigned global models (lab use only).")
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False),
               help="Labelled conn log never trained on; the local model is scored on it after each round.")
 @click.option("--strategy", type=click.Choice(["gsfs", "fedavg", "fedopt"]), default="gsfs", show_default=True,
@@ -57,9 +59,9 @@ log = logging.getLogger("gateway.fl.run")
 @click.option("--warmup", default=TriggerConfig().warmup, show_default=True, type=int)
 @click.option("--eval-every", default=TriggerConfig().eval_every, show_default=True, type=int)
 @click.option("-v", "--verbose", count=True)
-def main(gateway_id, db_url, model_dir, host, port, prefix, verify_key, eval_data, strategy, local_epochs,
-         max_local_steps, batch_size, lr, compression, topk_fraction, seed, threads, device, status_interval, tau, ema,
-         zk, warmup, eval_every, verbose) -> None:
+def main(gateway_id, db_url, model_dir, host, port, prefix, verify_key, allow_unsigned, eval_data, strategy,
+         local_epochs, max_local_steps, batch_size, lr, compression, topk_fraction, seed, threads, device,
+         status_interval, tau, ema, zk, warmup, eval_every, verbose) -> None:
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
                         format=f"%(asctime)s %(levelname)s {gateway_id} %(name)s: %(message)s", stream=sys.stderr)
     from gateway.fl.client import ClientSettings, FLClient
@@ -69,6 +71,8 @@ def main(gateway_id, db_url, model_dir, host, port, prefix, verify_key, eval_dat
     from gateway.protocol import signing
     from gateway.store.db import open_store
 
+    if verify_key is None and not allow_unsigned:
+        raise click.UsageError("give --verify-key (the aggregator's public key), or --allow-unsigned for a lab")
     try:
         settings = ClientSettings(
             gateway_id=gateway_id, strategy=strategy, local_epochs=local_epochs, max_local_steps=max_local_steps,
@@ -92,7 +96,7 @@ def main(gateway_id, db_url, model_dir, host, port, prefix, verify_key, eval_dat
                                     reconnect_min_s=1, reconnect_max_s=5),
                        gateway_id=gateway_id, prefix=prefix)
     client = FLClient(settings=settings, learner=learner, sessions=sessions, link=link, verify_key=key,
-                      eval_data=eval_ds)
+                      allow_unsigned=allow_unsigned, eval_data=eval_ds)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

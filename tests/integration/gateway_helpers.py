@@ -42,7 +42,7 @@ def gateway_doc(workdir: Path, *, broker_port: int | None = None, model: str | N
         "source": {"zeek_log": str(workdir / "conn.log"), "poll_interval_s": poll},
         "mqtt": {"enabled": broker_port is not None, "port": broker_port or 1883, "keepalive_s": 5,
                  "reconnect_min_s": 1.0, "reconnect_max_s": 2.0},
-        "fl": {"status_interval_s": 1.0},
+        "fl": {"status_interval_s": 1.0, "allow_unsigned": True},  # a lab: tests that verify give a key
         "http": {"listen": http},
     }
     if model:

@@ -357,7 +357,23 @@ def test_gateway_process_reports_a_bad_model_directory_in_one_line(tmp_path):
     import sys
 
     out = subprocess.run([sys.executable, "-m", "gateway.fl.run", "--gateway-id", "gw-x", "--db",
-                          f"sqlite:///{tmp_path / 'x.db'}", "--model", str(tmp_path)],
+                          f"sqlite:///{tmp_path / 'x.db'}", "--model", str(tmp_path), "--allow-unsigned"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "config.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_gateway_without_a_verify_key_refuses_to_start_unless_allowed(tmp_path):
+    """Issue 16.1: no key to verify global models with -> the FL client and the gateway
+    process refuse to start (a lab says allow_unsigned / --allow-unsigned)."""
+    import subprocess
+    import sys
+
+    from gateway.fl.client import ClientConfigError
+
+    with pytest.raises(ClientConfigError, match="allow_unsigned"):
+        FLClient(settings=ClientSettings(gateway_id=GW), learner=None, sessions=None, link=None)
+    out = subprocess.run([sys.executable, "-m", "gateway.fl.run", "--gateway-id", "gw-x", "--db",
+                          f"sqlite:///{tmp_path / 'x.db'}", "--model", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--verify-key" in out.stderr and "--allow-unsigned" in out.stderr

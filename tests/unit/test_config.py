@@ -25,6 +25,7 @@ MINIMAL = """
 id = "gw1"
 database = "state/gw.db"
 model = "models/default"
+global_model_public_key = "keys/aggregator.pub"
 [source]
 zeek_log = "logs/conn.log"
 """
@@ -103,6 +104,21 @@ def test_bad_settings_name_the_key(tmp_path, patch, key, words):
     assert err.value.key == key
     assert words in str(err.value)
     assert str(path) in str(err.value)
+
+
+def test_fl_without_a_verify_key_refuses_unless_allow_unsigned(tmp_path):
+    """Issue 16.1: FL on and no key to verify global models with is a configuration
+    error naming the key; ``[fl] allow_unsigned = true`` (a lab) or FL off lets it start."""
+    no_key = MINIMAL.replace('global_model_public_key = "keys/aggregator.pub"\n', "")
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, no_key), env={})
+    assert err.value.key == "gateway.global_model_public_key" and "allow_unsigned" in str(err.value)
+    lab = load_config(write(tmp_path, no_key + "[fl]\nallow_unsigned = true\n"), env={})
+    assert lab.fl.allow_unsigned and any("allow_unsigned" in w for w in lab.warnings())
+    assert not load_config(write(tmp_path, no_key + "[fl]\nenabled = false\n"), env={}).fl_on
+    assert not load_config(write(tmp_path, no_key + "[mqtt]\nenabled = false\n"), env={}).fl_on
+    signed = load_config(write(tmp_path, MINIMAL), env={})
+    assert signed.fl_on and not any("allow_unsigned" in w for w in signed.warnings())
 
 
 def test_missing_and_broken_files(tmp_path):
