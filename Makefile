@@ -49,8 +49,9 @@ test-integration: setup system-deps
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
 
+# the bundled default model is package data (models/default links to it)
 model: setup
-	$(BIN)/fedgate model build-default --data data/iot23 --out models/default
+	$(BIN)/fedgate model build-default --data data/iot23 --out gateway/model/default
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

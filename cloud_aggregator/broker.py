@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEV_CONFIG = REPO_ROOT / "broker_config" / "dev.conf"
+# package data, so the experiment runs in any install; broker_config/dev.conf links here
+DEV_CONFIG = Path(__file__).resolve().parent / "mosquitto-dev.conf"
 
 
 class BrokerError(RuntimeError):

@@ -95,9 +95,9 @@ def experiment_part(console: Console, workdir: Path) -> Path:
               help="Model directory (default: the committed models/default).")
 @click.option("--skip-experiment", is_flag=True, help="Only the replay part.")
 def main(workdir: Path | None, model_dir: Path | None, skip_experiment: bool) -> None:
-    from gateway.model.modeldir import default_model_dir
+    from gateway.model.modeldir import bundled_model_dir
 
-    model_dir = model_dir or default_model_dir()
+    model_dir = model_dir or bundled_model_dir()
     console = Console()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="fedgate-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -92,20 +92,19 @@ def _store(url: str | None) -> Iterator:
 
 
 def _load_classifier(model_dir: str | None, no_classify: bool):
-    """The classifier replay uses: --model DIR, else models/default when it exists."""
+    """The classifier replay uses: --model DIR, else the model bundled with fedgate."""
     if no_classify:
         return None
     if importlib.util.find_spec("gateway.inference") is None:
         if model_dir is not None:
             raise click.ClickException("--model needs gateway.inference, which this installation lacks")
         return None
-    from gateway.model.modeldir import default_model_dir
+    from gateway.model.modeldir import ModelDirError, bundled_model_dir
 
-    model = Path(model_dir) if model_dir else default_model_dir()
-    if model_dir is None and not model.is_dir():
-        click.echo(f"note: no model at {model}; storing flows without detections "
-                   "(build one with `make model`, or pass --model DIR / --no-classify)", err=True)
-        return None
+    try:
+        model = Path(model_dir) if model_dir else bundled_model_dir()
+    except ModelDirError as exc:
+        raise click.ClickException(f"no bundled model: {exc} (pass --model DIR or --no-classify)") from None
     from gateway import inference
 
     try:
@@ -122,7 +121,7 @@ def _load_classifier(model_dir: str | None, no_classify: bool):
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--db", "db_url", default=None, help=DB_HELP)
 @click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False),
-              help="Model directory to classify flows with (default: models/default when present).")
+              help="Model directory to classify flows with (default: the model bundled with fedgate).")
 @click.option("--no-classify", is_flag=True, help="Store flows only, no detections.")
 @click.option("--strict", is_flag=True, help="Stop with exit status 1 at the first bad line.")
 @click.option("--source", default=None,
@@ -147,7 +146,7 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
       fedgate replay data/iot23/CTU-Honeypot-Capture-4-1/conn.log.labeled
       fedgate replay --db postgresql+psycopg://postgres@127.0.0.1:5432/test data/iot23/*/conn.log.labeled
       fedgate replay --strict --json /var/log/zeek/conn.2026-11-24-14-00-00.log.gz
-      fedgate replay --model models/default capture.pcap
+      fedgate replay --model build/student capture.pcap     # another model directory
     """
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn

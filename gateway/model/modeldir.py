@@ -51,13 +51,32 @@ REQUIRED = (CONFIG, WEIGHTS, TOKENIZER, LABELS, METADATA)
 METADATA_SCHEMA = 1
 
 
-def default_model_dir() -> Path:
-    """Where the committed default student lives: ``./models/default`` when the current
-    directory has one (a checkout, a deployment), else the one beside this source tree."""
-    local = Path("models") / "default"
-    if local.is_dir():
-        return local
-    return Path(__file__).resolve().parents[2] / "models" / "default"
+# The default model ships inside the package (gateway/model/default, package data), so
+# every install -- wheel, container, editable checkout -- classifies out of the box.  In a
+# checkout, models/default is a symlink to it and `make model` rebuilds it in place.
+BUNDLED_PACKAGE = "gateway.model"
+BUNDLED_NAME = "default"
+
+
+def bundled_model_dir() -> Path:
+    """The directory of the default model shipped with the package (``gateway/model/default``),
+    found with :mod:`importlib.resources`; ONNX Runtime needs real files, so an install
+    that does not unpack the package onto the file system (a zip import) is refused."""
+    import importlib.resources
+
+    found = importlib.resources.files(BUNDLED_PACKAGE) / BUNDLED_NAME
+    if not isinstance(found, Path):
+        raise ModelDirError(str(found), "the bundled model is not on the file system (install fedgate unzipped)")
+    return found
+
+
+def bundled_model_version() -> str | None:
+    """The bundled model's version (metadata.json), or None when it is missing or unreadable."""
+    try:
+        metadata = _read_json(bundled_model_dir() / METADATA)
+    except ModelDirError:
+        return None
+    return str(metadata["version"]) if isinstance(metadata, dict) and "version" in metadata else None
 
 
 class ModelDirError(ValueError):
@@ -241,7 +260,10 @@ def save_model_dir(
     """
     from gateway.model.train import state_to_numpy
 
-    out = Path(out)
+    # resolve links first: models/default is a symlink to the bundled model, and the
+    # directory is replaced by a rename, which must happen where the files really are
+    given = Path(out)
+    out = given.resolve()
     arrays = state_to_numpy(model)
     if version is None:
         version = f"{(extra or {}).get('preset', 'model')}-{weights_digest(arrays)[:12]}"
@@ -275,7 +297,7 @@ def save_model_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    info.path = out
+    info.path = given
     return info
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from gateway.config import config_from_dict
+from gateway.model.modeldir import bundled_model_dir
 from gateway.mqtt import MqttLink, MqttSettings
 from gateway.store.db import open_store
 from gateway.store.models import Detection, Flow
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO / "models" / "default"
+DEFAULT_MODEL = bundled_model_dir()
 
 
 class RuleClassifier:

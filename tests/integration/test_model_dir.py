@@ -261,3 +261,35 @@ def test_distill_keeps_the_best_of_several_candidates_on_validation(trained, tmp
     assert single.metadata["version"] == info.metadata["version"]
     with pytest.raises(ValueError, match="candidates"):
         distill_model(teacher.path, [data_dir], tmp_path / "none", epochs=1, candidates=0, int8=False)
+
+
+def test_the_bundled_model_is_package_data_and_valid():
+    """The default model ships inside the package (importlib.resources finds it in any
+    install); in a checkout, models/default is a link to the same files."""
+    from gateway.model.modeldir import bundled_model_dir, bundled_model_version
+
+    bundled = bundled_model_dir()
+    assert bundled.parts[-3:] == ("gateway", "model", "default")
+    info = validate_model_dir(bundled, need_onnx=True, int8=True)
+    assert bundled_model_version() == info.version
+    repo_link = Path(__file__).resolve().parents[2] / "models" / "default"
+    if repo_link.exists():
+        assert repo_link.resolve() == bundled.resolve()
+
+
+def test_saving_through_a_link_replaces_the_files_behind_it(trained, tmp_path):
+    """`make model` / `--out models/default` write through the link: the directory the
+    link points at is replaced, and the link stays a link."""
+    from gateway.model.modeldir import save_model_dir
+
+    _, student = trained
+    model, tokenizer, labels, _ = load_student(student.path)
+    real = tmp_path / "pkg" / "default"
+    shutil.copytree(student.path, real)
+    link = tmp_path / "models" / "default"
+    link.parent.mkdir()
+    link.symlink_to(Path("..") / "pkg" / "default")
+    info = save_model_dir(model, tokenizer, labels, link, version="via-link", onnx=False)
+    assert link.is_symlink() and info.path == link
+    assert json.loads((real / "metadata.json").read_text())["version"] == "via-link"
+    assert sorted(p.name for p in tmp_path.joinpath("models").iterdir()) == ["default"]  # no stray temp dirs
