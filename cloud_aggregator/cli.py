@@ -43,6 +43,7 @@ def main(verbose: int) -> None:
       fedgate-aggregator status --database aggregator.db
       fedgate-aggregator status --database aggregator.db --json
       fedgate-aggregator keygen keys/aggregator.key
+      fedgate-aggregator teacher --config agg.toml --model build/teacher
       fedgate-aggregator experiment --help
     """
     configure_logging(verbose)
@@ -103,6 +104,49 @@ def run(config_path: str, http_listen: str | None) -> None:
     finally:
         if page is not None:
             page.stop()
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The aggregator's TOML: its [mqtt] broker and credentials and its topic prefix are used.")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Teacher model directory (fedgate model train --preset teacher).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True,
+              help="ONNX Runtime provider: auto = CUDA when a session really runs there, else the CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Which graph of the teacher runs (fp16 wants `fedgate model export DIR --fp16`).")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=500.0, show_default=True,
+              help="Flows per second answered per gateway (a token bucket); beyond: rate_limited.")
+@click.option("--burst", type=click.IntRange(1), default=5000, show_default=True, help="Token bucket size per gateway.")
+def teacher(config_path, model_dir, provider, precision, rate, burst) -> None:
+    """Serve the teacher: answer gateways' escalated flows over MQTT 5 request/response.
+
+    Gateways with [escalation] enabled publish the flows their student is unsure of on
+    fedgate/v1/gw/<id>/escalate; the answers go to fedgate/v1/gw/<id>/verdict (the
+    production ACL grants exactly that) and are stored there as second detections.
+
+    \b
+    Examples:
+      fedgate-aggregator teacher --config agg.toml --model build/teacher
+      fedgate-aggregator -v teacher --config agg.toml --model build/teacher --provider cuda --precision fp16
+    """
+    from cloud_aggregator.teacher import run as run_teacher
+    from cloud_aggregator.teacher import settings_from_aggregator_toml
+
+    try:
+        settings = settings_from_aggregator_toml(config_path, model_dir=model_dir, provider=provider,
+                                                 precision=precision, rate=rate, burst=burst)
+    except (ValueError, TypeError, OSError) as exc:
+        raise click.ClickException(f"{config_path}: {exc}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"teacher {model_dir} answering escalations (broker {settings.mqtt.host}:{settings.mqtt.port}); "
+               "Ctrl-C stops", err=True)
+    try:
+        run_teacher(settings, stop=stop)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _when(ts: float | None) -> str | None:

@@ -325,6 +325,50 @@ class FlSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EscalationSection:
+    """``[escalation]``: ask the cloud teacher about flows the student is unsure of
+    (gateway.escalation; the teacher runs as ``fedgate-aggregator teacher``).
+
+    enabled [false]: escalate at all (needs [mqtt] and a model).  Escalated flows'
+      Zeek fields (addresses included, labels not) leave the gateway.
+    band_low [0.2], band_high [0.8]: a flow whose malicious score is within
+      [band_low, band_high] is escalated.
+    novelty_min [None]: a flow whose novelty score reaches this is escalated too
+      (where the model gives novelty scores).
+    max_rate [50.0]: flows escalated per second at most (token bucket) ...
+    burst [500]: ... with up to this many at once; the rest keep the student's verdict.
+    batch [64]: flows per request; max_wait_s [0.5]: longest a flow waits for its batch.
+    timeout_s [10.0]: a request unanswered this long is given up (and expires at the
+      broker, so a teacher that comes back never answers it).
+    max_pending [5000]: flows queued for sending at most (the rest are counted, dropped).
+    use_as_label [false]: federated learning trains on teacher verdicts of flows with no
+      log or analyst label.
+    """
+
+    enabled: bool = False
+    band_low: float = 0.2
+    band_high: float = 0.8
+    novelty_min: float | None = None
+    max_rate: float = 50.0
+    burst: int = 500
+    batch: int = 64
+    max_wait_s: float = 0.5
+    timeout_s: float = 10.0
+    max_pending: int = 5000
+    use_as_label: bool = False
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.band_low <= self.band_high <= 1.0, "escalation.band_low",
+                 "need 0 <= band_low <= band_high <= 1")
+        _require(0 < self.max_rate <= 1e6, "escalation.max_rate", "must be in (0, 1e6] flows/s")
+        _require(1 <= self.burst <= 1_000_000, "escalation.burst", "must be in 1..1000000")
+        _require(1 <= self.batch <= 256, "escalation.batch", "must be in 1..256 (the request limit)")
+        _require(0 < self.max_wait_s <= 60, "escalation.max_wait_s", "must be in (0, 60] seconds")
+        _require(0 < self.timeout_s <= 3600, "escalation.timeout_s", "must be in (0, 3600] seconds")
+        _require(1 <= self.max_pending <= 1_000_000, "escalation.max_pending", "must be in 1..1000000")
+
+
+@dataclass(frozen=True, kw_only=True)
 class HttpSection:
     """``[http]``: the status page, its JSON (``/api/status``) and Prometheus ``/metrics``.
 
@@ -361,6 +405,7 @@ SECTIONS: dict[str, type] = {
     "inference": InferenceSection,
     "mqtt": MqttSection,
     "fl": FlSection,
+    "escalation": EscalationSection,
     "http": HttpSection,
 }
 PATH_KEYS = {
@@ -379,6 +424,7 @@ class GatewayConfig:
     inference: InferenceSection = field(default_factory=InferenceSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     fl: FlSection = field(default_factory=FlSection)
+    escalation: EscalationSection = field(default_factory=EscalationSection)
     http: HttpSection = field(default_factory=HttpSection)
     origin: str | None = None  # the file it came from, for messages
 
@@ -441,6 +487,8 @@ class GatewayConfig:
             notes.append("mqtt.ca_file is not set: plain MQTT (use TLS outside a lab)")
         if self.fl_on and self.gateway.global_model_public_key is None:
             notes.append("fl.allow_unsigned: unsigned global models are accepted (lab use only)")
+        if self.escalation.enabled and not (self.mqtt.enabled and self.gateway.model):
+            notes.append("escalation.enabled needs mqtt.enabled and gateway.model: nothing is escalated")
         if self.http.listen and parse_listen(self.http.listen)[0] in ("0.0.0.0", "::"):
             notes.append("http.listen serves the unauthenticated status page on every interface")
         return notes

@@ -120,6 +120,9 @@ class Inbound:
     retain: bool
     mid: int
     duplicate: bool = False
+    # MQTT 5 request/response properties (None when the sender set none)
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
 
 
 @dataclass
@@ -204,8 +207,12 @@ class MqttLink:
 
     def _on_message(self, client, userdata, message) -> None:
         self.counters.received += 1
+        props = getattr(message, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
         self.inbox.put(Inbound(message.topic, bytes(message.payload), message.qos,
-                               bool(message.retain), message.mid, bool(message.dup)))
+                               bool(message.retain), message.mid, bool(message.dup),
+                               response_topic, None if correlation is None else bytes(correlation)))
 
     # -- owner API ------------------------------------------------------------------
     def start(self) -> "MqttLink":
@@ -226,10 +233,23 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
+    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False,
+                response_topic: str | None = None, correlation_data: bytes | None = None,
+                expiry_s: int | None = None) -> paho.MQTTMessageInfo:
         """Queue a publish; ``info.is_published()`` / ``info.wait_for_publish()`` tell
-        when the broker acknowledged it (QoS 1)."""
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        when the broker acknowledged it (QoS 1).  ``response_topic`` /
+        ``correlation_data``: MQTT 5 request/response properties; ``expiry_s``: the broker
+        drops the message if it is not delivered within that many seconds."""
+        props = None
+        if response_topic is not None or correlation_data is not None or expiry_s is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if expiry_s is not None:
+                props.MessageExpiryInterval = max(1, int(expiry_s))
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("publish to %s not queued: %s", topic, info.rc)
         self.counters.published += 1

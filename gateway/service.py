@@ -345,6 +345,7 @@ class GatewayService:
         self.link = None
         self.outbox = None
         self.fl_client = None
+        self.escalator = None  # gateway.escalation.Escalator when [escalation] is on
         self._hotswap = None  # EngineHotSwap, made on the first global model
         self.link_worker: LinkWorker | None = None
         self.alert_queue: AlertQueue | None = None
@@ -464,6 +465,26 @@ class GatewayService:
             except SQLAlchemyError as exc:
                 raise ServiceError(f"gateway.database: {describe_db_error(self.engine, exc)}") from exc
             self.alert_queue.start()
+        if cfg.escalation.enabled and self.classifier is not None:
+            from gateway.escalation import Escalator
+
+            self.escalator = Escalator(cfg.escalation, mqtt=cfg.mqtt_settings(), gateway_id=cfg.gateway.id,
+                                       prefix=cfg.gateway.prefix, sessions=self.sessions,
+                                       on_verdicts=self._teacher_verdicts).start()
+
+    def _teacher_verdicts(self, version: str, answers: list) -> None:
+        """The cloud teacher's stored verdicts on escalated flows: those at or above the
+        alert threshold are alerted (with the teacher's version), like the student's."""
+        threshold = self._threshold if self._threshold is not None else DEFAULT_ALERT_THRESHOLD
+        alerts = [RecentDetection(rec.ts, v.source, rec.uid, rec.orig_h, rec.resp_h, rec.resp_p, rec.proto,
+                                  v.label, round(float(v.score), 4))
+                  for rec, v in answers if v.score >= threshold]
+        if not alerts:
+            return
+        self.recent.extend(alerts)
+        if self.config.inference.alerts and self.alert_queue is not None:
+            self.metrics.alerts.inc(len(alerts))
+            self.alert_queue.put(version, alerts)
 
     def _alert_write_failed(self, reason: str) -> None:
         self.metrics.store_errors.inc()
@@ -493,7 +514,8 @@ class GatewayService:
                                   retrain_interval_s=cfg.fl.retrain_interval_s,
                                   label_smoothing=cfg.fl.label_smoothing,
                                   compression=cfg.fl.compression,
-                                  status_interval_s=cfg.fl.status_interval_s)
+                                  status_interval_s=cfg.fl.status_interval_s,
+                                  teacher_labels=cfg.escalation.enabled and cfg.escalation.use_as_label)
         service = self
 
         class _ServiceFLClient(FLClient):
@@ -548,6 +570,8 @@ class GatewayService:
             t.join(max(0.1, deadline - time.monotonic()))
             if t.is_alive():
                 log.error("thread %s did not finish within %.0fs", t.name, timeout)
+        if self.escalator is not None:
+            self.escalator.stop()  # answers still in flight are given up (counted)
         if self.alert_queue is not None:
             self.alert_queue.stop()  # the last alerts reach the outbox before the link goes
             self._let_outbox_drain(min(2.0, max(0.0, deadline - time.monotonic())))
@@ -734,6 +758,9 @@ class GatewayService:
             m.alerts.inc(len(alerts))
             if self.alert_queue is not None:
                 self.alert_queue.put(self.classifier.model_version if self.classifier else "none", alerts)
+        if self.escalator is not None:
+            self.escalator.offer(source, records, verdicts,
+                                 self.classifier.model_version if self.classifier else "none")
 
     # ------------------------------------------------------------ status
     def _link_figures(self) -> dict:
@@ -822,6 +849,7 @@ class GatewayService:
             "tail_backlog_bytes": figures.get("tail_backlog_bytes"),
             "recent_detections": [vars(d) for d in list(self.recent)[-50:]][::-1],
             "fl": fl,
+            "escalation": self.escalator.status() if self.escalator is not None else None,
             "errors": list(self.errors),
         }
 

@@ -142,6 +142,8 @@ class ClientSettings:
     max_chunk_bytes     uploads above this travel in chunks (default 256 KiB)
     max_uploads_per_version  GSFS uploads per global version (default 1)
     status_interval_s   retained status refresh period (default 5 s)
+    teacher_labels      train on the cloud teacher's verdicts of escalated flows that have
+                        no log or analyst label (default False; gateway.escalation)
     trigger             GSFS trigger settings (:class:`TriggerConfig`)
     """
 
@@ -163,6 +165,7 @@ class ClientSettings:
     max_chunk_bytes: int = 256 * 1024
     max_uploads_per_version: int = 1
     status_interval_s: float = 5.0
+    teacher_labels: bool = False
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
 
     def __post_init__(self) -> None:
@@ -425,10 +428,10 @@ class FLClient:
     def _ensure_data(self) -> None:
         """(Re)load the local labelled flows when the store changed; split them."""
         with self.sessions() as session:
-            key = repo.labelled_data_key(session)
+            key = repo.labelled_data_key(session, teacher=self.settings.teacher_labels)
             if key == self._data_key and self.train_data is not None:
                 return
-            records, classes = load_labelled(session)
+            records, classes = load_labelled(session, teacher_labels=self.settings.teacher_labels)
         parts = stratified_split(classes, [1 - self.settings.val_fraction, self.settings.val_fraction],
                                  seed=self.settings.seed)
         train_idx, val_idx = parts

@@ -1,8 +1,10 @@
 """A gateway's local training data: the labelled flows in its store.
 
 Labels come from labelled logs (IoT-23 ``label`` / ``detailed-label`` columns, stored
-with the flow) and from analyst feedback (``fedgate feedback UID LABEL``); feedback
-wins over the log's label. Repository functions take the session; the caller opens it.
+with the flow), from analyst feedback (``fedgate feedback UID LABEL``) and, where the
+gateway asks for it (``[escalation] use_as_label``), from the cloud teacher's verdicts
+on escalated flows; feedback wins over the log's label, and both over the teacher's.
+Repository functions take the session; the caller opens it.
 """
 
 from __future__ import annotations
@@ -29,14 +31,23 @@ def feedback_class(label: str) -> str:
 
 
 def merge_labels(
-    records: Iterable[ConnRecord], feedback: Iterable[tuple[ConnRecord, str]]
+    records: Iterable[ConnRecord], feedback: Iterable[tuple[ConnRecord, str]],
+    teacher: Iterable[tuple[ConnRecord, str]] = (),
 ) -> tuple[list[ConnRecord], list[str]]:
-    """Labelled records and their class names; feedback overrides (or adds) labels.
+    """Labelled records and their class names; feedback overrides (or adds) labels, and
+    ``teacher`` verdicts label flows that have neither feedback nor a log label.
 
     PURE. A flow is identified by (uid, ts) here: the store's (source, uid) key is not
     part of a ConnRecord, and a uid repeated at the same time stamp is the same flow.
     """
+    feedback = list(feedback)
     fb = {(r.uid, r.ts): feedback_class(lab) for r, lab in feedback}
+    for r, lab in teacher:
+        fb.setdefault((r.uid, r.ts), None)
+        if record_label(r) is None and fb[(r.uid, r.ts)] is None:
+            fb[(r.uid, r.ts)] = feedback_class(lab)
+            feedback.append((r, lab))
+    fb = {k: v for k, v in fb.items() if v is not None}
     out_records: list[ConnRecord] = []
     out_labels: list[str] = []
     seen: set[tuple[str, float]] = set()
@@ -57,6 +68,9 @@ def merge_labels(
     return out_records, out_labels
 
 
-def load_labelled(session: Session, *, limit: int | None = None) -> tuple[list[ConnRecord], list[str]]:
-    """All labelled flows of the store with their classes (feedback applied)."""
-    return merge_labels(repo.load_records(session, limit=limit), repo.labelled_feedback(session))
+def load_labelled(session: Session, *, limit: int | None = None,
+                  teacher_labels: bool = False) -> tuple[list[ConnRecord], list[str]]:
+    """All labelled flows of the store with their classes (feedback applied; with
+    ``teacher_labels`` the teacher's verdicts label what nothing else does)."""
+    teacher = repo.teacher_labels(session) if teacher_labels else ()
+    return merge_labels(repo.load_records(session, limit=limit), repo.labelled_feedback(session), teacher)

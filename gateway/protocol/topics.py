@@ -45,6 +45,21 @@ def gateway_alerts(gateway_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{check_prefix(prefix)}/gw/{check_gateway_id(gateway_id)}/alerts"
 
 
+def gateway_escalate(gateway_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Where a gateway asks the cloud teacher about flows it is unsure of."""
+    return f"{check_prefix(prefix)}/gw/{check_gateway_id(gateway_id)}/escalate"
+
+
+def gateway_verdict(gateway_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Where the cloud teacher answers that gateway (MQTT 5 response topic)."""
+    return f"{check_prefix(prefix)}/gw/{check_gateway_id(gateway_id)}/verdict"
+
+
+def all_escalations(prefix: str = DEFAULT_PREFIX) -> str:
+    """Subscription filter of the teacher: every gateway's escalation requests."""
+    return f"{check_prefix(prefix)}/gw/+/escalate"
+
+
 def global_model(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{check_prefix(prefix)}/global/model"
 
@@ -68,7 +83,7 @@ def parse_gateway_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, 
     if not topic.startswith(head):
         raise TopicError(f"not a gateway topic: {topic!r}")
     parts = topic[len(head):].split("/")
-    if len(parts) != 2 or parts[1] not in ("update", "status", "alerts"):
+    if len(parts) != 2 or parts[1] not in ("update", "status", "alerts", "escalate", "verdict"):
         raise TopicError(f"not a gateway topic: {topic!r}")
     return check_gateway_id(parts[0]), parts[1]
 

@@ -44,6 +44,9 @@ if _EXTRA_IDX != len(_RECORD_FIELDS) - 1:  # flow_rows' fast path slices it off 
 # Batches at least this big go through COPY on PostgreSQL; small ones use executemany.
 COPY_THRESHOLD = 1000
 DETECTION_INSERT_COLUMNS = ("source", "uid", "label", "score", "model_version", "created_at")
+TEACHER_VERSION_PREFIX = "teacher/"
+"""Detections whose model version starts so are the cloud teacher's answers to escalated
+flows (gateway.escalation), stored beside the student's own detection."""
 
 
 class FlowNotFound(LookupError):
@@ -272,13 +275,36 @@ def count_flows(session: Session, *, source: str | None = None) -> int:
     return session.execute(stmt).scalar_one()
 
 
-def labelled_data_key(session: Session) -> tuple[int, int, int]:
-    """(labelled flows, feedback rows, newest feedback id): changes whenever the
-    training data of the FL client does (a new labelled flow, a new or revised analyst
-    label, retention removing labelled flows), not with every unlabelled live flow."""
+def labelled_data_key(session: Session, *, teacher: bool = False) -> tuple[int, ...]:
+    """(labelled flows, feedback rows, newest feedback id[, teacher verdicts]): changes
+    whenever the training data of the FL client does (a new labelled flow, a new or
+    revised analyst label, retention removing labelled flows, with ``teacher`` a new
+    teacher verdict), not with every unlabelled live flow."""
     flows = session.execute(select(func.count()).select_from(Flow).where(Flow.label.is_not(None))).scalar_one()
     n_feedback, newest = session.execute(select(func.count(Feedback.id), func.max(Feedback.id))).one()
-    return int(flows), int(n_feedback), int(newest or 0)
+    key = (int(flows), int(n_feedback), int(newest or 0))
+    if teacher:
+        n = session.execute(select(func.count()).select_from(Detection)
+                            .where(Detection.model_version.startswith(TEACHER_VERSION_PREFIX))).scalar_one()
+        key += (int(n),)
+    return key
+
+
+def teacher_labels(session: Session) -> list[tuple[ConnRecord, str]]:
+    """Each flow with the cloud teacher's latest verdict on it (escalated flows)."""
+    latest = (
+        select(func.max(Detection.id).label("id"))
+        .where(Detection.model_version.startswith(TEACHER_VERSION_PREFIX))
+        .group_by(Detection.source, Detection.uid)
+        .subquery()
+    )
+    stmt = (
+        select(Flow, Detection.label)
+        .join(Detection, and_(Detection.source == Flow.source, Detection.uid == Flow.uid))
+        .join(latest, latest.c.id == Detection.id)
+        .order_by(Detection.id)
+    )
+    return [(record_from_row(f), lab) for f, lab in session.execute(stmt)]
 
 
 def load_records(session: Session, *, source: str | None = None, limit: int | None = None) -> list[ConnRecord]:

@@ -278,6 +278,29 @@ def test_gateway_cannot_read_other_gateways_or_write_their_status(connected):
     assert gw_a.publish(topics.gateway_status("gwA", PREFIX), b"online", retain=True) < 0x80
 
 
+def test_escalation_rights_teacher_answers_only_the_asker_reads(connected):
+    """The teacher (aggregator identity) reads escalations and writes verdicts; a gateway
+    writes its own escalations, reads its own verdicts, and never another gateway's."""
+    teacher = connected("aggregator", "esc-teacher")
+    assert teacher.subscribe(topics.all_escalations(PREFIX)) == [1]
+    gw_a = connected("gateway-gwA", "esc-gwA")
+    gw_b = connected("gateway-gwB", "esc-gwB")
+    assert gw_a.subscribe(topics.gateway_verdict("gwA", PREFIX)) == [1]
+    gw_a.subscribe(topics.gateway_verdict("gwB", PREFIX))  # granted or not, nothing of B's may arrive
+    assert gw_b.subscribe(topics.gateway_verdict("gwB", PREFIX)) == [1]
+    assert gw_a.publish(topics.gateway_escalate("gwA", PREFIX), b"ask-A") == 0
+    assert gw_a.publish(topics.gateway_escalate("gwB", PREFIX), b"ask-as-B") == 0x87
+    assert teacher.wait_for(lambda m: m.payload == b"ask-A", timeout=5) is not None
+    assert teacher.publish(topics.gateway_verdict("gwB", PREFIX), b"verdict-B") == 0
+    assert teacher.publish(topics.gateway_verdict("gwA", PREFIX), b"verdict-A") == 0
+    assert gw_b.wait_for(lambda m: m.payload == b"verdict-B", timeout=5) is not None
+    assert gw_a.wait_for(lambda m: m.payload == b"verdict-A", timeout=5) is not None
+    assert all(m.payload != b"verdict-B" for m in gw_a.seen)
+    assert all(m.payload != b"ask-as-B" for m in teacher.seen)
+    # a gateway cannot answer for the teacher on another gateway's verdict topic
+    assert gw_a.publish(topics.gateway_verdict("gwB", PREFIX), b"fake-verdict") == 0x87
+
+
 def test_aggregator_cannot_be_impersonated_by_a_gateway_id():
     # the aggregator's username can never be a gateway id, so no gateway cert carries it
     from gateway.certs import AGGREGATOR_IDENTITY, CertError, gateway_common_name

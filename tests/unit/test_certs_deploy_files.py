@@ -97,8 +97,10 @@ def test_acl_grants_exactly_the_protocol_rights():
     assert set(rules) == {
         (AGGREGATOR_IDENTITY, "topic", "write", "fedgate/v1/global/#"),
         (AGGREGATOR_IDENTITY, "topic", "read", "fedgate/v1/gw/+/#"),
+        (AGGREGATOR_IDENTITY, "topic", "write", "fedgate/v1/gw/+/verdict"),  # the teacher's answers
         (None, "pattern", "write", "fedgate/v1/gw/%u/#"),
         (None, "pattern", "read", "fedgate/v1/global/#"),
+        (None, "pattern", "read", "fedgate/v1/gw/%u/verdict"),  # a gateway's own answers only
     }
     # no rule for anonymous clients (topic lines before the first user line)
     assert all(user is not None for user, kind, *_ in rules if kind == "topic")
