@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
@@ -33,6 +34,7 @@ from gateway.store.db import open_store
 from gateway.store.models import Detection, Flow
 from gateway_helpers import DEFAULT_MODEL, gateway_config, store_counts, wait_until
 
+HONEYPOT_LOG = Path(__file__).resolve().parents[2] / "data" / "iot23" / "CTU-Honeypot-Capture-4-1" / "conn.log.labeled"
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")]
 
@@ -193,8 +195,7 @@ def test_a_request_naming_another_gateways_topic_is_answered_on_its_own(broker, 
         mine.start(), theirs.start()
         assert mine.wait_connected(10) and theirs.wait_connected(10)
         time.sleep(0.3)  # subscriptions made
-        rec = next(iter_records(DEFAULT_MODEL.parent.parent / "data" / "iot23" / "CTU-Honeypot-Capture-4-1"
-                                / "conn.log.labeled"))
+        rec = next(iter_records(HONEYPOT_LOG))
         body = wire.encode_request("evil", "x", [wire.EscalatedFlow("s", rec.uid, 0.5, "Benign", rec)])
         mine.publish("fedgate/v1/gw/evil/escalate", body, response_topic="fedgate/v1/gw/victim/verdict",
                      correlation_data=b"c" * 16, expiry_s=5)
@@ -255,8 +256,7 @@ def test_escalator_refuses_to_queue_past_its_bound(tmp_path, broker):
         esc = Escalator(EscalationSection(enabled=True, max_pending=50, band_low=0.0, band_high=1.0,
                                           max_rate=1e6, burst=1_000_000),
                         mqtt=_mqtt(broker.port, "gw-bound"), gateway_id="gwb", sessions=sessions)
-        rec = next(iter_records(DEFAULT_MODEL.parent.parent / "data" / "iot23" / "CTU-Honeypot-Capture-4-1"
-                                / "conn.log.labeled"))
+        rec = next(iter_records(HONEYPOT_LOG))
         queued = esc.offer("s", [rec] * 200, [("Benign", 0.5)] * 200, "v")
         assert queued == 50 and esc.counters.dropped == 150 and esc.status()["queued"] == 50
         json.dumps(esc.status())  # the status page can serialise it
