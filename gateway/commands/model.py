@@ -17,12 +17,17 @@ SUMMARY_COLUMNS = ("accuracy", "precision", "recall", "f1", "label_accuracy", "m
 DATA_HELP = "Data directory or labelled conn.log (repeatable); every conn.log.labeled below it is used."
 
 
-def _template_option():
+def _template_option(default: str | None = "edge", extra: str = ""):
+    from gateway.model import text  # noqa: F401 - registers flow-text
     from gateway.model.prompt import DEFAULT_TEMPLATE, TEMPLATE_VERSIONS
 
     idents = ", ".join(sorted(t.ident for t in TEMPLATE_VERSIONS.values()))
+    if default is None:
+        return click.option("--template", default=None,
+                            help=f"Prompt template, NAME/vN or NAME for its newest version ({idents}) "
+                                 f"[{DEFAULT_TEMPLATE}; flow-text with --base-model].{extra}")
     return click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
-                        help=f"Prompt template, NAME/vN or NAME for its newest version ({idents}).")
+                        help=f"Prompt template, NAME/vN or NAME for its newest version ({idents}).{extra}")
 
 
 def _device_option(default: str = "auto"):
@@ -93,25 +98,35 @@ def model() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write (replaced atomically).")
 @click.option("--preset", type=click.Choice(["teacher", "student"]), default="student", show_default=True, help="Model size.")
 @click.option("--base-model", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Local pretrained OPT checkpoint directory to start from (nothing is downloaded).")
+              help="Local pretrained OPT checkpoint directory with its tokenizer to fine-tune (nothing is "
+                   "downloaded): flows are written as text for its own BPE tokenizer, its embeddings kept.")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Passes over the (deduplicated) train part [preset default].")
 @click.option("--seed", type=int, default=23, show_default=True, help="Seed of the split and of training.")
-@_template_option()
+@_template_option(default=None)
 @_lr_option()
+@click.option("--warmup", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Share of the steps over which the learning rate rises linearly.")
+@click.option("--lora-rank", type=click.IntRange(1), default=None,
+              help="With --base-model: train LoRA adapters of this rank (peft) instead of all weights, "
+                   "to fit memory; they are merged into the saved model.")
 @_batch_option()
 @_device_option()
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def train(data, out, preset, base_model, epochs, seed, template, lr, batch_size, device, int8, as_json):
+def train(data, out, preset, base_model, epochs, seed, template, lr, warmup, lora_rank, batch_size, device, int8,
+          as_json):
     """Train a classifier on the train part (70%) of the paper split of DATA.
 
     The alert threshold is chosen on the validation part (20%); the test part (10%)
-    is left for `fedgate model evaluate`.
+    is left for `fedgate model evaluate`.  With --base-model the checkpoint is
+    fine-tuned (learning rate 5e-5, or 5e-4 with --lora-rank, unless --lr says);
+    distil it to the edge student with `fedgate model distill`.
 
     \b
     Examples:
       fedgate model train --data data/iot23 --out build/teacher --preset teacher
-      fedgate model train --data data/iot23 --out build/s1 --base-model ~/opt-tiny --epochs 10
+      fedgate model train --data data/iot23 --out build/t125 --preset teacher --base-model ~/opt-125m --epochs 3
+      fedgate model train --data data/iot23 --out build/t1b --preset teacher --base-model ~/opt-1.3b --lora-rank 16
       fedgate model train --data data/iot23 --out build/t3 --preset teacher --template edge-compact/v3
       fedgate model train --data data/iot23 --out build/teacher --preset teacher --device cuda
     """
@@ -120,8 +135,8 @@ def train(data, out, preset, base_model, epochs, seed, template, lr, batch_size,
     try:
         with _progress() as progress:
             info = train_model(list(data), out, preset=preset, base_model=base_model, epochs=epochs,
-                               seed=seed, template=template, lr=lr, batch_size=batch_size, device=device,
-                               int8=int8, progress=progress)
+                               seed=seed, template=template, lr=lr, warmup=warmup, lora_rank=lora_rank,
+                               batch_size=batch_size, device=device, int8=int8, progress=progress)
     except (ValueError, OSError, RuntimeError) as exc:
         raise _fail(exc) from None
     _model_summary(info, as_json, f"trained {preset}")

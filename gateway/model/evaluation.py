@@ -185,6 +185,13 @@ def evaluate_scenarios(
     seed = int(info.metadata.get("training", {}).get("seed", DEFAULT_SEED)) if seed is None else seed
     prepared = prepare(data, seed=seed)
     scenarios = sorted(set(prepared.scenario_of.tolist()))
+    # each fold is built the way the model was: its template, and a fine-tuned
+    # checkpoint from the same checkpoint with the same rate and adapters
+    training = info.metadata.get("training", {})
+    rebuild = {"template": f"{info.metadata['template']['name']}/v{info.metadata['template']['version']}"}
+    if info.metadata.get("base_model"):
+        rebuild.update(base_model=info.metadata["base_model"], lr=training.get("lr"),
+                       lora_rank=training.get("lora_rank"), warmup=training.get("warmup", 0.1))
     if len(scenarios) < 2:
         raise ValueError("the scenario split needs at least two data directories (scenarios)")
     rows = []
@@ -197,7 +204,7 @@ def evaluate_scenarios(
             train_idx, val_idx = rest[tr], rest[va]
             fold = train_model(
                 prepared, Path(tmp) / held_out, preset=preset, epochs=epochs, seed=seed,
-                train_index=train_idx, val_index=val_idx,
+                train_index=train_idx, val_index=val_idx, **rebuild,
             )
             test_records = [prepared.records[i] for i in test_idx]
             ds = encode(test_records, fold.tokenizer, fold.labels)

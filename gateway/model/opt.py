@@ -1,8 +1,12 @@
 """OPT sequence classifiers built from configs: presets for the teacher and the student.
 
 No weights are downloaded: models are built from an ``OPTConfig`` (random init, seeded)
-or loaded from a local checkpoint directory (``--base-model``), whose vocabulary and
-head are then resized to the flow tokenizer and label set.
+or loaded from a local pretrained checkpoint directory (``--base-model``), which keeps
+its embeddings and layers as they are and reads flows as text through its own BPE
+tokenizer (:mod:`gateway.model.text`); only the classification head is new.  LoRA
+(``peft``) adapters can train instead of all weights, to fit a large checkpoint in
+memory; they are merged back before the model is saved, so a model directory is a
+plain OPT either way.
 """
 
 from __future__ import annotations
@@ -77,17 +81,25 @@ def build_model(preset: Preset | str, tokenizer: FlowTokenizer, labels: LabelSet
     return model
 
 
-def from_base_model(base_dir: str | Path, tokenizer: FlowTokenizer, labels: LabelSet, *, seed: int) -> OPTForSequenceClassification:
-    """Start from a local pretrained OPT checkpoint: keep its transformer layers, resize
-    the word embeddings to the flow vocabulary and put a fresh head on the label set."""
+FINETUNE_LR = 5e-5
+"""Peak rate when all weights of a pretrained checkpoint train (the presets' 1e-3 and
+5e-3 are for random initialisation and would wipe out what the checkpoint knows)."""
+LORA_LR = 5e-4
+"""Peak rate for LoRA adapters (they start at zero and are few)."""
+
+
+def from_base_model(base_dir: str | Path, tokenizer, labels: LabelSet, *, seed: int) -> OPTForSequenceClassification:
+    """A classifier on a local pretrained OPT checkpoint: its embeddings and layers as
+    they are (every row of its vocabulary kept: ``tokenizer`` is the checkpoint's own,
+    :class:`gateway.model.text.TextTokenizer`), a fresh seeded head on the label set.
+    One embedding row is added only if the tokenizer's template marker falls past the
+    checkpoint's spare rows."""
     base_dir = Path(base_dir)
-    if not (base_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{base_dir / 'config.json'}: base model directory has no config.json")
-    base_config = OPTConfig.from_pretrained(base_dir)
-    if base_config.model_type != "opt":
-        raise ValueError(f"{base_dir / 'config.json'}: model_type {base_config.model_type!r} is not 'opt'")
+    base_config = check_base_model(base_dir)
+    if base_config.max_position_embeddings < tokenizer.length:
+        raise ValueError(f"{base_dir / 'config.json'}: max_position_embeddings "
+                         f"{base_config.max_position_embeddings} < prompt length {tokenizer.length}")
     torch.manual_seed(seed)
-    end_id = tokenizer.vocab[END]
     model = OPTForSequenceClassification.from_pretrained(
         base_dir,
         num_labels=len(labels),
@@ -96,18 +108,41 @@ def from_base_model(base_dir: str | Path, tokenizer: FlowTokenizer, labels: Labe
         ignore_mismatched_sizes=True,
         problem_type="single_label_classification",
     )
-    if model.config.max_position_embeddings < tokenizer.length:
-        raise ValueError(
-            f"{base_dir / 'config.json'}: max_position_embeddings "
-            f"{model.config.max_position_embeddings} < prompt length {tokenizer.length}"
-        )
-    model.resize_token_embeddings(tokenizer.vocab_size)
-    model.config.vocab_size = tokenizer.vocab_size
+    if tokenizer.vocab_size > model.config.vocab_size:
+        model.resize_token_embeddings(tokenizer.vocab_size, mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_id
-    model.config.bos_token_id = end_id
-    model.config.eos_token_id = end_id
     model.eval()
     return model
+
+
+def check_base_model(base_dir: str | Path) -> OPTConfig:
+    """The OPT config of a checkpoint directory; FileNotFoundError / ValueError naming
+    config.json when it is missing or not OPT."""
+    base_dir = Path(base_dir)
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{base_dir / 'config.json'}: base model directory has no config.json")
+    base_config = OPTConfig.from_pretrained(base_dir)
+    if base_config.model_type != "opt":
+        raise ValueError(f"{base_dir / 'config.json'}: model_type {base_config.model_type!r} is not 'opt'")
+    return base_config
+
+
+def with_lora(model: OPTForSequenceClassification, rank: int):
+    """``model`` with LoRA adapters (rank ``rank``, alpha 2 x rank) on the attention
+    query and value projections; everything else frozen except the new head."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if rank < 1:
+        raise ValueError("LoRA rank must be >= 1")
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                        target_modules=["q_proj", "v_proj"])
+    return get_peft_model(model, config)
+
+
+def merge_lora(model) -> OPTForSequenceClassification:
+    """The plain OPT classifier with trained adapters folded into its weights."""
+    merge = getattr(model, "merge_and_unload", None)
+    return merge() if callable(merge) else model
 
 
 def parameter_count(model: torch.nn.Module) -> int:

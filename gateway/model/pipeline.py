@@ -22,8 +22,12 @@ from gateway.model.labels import LabelSet, record_label
 from gateway.model.metrics import malicious_score, softmax, choose_threshold
 from gateway.model.device import Precision, describe, resolve_device
 from gateway.model.modeldir import ModelInfo, load_student, save_model_dir
-from gateway.model.opt import PRESETS, build_model, from_base_model, parameter_count
+from gateway.model.opt import (
+    FINETUNE_LR, LORA_LR, PRESETS, build_model, check_base_model, from_base_model, merge_lora, parameter_count,
+    with_lora,
+)
 from gateway.model.prompt import DEFAULT_TEMPLATE, get_template
+from gateway.model.text import is_text_template
 from gateway.model.tokenizer import FlowTokenizer
 from gateway.model.train import evaluate, predict_logits, train_epochs
 
@@ -101,43 +105,73 @@ def train_model(
     epochs: int | None = None,
     seed: int = DEFAULT_SEED,
     lr: float | None = None,
-    template: str = DEFAULT_TEMPLATE,
+    template: str | None = None,
     int8: bool = False,
     train_index: np.ndarray | None = None,
     val_index: np.ndarray | None = None,
     device: str = "auto",
     batch_size: int | None = None,
+    warmup: float = 0.1,
+    lora_rank: int | None = None,
     progress=None,
 ) -> ModelInfo:
     """Train a classifier with cross-entropy on the train part of the paper split
     (or ``train_index``), choose its threshold on the validation part, save it.
     ``device``: auto, cpu, cuda or cuda:N (:mod:`gateway.model.device`);
-    ``batch_size``: training rows per step [the preset's]."""
+    ``batch_size``: training rows per step [the preset's]; ``warmup``: share of the
+    steps the learning rate rises over.
+
+    ``base_model``: a local pretrained OPT checkpoint directory with its tokenizer.  Its
+    embeddings and layers are kept as they are and flows are read as text
+    (``template`` defaults to ``flow-text``) through its own BPE tokenizer; ``lr``
+    defaults to a fine-tuning rate, and ``lora_rank`` trains LoRA adapters instead of
+    all weights (merged into the saved model).  Without it ``template`` defaults to
+    the edge template and the preset's architecture is initialised from ``seed``."""
+    from gateway.model.text import FLOW_TEXT, TextTokenizer, is_text_template
+
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if lora_rank is not None and base_model is None:
+        raise ValueError("LoRA adapts a pretrained checkpoint: give --base-model too")
     p = PRESETS[preset]
+    chosen = get_template(template or (FLOW_TEXT.ident if base_model is not None else DEFAULT_TEMPLATE))
+    if base_model is not None and not is_text_template(chosen):
+        raise ValueError(f"--base-model reads flows as text with the checkpoint's own tokenizer; template "
+                         f"{chosen.ident} is made of flow words it does not know (use {FLOW_TEXT.ident})")
+    if base_model is None and is_text_template(chosen):
+        raise ValueError(f"template {chosen.ident} needs a pretrained checkpoint's tokenizer (--base-model DIR)")
     prepared = data if isinstance(data, PreparedData) else prepare(data, seed=seed)
     tr_idx = prepared.split[0] if train_index is None else train_index
     va_idx = prepared.split[1] if val_index is None else val_index
     train_records = _take(prepared.records, tr_idx)
-    tokenizer = FlowTokenizer.build(train_records, get_template(template))
+    if base_model is not None:
+        check_base_model(base_model)
+        tokenizer = TextTokenizer.from_checkpoint(base_model, chosen)
+    else:
+        tokenizer = FlowTokenizer.build(train_records, chosen)
     labels = LabelSet.from_labels(prepared.names[i] for i in tr_idx)
     train_ds = encode(train_records, tokenizer, labels).dedupe()
     val_ds = encode(_take(prepared.records, va_idx), tokenizer, labels).dedupe()
+
     def make_model(model_seed: int):
         if base_model is not None:
-            return from_base_model(base_model, tokenizer, labels, seed=model_seed)
+            model = from_base_model(base_model, tokenizer, labels, seed=model_seed)
+            return with_lora(model, lora_rank) if lora_rank else model
         return build_model(p, tokenizer, labels, seed=model_seed)
 
+    if base_model is not None and lr is None:
+        lr = LORA_LR if lora_rank else FINETUNE_LR
     return _train_and_save(
         make_model, tokenizer, labels, train_ds, val_ds, out,
         preset=preset, epochs=epochs, lr=lr, seed=seed, digest=prepared.digest, int8=int8, parent=None,
         progress=progress, description=f"train {preset}", device=device, batch_size=batch_size,
+        after_train=merge_lora, warmup=warmup,
         extra={
             "kind": "teacher" if preset == "teacher" else "student",
             "base_model": str(base_model) if base_model else None,
         },
-        training={"loss": "cross-entropy", "split_seed": prepared.seed, "data": prepared.paths},
+        training={"loss": "cross-entropy", "split_seed": prepared.seed, "data": prepared.paths,
+                  "warmup": warmup, "lora_rank": lora_rank},
     )
 
 
@@ -174,9 +208,17 @@ def distill_model(
         log.warning("distilling on other data than the teacher was trained on (digest differs)")
     tr_idx = prepared.split[0] if train_index is None else train_index
     va_idx = prepared.split[1] if val_index is None else val_index
-    train_ds = encode(_take(prepared.records, tr_idx), tokenizer, labels).dedupe()
+    teacher.to(resolve_device(device))
+    if is_text_template(tokenizer.template):
+        # a fine-tuned checkpoint reads text; the edge student reads flow words
+        t_tokenizer = tokenizer
+        tokenizer = FlowTokenizer.build(_take(prepared.records, tr_idx), get_template(DEFAULT_TEMPLATE))
+        train_ds, t_logits = distillation_rows(_take(prepared.records, tr_idx), tokenizer, t_tokenizer, teacher,
+                                               labels)
+    else:
+        train_ds = encode(_take(prepared.records, tr_idx), tokenizer, labels).dedupe()
+        t_logits = predict_logits(teacher, train_ds.ids)
     val_ds = encode(_take(prepared.records, va_idx), tokenizer, labels).dedupe()
-    t_logits = predict_logits(teacher.to(resolve_device(device)), train_ds.ids)
     teacher.cpu()
     p = PRESETS[preset]
     ratio = parameter_count(build_model(p, tokenizer, labels, seed=seed)) / parameter_count(teacher)
@@ -195,11 +237,30 @@ def distill_model(
     )
 
 
+def distillation_rows(records: list, student_tok: FlowTokenizer, teacher_tok, teacher, labels: LabelSet
+                      ) -> tuple[FlowDataset, np.ndarray]:
+    """Deduplicated student rows of ``records`` and, per row, the mean teacher logits of
+    the flows it stands for (the teacher reads its own prompts of the same flows)."""
+    y = labels.encode([record_label(r) for r in records])
+    t_ids = teacher_tok.encode(records)
+    t_uniq, t_inv = np.unique(t_ids, axis=0, return_inverse=True)
+    per_flow = predict_logits(teacher, t_uniq)[t_inv.ravel()].astype(np.float64)
+    rows = np.concatenate([student_tok.encode(records), y[:, None]], axis=1)
+    uniq, inv = np.unique(rows, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    weight = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+    logits = np.zeros((len(uniq), per_flow.shape[1]))
+    np.add.at(logits, inv, per_flow)
+    return (FlowDataset(uniq[:, :-1], uniq[:, -1], weight.astype(np.float32)),
+            (logits / weight[:, None]).astype(np.float32))
+
+
 def _train_and_save(
     make_model: Callable[[int], object], tokenizer, labels, train_ds: FlowDataset, val_ds: FlowDataset, out, *,
     preset: str, epochs: int | None, lr: float | None, seed: int, digest: str, int8: bool,
     parent: str | None, progress, description: str, extra: dict, training: dict, candidates: int = 1,
-    device: str = "auto", batch_size: int | None = None, **loss,
+    device: str = "auto", batch_size: int | None = None, warmup: float = 0.1,
+    after_train: Callable[[object], object] | None = None, **loss,
 ) -> ModelInfo:
     """Train ``make_model(seed)`` (``loss``: distillation arguments of train_epochs, if
     any) for ``candidates`` consecutive seeds, choose each one's threshold on
@@ -218,8 +279,11 @@ def _train_and_save(
         label = description if candidates == 1 else f"{description} seed {model_seed}"
         train_epochs(
             model, train_ds, epochs=n_epochs, lr=lr, seed=model_seed, batch_size=batch_size,
-            class_power=p.class_power, device=dev, on_epoch=_Epochs(progress, label, n_epochs), **loss,
+            class_power=p.class_power, device=dev, warmup=warmup, on_epoch=_Epochs(progress, label, n_epochs),
+            **loss,
         )
+        if after_train is not None:
+            model = after_train(model)
         threshold, val_metrics = fit_threshold(model, val_ds)
         rank = (val_metrics.get("macro_f1", 0.0), val_metrics.get("f1", 0.0))
         tried.append({"seed": model_seed, "val_macro_f1": rank[0], "val_f1": rank[1]})

@@ -102,6 +102,8 @@ class FlowTokenizer:
         if len(markers) != 1:
             raise TokenizerError(f"{source}: expected one [TEMPLATE:name:vN] marker, found {len(markers)}")
         name, version = markers[0]["name"], int(markers[0]["version"])
+        from gateway.model import text  # registers the text templates (a circular import at the top)
+
         try:
             newest = get_template(name)
         except KeyError as exc:
@@ -113,8 +115,9 @@ class FlowTokenizer:
                 f"{source}: built for template {name} v{version}, but this fedgate has "
                 f"v{newest.version} (and none of that version); rebuild the model (fedgate model train)"
             ) from None
+        kind = text.TextTokenizer if text.is_text_template(template) else FlowTokenizer
         try:
-            return cls(hf, template)
+            return kind(hf, template)
         except TokenizerError as exc:
             raise TokenizerError(f"{source}: {exc}") from None
 

@@ -102,6 +102,7 @@ def train_epochs(
     label_smoothing: float = 0.0,
     device: str | torch.device | None = None,
     amp: bool = True,
+    warmup: float = 0.1,
     on_step: StepCallback | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
@@ -141,6 +142,8 @@ def train_epochs(
         raise ValueError("missing_class_scale must be in [0, 1]")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError("label_smoothing must be in [0, 1)")
+    if not 0.0 <= warmup <= 1.0:
+        raise ValueError("warmup must be in [0, 1]")
     if teacher_logits is not None and len(teacher_logits) != len(dataset):
         raise ValueError("teacher_logits must have one row per dataset row")
     result = TrainResult()
@@ -155,7 +158,7 @@ def train_epochs(
             weight_decay=weight_decay, weights=row_weights(dataset, weight_power, class_power),
             teacher_logits=teacher_logits, temperature=temperature, alpha=alpha, prox_mu=prox_mu,
             missing_class_scale=missing_class_scale, label_smoothing=label_smoothing, on_step=on_step,
-            on_epoch=on_epoch, result=result, amp=amp,
+            on_epoch=on_epoch, result=result, amp=amp, warmup=warmup,
         )
 
 
@@ -202,7 +205,7 @@ def torch_threads(n: int | None):
 
 def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weights, teacher_logits,
            temperature, alpha, prox_mu, missing_class_scale, label_smoothing, on_step, on_epoch,
-           result, amp=True) -> TrainResult:
+           result, amp=True, warmup=0.1) -> TrainResult:
     dev = model_device(model)
     deterministic(dev)
     precision = Precision.for_device(dev, amp=amp)
@@ -220,7 +223,7 @@ def _train(model, dataset, *, epochs, lr, seed, batch_size, weight_decay, weight
         logit_scale = logit_scale.to(dev)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total_steps = epochs * math.ceil(len(dataset) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup=warmup))
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(dataset), generator=gen).to(dev)
