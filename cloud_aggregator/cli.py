@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 
 import click
 
-from gateway.cli import LazyGroup, configure_logging
-from gateway.output import emit_json, emit_mapping, emit_rows
+from gateway.cli import LazyGroup, version_option
+from gateway.output import configure_logging, emit_json, emit_mapping, emit_rows
 
 LAZY = {"experiment": "cloud_aggregator.experiment:experiment_command"}
 
@@ -33,7 +33,7 @@ class _TolerantLazyGroup(LazyGroup):
 
 @click.group(cls=_TolerantLazyGroup, lazy_commands=LAZY, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-@click.version_option(package_name="fedgate")
+@version_option("fedgate-aggregator")
 def main(verbose: int) -> None:
     """fedgate-aggregator: pool gateway updates, aggregate (GSFS, FedAvg, FedOpt), broadcast.
 

@@ -9,10 +9,11 @@ they hold no SQL and no maths.
 from __future__ import annotations
 
 import importlib
-import logging
-import sys
+import importlib.util
 
 import click
+
+from gateway.output import configure_logging
 
 # command name -> "module:attribute" of a click command or group
 COMMANDS: dict[str, str] = {
@@ -53,13 +54,28 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-def configure_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def version_text(prog: str) -> str:
+    """``PROG VERSION`` and the bundled model's version (what ``--version`` prints)."""
+    from gateway import __version__
+    from gateway.model.modeldir import ModelDirError, bundled_model_dir, bundled_model_version
+
+    try:
+        where = str(bundled_model_dir())
+    except ModelDirError as exc:
+        where = str(exc)
+    return f"{prog} {__version__}\nbundled model {bundled_model_version() or 'missing'} ({where})"
+
+
+def version_option(prog: str):
+    """``--version``: the package version and the bundled model's, then exit."""
+
+    def show(ctx: click.Context, _param, value: bool) -> None:
+        if value and not ctx.resilient_parsing:
+            click.echo(version_text(prog))
+            ctx.exit()
+
+    return click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show,
+                        help="Show the version of fedgate and of its bundled model, then exit.")
 
 
 @click.group(
@@ -68,7 +84,7 @@ def configure_logging(verbose: int) -> None:
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-@click.version_option(package_name="fedgate")
+@version_option("fedgate")
 def main(verbose: int) -> None:
     """fedgate: classify IoT flows at the edge and learn together over MQTT.
 
@@ -77,6 +93,7 @@ def main(verbose: int) -> None:
       fedgate replay data/iot23/CTU-Honeypot-Capture-4-1/conn.log.labeled
       fedgate query --since 1h --label C&C
       fedgate model evaluate --model models/default --data data/iot23/*
+      fedgate --version
     """
     configure_logging(verbose)
 

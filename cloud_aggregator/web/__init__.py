@@ -44,16 +44,18 @@ def serve(database: str, address: tuple[str, int], *, last_rounds: int = 50) -> 
 
 def main(argv: list[str] | None = None) -> int:
     from gateway.config import ConfigError, parse_listen
+    from gateway.output import configure_logging
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--database", default="aggregator.db", help="aggregator DB (SQLite file or SQLAlchemy URL)")
     p.add_argument("--listen", default="127.0.0.1:9109", help="host:port (default 127.0.0.1:9109)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
     a = p.parse_args(argv)
     try:
         address = parse_listen(a.listen, "--listen")
     except ConfigError as exc:
         p.error(str(exc))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(a.verbose)  # Alembic's "Running upgrade" lines only with -v
     server = serve(a.database, address)
     print(f"aggregator status page on {server.url}/", flush=True)
     done = threading.Event()

@@ -152,6 +152,7 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gateway.ingest import ReplayError, replay as run_replay
+    from gateway.output import progress_label
 
     classifier = _load_classifier(model_dir, no_classify)
     with _store(db_url) as factory:
@@ -163,7 +164,7 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
 
         def on_progress(path: str, done: int, total: int) -> None:
             if path not in tasks:
-                tasks[path] = progress.add_task(Path(path).name, total=total)
+                tasks[path] = progress.add_task(progress_label(Path(path).name), total=total)
             progress.update(tasks[path], completed=done)
 
         try:
@@ -186,7 +187,8 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
     columns = ["path", "kind", "records", "stored", "duplicates", "rejected", "resumed_from"]
     if any(f["error"] for f in data["files"]):
         columns.append("error")
-    emit_rows(data["files"], columns, title="files")
+    emit_rows(data["files"], columns, title="files", whole=("path",),
+              optional=["records", "stored", "rejected", "error", "duplicates", "kind", "resumed_from"])
     overview = {k: data[k] for k in ("records", "stored", "duplicates", "rejected", "elapsed_s")}
     overview["records_per_s"] = int(data["records_per_s"])
     for reason, n in sorted(data["rejected_by_reason"].items()):
@@ -203,6 +205,9 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
 
 # ---------------------------------------------------------------- query
 
+# what a narrow terminal gives up first: the end of this list (uid and endpoints stay)
+QUERY_TABLE_OPTIONAL = ["detection", "time (UTC)", "label", "feedback", "proto", "state"]
+
 
 @click.command()
 @click.option("--since", type=TimeBound(), default=None, help="Flows at or after: 30m, 1h, 2d, ISO 8601 or epoch.")
@@ -214,7 +219,9 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
 @click.option("--source", default=None, help="Only flows of this source.")
 @click.option("--uid", default=None, help="Only the flow(s) with this Zeek uid.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Newest N flows.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="table: the columns that fit the terminal (addresses and uids never cut); wide: every "
+                   "column at full width; json, csv: every stored field, for scripts.")
 @click.option("--db", "db_url", default=None, help=DB_HELP)
 def query(since, until, host, port, label, min_score, source, uid, limit, fmt, db_url):
     """List stored flows with their latest detection and feedback, newest first.
@@ -223,6 +230,7 @@ def query(since, until, host, port, label, min_score, source, uid, limit, fmt, d
     Examples:
       fedgate query --since 1h --min-score 0.9
       fedgate query --host 192.168.1.132 --port 23 --limit 20
+      fedgate query --since 1h --format wide | less -S
       fedgate query --label C&C --format csv > cc.csv
       fedgate query --uid CGm6jB4dXK71ZDWUDh --format json
       fedgate query --since 2018-10-25T12:00:00 --until 2018-10-25T13:00:00 --format json
@@ -236,7 +244,7 @@ def query(since, until, host, port, label, min_score, source, uid, limit, fmt, d
         raise click.UsageError(str(exc)) from None
     with _store(db_url) as factory, factory() as session:
         rows = query_flows(session, q)
-    if fmt == "table":
+    if fmt in ("table", "wide"):
         # a narrower view for terminals; json/csv carry every column
         view = [
             {
@@ -253,7 +261,8 @@ def query(since, until, host, port, label, min_score, source, uid, limit, fmt, d
             for r in rows
         ]
         columns = ["time (UTC)", "uid", "orig", "resp", "proto", "state", "label", "detection", "feedback"]
-        emit_rows(view, columns, fmt="table", title=f"{len(rows)} flows")
+        emit_rows(view, columns, fmt=fmt, title=f"{len(rows)} flows", whole=("uid", "orig", "resp"),
+                  optional=QUERY_TABLE_OPTIONAL, hidden_hint="--format wide shows them")
     else:
         emit_rows(rows, QUERY_COLUMNS, fmt=fmt)
 
@@ -298,11 +307,13 @@ def stats(top, prune_days, db_url, as_json):
     emit_rows(data["by_label"], ["label", "detailed_label", "flows"], title="flows by label")
     if data["by_detection"]:
         emit_rows(data["by_detection"], ["model_version", "label", "detections", "mean_score"], title="detections")
-    emit_rows(data["top_talkers"], ["host", "flows", "bytes", "peers"], title="top talkers (originators)")
+    emit_rows(data["top_talkers"], ["host", "flows", "bytes", "peers"], title="top talkers (originators)",
+              whole=("host",))
     per_source = [dict(r, first_ts=_iso(r["first_ts"]), last_ts=_iso(r["last_ts"]),
                        last_ingested_at=_iso(r["last_ingested_at"])) for r in data["per_source"]]
     emit_rows(per_source, ["source", "flows", "labelled_malicious", "first_ts", "last_ts", "last_ingested_at", "offset"],
-              title="sources")
+              title="sources", whole=("source",),
+              optional=["flows", "labelled_malicious", "last_ts", "first_ts", "last_ingested_at", "offset"])
 
 
 # ---------------------------------------------------------------- feedback

@@ -115,13 +115,15 @@ def flows(pcaps, output, fmt, ignore_checksums, local_nets, bare, loaded, bpf, w
             from rich.console import Console
             from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+            from gateway.output import progress_label
+
             with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                           console=Console(stderr=True), transient=True) as bar:
                 tasks: dict[str, int] = {}
 
                 def on_progress(path, done, total):
                     if path not in tasks:
-                        tasks[path] = bar.add_task(click.format_filename(path), total=total)
+                        tasks[path] = bar.add_task(progress_label(click.format_filename(path)), total=total)
                     bar.update(tasks[path], completed=done)
 
                 stats = run(on_progress)
