@@ -130,8 +130,7 @@ def gateway_config(workdir: Path, *, model: str | None, poll_interval_s: float, 
         "fl": {"enabled": False},
         "http": {"listen": ""},
     }
-    if model:
-        doc["gateway"]["model"] = model
+    doc["gateway"]["model"] = model or "none"  # none: store only (the bundled model is the default)
     return config_from_dict(doc)
 
 

@@ -57,7 +57,8 @@ class AggregatorConfig:
       the process; "FULL" (one fsync per intake transaction) through a power cut too.
     aggregator_id ["aggregator"]: sender id of global models; MQTT client id.
     prefix ["fedgate/v1"]: topic prefix.
-    initial_model [None]: safetensors file of the version-0 weights (needed on first start).
+    initial_model [the bundled model's model.safetensors]: the version-0 weights, read
+      on the first start (an empty store) only.
     signing_key [None]: Ed25519 private key file; created (0600, plus ``.pub``) if missing.
       None publishes unsigned models (development only).
     strategy ["gsfs"], strategy_params [{}], robust [None], dp [None], seed [0].
@@ -82,7 +83,7 @@ class AggregatorConfig:
     sqlite_synchronous: str = "NORMAL"
     aggregator_id: str = "aggregator"
     prefix: str = topics.DEFAULT_PREFIX
-    initial_model: str | None = None
+    initial_model: str | None = field(default_factory=lambda: _bundled_weights())
     signing_key: str | None = None
     strategy: str = "gsfs"
     strategy_params: Mapping[str, Any] = field(default_factory=dict)
@@ -164,6 +165,12 @@ class AggregatorConfig:
         dp = strat.pop("dp", None)
         return cls(strategy=name, strategy_params=strat, robust=robust, dp=dp, local=doc.get("local", {}),
                    mqtt=mqtt, **agg)
+
+
+def _bundled_weights() -> str:
+    from gateway.model.modeldir import WEIGHTS, bundled_model_dir
+
+    return str(bundled_model_dir() / WEIGHTS)
 
 
 def load_evaluator(spec: str | None, args: Mapping[str, Any] | None = None) -> Evaluator | None:

@@ -15,19 +15,17 @@ Environment overrides (applied after the file, before validation):
 * ``FEDGATE_DB_URL=postgresql+psycopg://...`` is the short form of
   ``FEDGATE__GATEWAY__DATABASE`` (a database URL often comes from a secret store).
 
-Relative paths in the file are relative to the file's directory.  A ``database`` that
-is a plain path (no ``://``) means a SQLite file there.
+Relative paths in the file (and in overrides) are relative to the file's directory:
+the path keys, ``zeek_archive_globs`` and a SQLite ``database`` (a plain path, or a
+``sqlite:///relative.db`` URL).  ``fedgate config check`` prints every resolved path.
 
-Minimal ``gw.toml``::
+Minimal ``gw.toml`` (the bundled model classifies; the database is
+``fedgate-state/gateway.db`` beside the file)::
 
     [gateway]
     id = "gw1"
-    database = "gateway.db"
-    model = "models/default"
     [source]
     zeek_log = "/opt/zeek/logs/current/conn.log"
-    [mqtt]
-    host = "127.0.0.1"
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -53,6 +52,8 @@ PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 FL_STRATEGIES = ("gsfs", "fedavg", "fedopt")
 COMPRESSIONS = ("none", "int8", "topk")
+NO_MODEL = "none"  # [gateway] model = "none": store flows without classifying them
+DATABASE_FILE = "gateway.db"  # the default database, a SQLite file in state_dir
 
 
 class ConfigError(ValueError):
@@ -92,20 +93,22 @@ class GatewaySection:
 
     id (required): the gateway id, a topic segment and the certificate CN.
     prefix ["fedgate/v1"]: MQTT topic prefix.
-    database ["sqlite:///./fedgate.db"]: SQLAlchemy URL, or a path of a SQLite file.
-    model [None]: model directory (ONNX model, tokenizer, labels); None stores flows
-      without classifying them (and disables alerts and federated learning).
+    database [state_dir/gateway.db]: SQLAlchemy URL, or a path of a SQLite file.
+    model [the model bundled with fedgate]: model directory (ONNX model, tokenizer,
+      labels); "none" stores flows without classifying them (and so disables alerts
+      and federated learning).
     global_model_public_key [None]: aggregator's Ed25519 public key (PEM); global
       models must be signed by it.  Required when federated learning is on, unless
       ``[fl] allow_unsigned = true`` (lab use only).
-    state_dir ["fedgate-state"]: where received global models are exported to ONNX
-      (model directories ``global-<version>``; the newest few are kept).
+    state_dir ["fedgate-state"]: the gateway's own files: the default database, and
+      received global models exported to ONNX (``models/global-<version>``; the newest
+      few are kept).  Created at start.
     """
 
     id: str
     prefix: str = topics.DEFAULT_PREFIX
-    database: str = "sqlite:///./fedgate.db"
-    model: str | None = None
+    database: str | None = None  # None: derived, a SQLite file in state_dir
+    model: str | None = field(default_factory=lambda: bundled_model())
     global_model_public_key: str | None = None
     state_dir: str = "fedgate-state"
 
@@ -118,8 +121,19 @@ class GatewaySection:
             topics.check_prefix(self.prefix)
         except ValueError as exc:
             raise ConfigError("gateway.prefix", str(exc)) from None
-        _require(bool(self.database), "gateway.database", "must not be empty")
         _require(bool(self.state_dir), "gateway.state_dir", "must not be empty")
+        if self.database is None:
+            object.__setattr__(self, "database", os.path.join(self.state_dir, DATABASE_FILE))
+        _require(bool(self.database), "gateway.database", "must not be empty")
+        _require(self.model is None or bool(self.model), "gateway.model",
+                 f'must be a model directory, or "{NO_MODEL}" to store flows unclassified')
+
+
+def bundled_model() -> str:
+    """The directory of the model shipped with fedgate (``[gateway] model``'s default)."""
+    from gateway.model.modeldir import bundled_model_dir
+
+    return str(bundled_model_dir())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -410,9 +424,28 @@ SECTIONS: dict[str, type] = {
 }
 PATH_KEYS = {
     "gateway": ("model", "global_model_public_key", "state_dir"),
-    "source": ("zeek_log", "pcap_dir"),
+    "source": ("zeek_log", "pcap_dir", "zeek_archive_globs"),
     "mqtt": ("ca_file", "cert_file", "key_file"),
 }
+_SQLITE_URL = re.compile(r"^(sqlite(?:\+\w+)?):///(.*)$")
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """``value`` relative to ``base`` (the config file's directory) unless absolute; ``~`` expanded."""
+    value = os.path.expanduser(value)
+    return value if os.path.isabs(value) else os.path.normpath(base / value)
+
+
+def resolve_database(value: str, base: Path) -> str:
+    """A plain path or a ``sqlite:///relative`` URL made absolute against ``base``; other
+    URLs (PostgreSQL, ``sqlite://`` in memory, ``:memory:``, ``file:`` URIs) as they are."""
+    if "://" not in value:
+        return resolve_path(value, base)
+    m = _SQLITE_URL.match(value)
+    if not m or not m.group(2) or m.group(2).startswith((":memory:", "file:")):
+        return value
+    path, sep, query = m.group(2).partition("?")
+    return f"{m.group(1)}:///{resolve_path(path, base)}{sep}{query}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -478,11 +511,37 @@ class GatewayConfig:
         out["mqtt"]["client_id"] = self.mqtt_client_id
         return out
 
+    def paths(self) -> dict[str, tuple[str | None, str]]:
+        """Every file and directory the gateway uses, resolved: ``key -> (path, use)``, use
+        being "read" (must exist), "write" (created at start) or "glob"."""
+        g, src, m = self.gateway, self.source, self.mqtt
+        db = self.database_url
+        sqlite = _SQLITE_URL.match(db)
+        out: dict[str, tuple[str | None, str]] = {
+            "config": (self.origin and os.path.abspath(self.origin), "read"),
+            "gateway.state_dir": (os.path.abspath(g.state_dir), "write"),
+            "gateway.database": ((os.path.abspath(sqlite.group(2).partition("?")[0]) if sqlite and sqlite.group(2)
+                                  and not sqlite.group(2).startswith((":memory:", "file:")) else None), "write"),
+            "gateway.model": (g.model and os.path.abspath(g.model), "read"),
+            "gateway.global_model_public_key": (g.global_model_public_key, "read"),
+            "source.zeek_log": (src.zeek_log, "read"),
+            "source.pcap_dir": (src.pcap_dir, "read"),
+            "mqtt.ca_file": (m.ca_file, "read"),
+            "mqtt.cert_file": (m.cert_file, "read"),
+            "mqtt.key_file": (m.key_file, "read"),
+        }
+        for i, pattern in enumerate(src.zeek_archive_globs):
+            out[f"source.zeek_archive_globs[{i}]"] = (pattern, "glob")
+        return {k: v for k, v in out.items() if v[0] is not None}
+
     def warnings(self) -> list[str]:
         """Settings that are valid but probably not what an operator wants in production."""
         notes = []
         if self.gateway.model is None:
-            notes.append("gateway.model is not set: flows are stored but not classified (no alerts, no FL)")
+            notes.append(f'gateway.model = "{NO_MODEL}": flows are stored but not classified (no alerts, no FL)')
+        for key, (path, kind) in self.paths().items():
+            if kind == "read" and path is not None and not os.path.exists(path):
+                notes.append(f"{key}: {path} does not exist")
         if self.mqtt.enabled and self.mqtt.ca_file is None:
             notes.append("mqtt.ca_file is not set: plain MQTT (use TLS outside a lab)")
         if self.fl_on and self.gateway.global_model_public_key is None:
@@ -574,17 +633,20 @@ def build_section(name: str, table: Mapping[str, Any], *, base: Path | None = No
             value = None if value is None else float(value)
         if typing.get_origin(hints[key]) is tuple:
             value = tuple(value)
-        if base is not None and key in PATH_KEYS.get(name, ()) and isinstance(value, str) and value:
-            value = os.path.normpath(base / value) if not os.path.isabs(value) else value
+        if name == "gateway" and key == "model" and isinstance(value, str) and value.strip().lower() == NO_MODEL:
+            value = None  # classification off (TOML has no null)
+        if base is not None and key in PATH_KEYS.get(name, ()):
+            if isinstance(value, str) and value:
+                value = resolve_path(value, base)
+            elif isinstance(value, tuple):
+                value = tuple(resolve_path(v, base) for v in value)
+        if base is not None and name == "gateway" and key == "database" and isinstance(value, str) and value:
+            value = resolve_database(value, base)
         kwargs[key] = value
     if base is not None:  # relative path defaults are relative to the file too
         for f in dataclasses.fields(cls):
             if f.name in PATH_KEYS.get(name, ()) and f.name not in kwargs and isinstance(f.default, str):
-                kwargs[f.name] = os.path.normpath(base / f.default)
-    if name == "gateway" and base is not None:
-        db = kwargs.get("database")
-        if isinstance(db, str) and db and "://" not in db and not os.path.isabs(db):
-            kwargs["database"] = os.path.normpath(base / db)
+                kwargs[f.name] = resolve_path(f.default, base)
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     for key in required:

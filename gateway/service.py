@@ -375,6 +375,10 @@ class GatewayService:
 
     def _start(self) -> "GatewayService":
         cfg = self.config
+        try:  # the gateway's own directory (the default database lives there)
+            os.makedirs(cfg.gateway.state_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ServiceError(f"gateway.state_dir: cannot create {cfg.gateway.state_dir}: {exc.strerror or exc}") from exc
         try:
             self.engine, self.sessions = open_store(cfg.database_url)
         except StoreError as exc:

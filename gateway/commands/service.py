@@ -109,8 +109,9 @@ def check(config_path: str, as_json: bool) -> None:
     cfg = _load(config_path)
     settings = cfg.as_dict()
     overridden = set(env_overrides())
+    paths = _resolved_paths(cfg)
     if as_json:
-        emit_json({"config": config_path, "valid": True, "settings": settings,
+        emit_json({"config": config_path, "valid": True, "settings": settings, "paths": paths,
                    "env_overrides": sorted(overridden), "warnings": cfg.warnings()})
         return
     rows = [
@@ -118,5 +119,37 @@ def check(config_path: str, as_json: bool) -> None:
         for section, values in settings.items() for key, value in values.items()
     ]
     emit_rows(rows, ["key", "value", "from"], title=f"{config_path}: valid")
+    emit_rows([{"key": k, **v} for k, v in paths.items()], ["key", "path", "status"], title="resolved paths",
+              whole=("key", "path"))
     for note in cfg.warnings():
         click.echo(f"warning: {note}", err=True)
+
+
+def _resolved_paths(cfg) -> dict[str, dict]:
+    """What ``config.paths()`` resolves, with what is there now: the bundled model's
+    version, whether a file to read exists, whether a directory will be created."""
+    import os
+
+    from gateway.model.modeldir import ModelDirError, bundled_model_dir, bundled_model_version
+
+    try:
+        bundled = os.path.realpath(bundled_model_dir())
+    except ModelDirError:
+        bundled = None
+    out = {}
+    for key, (path, use) in cfg.paths().items():
+        if use == "glob":
+            status = "pattern"
+        elif os.path.exists(path):
+            status = "exists" if use == "read" else "exists (written)"
+        elif use == "read":
+            status = "missing"
+        else:  # the gateway creates state_dir, and a SQLite file in an existing directory
+            state_dir = os.path.abspath(cfg.gateway.state_dir)
+            parent = os.path.dirname(path)
+            creatable = os.path.isdir(parent) or os.path.commonpath([state_dir, path]) == state_dir
+            status = "created at start" if creatable else f"missing directory {parent}"
+        if key == "gateway.model" and bundled and os.path.realpath(path) == bundled:
+            status = f"bundled model {bundled_model_version()}"
+        out[key] = {"path": path, "use": use, "status": status}
+    return out

@@ -46,8 +46,7 @@ def gateway_doc(workdir: Path, *, broker_port: int | None = None, model: str | N
         "fl": {"status_interval_s": 1.0, "allow_unsigned": True},  # a lab: tests that verify give a key
         "http": {"listen": http},
     }
-    if model:
-        doc["gateway"]["model"] = model
+    doc["gateway"]["model"] = model or "none"  # the rule classifier (or nothing), not the bundled model
     for name, values in sections.items():
         doc.setdefault(name, {}).update(values)
     return doc

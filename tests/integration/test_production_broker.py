@@ -367,7 +367,7 @@ def test_gateway_service_runs_over_mutual_tls(broker, pki, tmp_path):
 
     (tmp_path / "conn.log").touch()
     config = config_from_dict({
-        "gateway": {"id": "edge1", "database": f"sqlite:///{tmp_path / 'gw.db'}"},
+        "gateway": {"id": "edge1", "database": f"sqlite:///{tmp_path / 'gw.db'}", "model": "none"},
         "source": {"zeek_log": str(tmp_path / "conn.log")},
         "mqtt": {"host": "localhost", "port": broker.port, "keepalive_s": 5,
                  "ca_file": str(pki.ca_file()), "cert_file": str(pki.cert("gateway-edge1")),
