@@ -12,7 +12,11 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY cloud_aggregator ./cloud_aggregator
-RUN pip install .
+# the wheel carries the bundled model, whose weights are the default initial_model
+RUN pip wheel --no-deps -w /tmp/dist . \
+ && pip install /tmp/dist/fedgate-*.whl \
+ && fedgate-aggregator --version \
+ && python -c "from gateway.model.modeldir import bundled_model_dir as d, validate_model_dir as v; v(d())"
 
 FROM ${PYTHON_IMAGE}
 RUN apt-get update \

@@ -1,5 +1,7 @@
 # fedgate edge gateway on a CUDA-capable base: ONNX Runtime's CUDA execution provider
 # when the host has an NVIDIA GPU (docker run --gpus all / compose.gpu.yaml), CPU else.
+# The image is the wheel plus its dependencies: it carries the bundled default model
+# (package data), so a container needs only its config, keys, state volume and logs.
 # Build from the repository root:
 #   docker build -f deploy/docker/gateway.Dockerfile -t fedgate-gateway .
 # CUDA 12 + cuDNN 9 is what onnxruntime-gpu 1.2x/1.3x wheels are built against.
@@ -18,8 +20,12 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY cloud_aggregator ./cloud_aggregator
 # the pinned torch from PyPI is the CUDA build on Linux x86_64 (local training on GPU);
-# onnxruntime-gpu comes from pyproject
-RUN pip install .
+# onnxruntime-gpu comes from pyproject.  Install the wheel (what users install), then
+# refuse to build an image whose bundled model is missing or broken.
+RUN pip wheel --no-deps -w /tmp/dist . \
+ && pip install /tmp/dist/fedgate-*.whl \
+ && fedgate --version \
+ && python -c "from gateway.model.modeldir import bundled_model_dir as d, validate_model_dir as v; v(d(), int8=True)"
 
 FROM ${CUDA_IMAGE}
 RUN apt-get update \
@@ -30,7 +36,9 @@ RUN apt-get update \
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/fedgate fedgate \
  && install -d -o fedgate -g fedgate -m 0700 /var/lib/fedgate
 COPY --from=build /opt/fedgate/venv /opt/fedgate/venv
-ENV PATH=/opt/fedgate/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# state_dir (database, received global models) is the volume, whatever the config says
+ENV PATH=/opt/fedgate/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    FEDGATE__GATEWAY__STATE_DIR=/var/lib/fedgate
 USER fedgate
 WORKDIR /var/lib/fedgate
 VOLUME ["/var/lib/fedgate"]
