@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup system-deps
-	$(BIN)/python -m gateway.demo
+	$(BIN)/python -m cloud_aggregator.demo
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -219,7 +219,7 @@ def migrate(engine: Engine) -> None:
     from alembic import command
 
     from cloud_aggregator.migrations import DIRECTORY, INITIAL_REVISION, INITIAL_TABLES, VERSION_TABLE
-    from gateway.store.db import StoreError, _alembic_config, current_revision, describe_db_error, upgrade_to_head
+    from gateway.store.db import StoreError, alembic_config, current_revision, describe_db_error, upgrade_to_head
 
     try:
         if current_revision(engine, version_table=VERSION_TABLE) is None:
@@ -231,7 +231,7 @@ def migrate(engine: Engine) -> None:
             if found:
                 log.info("adopting an aggregator database made before migrations: stamping %s", INITIAL_REVISION)
                 with engine.begin() as conn:
-                    command.stamp(_alembic_config(conn, DIRECTORY), INITIAL_REVISION)
+                    command.stamp(alembic_config(conn, DIRECTORY), INITIAL_REVISION)
     except SQLAlchemyError as exc:
         raise StoreError(describe_db_error(engine, exc)) from exc
     upgrade_to_head(engine, migrations_dir=DIRECTORY, version_table=VERSION_TABLE)

@@ -6,9 +6,9 @@ PostgreSQL database can hold both stores.  To write a new revision, change the m
 ``cloud_aggregator.store`` and autogenerate against a database at head::
 
     from alembic import command
-    from gateway.store.db import _alembic_config
+    from gateway.store.db import alembic_config
     with engine.begin() as conn:
-        command.revision(_alembic_config(conn, DIRECTORY), message="...", autogenerate=True)
+        command.revision(alembic_config(conn, DIRECTORY), message="...", autogenerate=True)
 """
 
 from pathlib import Path

@@ -88,7 +88,10 @@ def make_engine(url: str | None = None, *, echo: bool = False) -> Engine:
     return engine
 
 
-def _alembic_config(connection, migrations_dir: Path = MIGRATIONS_DIR):
+def alembic_config(connection, migrations_dir: Path = MIGRATIONS_DIR):
+    """The Alembic configuration of a store's migrations (there is no alembic.ini):
+    ``migrations_dir`` (this store's, or the aggregator's) and the ``connection`` that
+    its env.py runs on.  Public: the aggregator's store migrates through it too."""
     from alembic.config import Config
 
     cfg = Config()
@@ -129,7 +132,7 @@ def upgrade_to_head(engine: Engine, *, migrations_dir: Path = MIGRATIONS_DIR,
             _upgrade_sqlite(engine, migrations_dir)
         else:
             with engine.begin() as conn:
-                command.upgrade(_alembic_config(conn, migrations_dir), "head")
+                command.upgrade(alembic_config(conn, migrations_dir), "head")
     except SQLAlchemyError as exc:
         # Two processes starting on a fresh database race to create it; the loser
         # fails ("table already exists") but finds the schema at head: that is fine.
@@ -154,7 +157,7 @@ def _upgrade_sqlite(engine: Engine, migrations_dir: Path = MIGRATIONS_DIR) -> No
         dbapi_conn.isolation_level = None  # we issue BEGIN/COMMIT ourselves
         try:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-            command.upgrade(_alembic_config(conn, migrations_dir), "head")
+            command.upgrade(alembic_config(conn, migrations_dir), "head")
             conn.commit()
         finally:
             if dbapi_conn.in_transaction:
@@ -172,7 +175,7 @@ def current_revision(engine: Engine, *, version_table: str = VERSION_TABLE) -> s
 def head_revision(migrations_dir: Path = MIGRATIONS_DIR) -> str:
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(_alembic_config(None, migrations_dir)).get_current_head()
+    return ScriptDirectory.from_config(alembic_config(None, migrations_dir)).get_current_head()
 
 
 def describe_db_error(engine: Engine, exc: BaseException) -> str:

@@ -114,6 +114,6 @@ def test_a_partial_schema_without_revision_is_refused(tmp_path):
 def test_adoption_stamps_the_base_of_the_revision_chain():
     from alembic.script import ScriptDirectory
 
-    from gateway.store.db import _alembic_config
+    from gateway.store.db import alembic_config
 
-    assert ScriptDirectory.from_config(_alembic_config(None, DIRECTORY)).get_base() == INITIAL_REVISION
+    assert ScriptDirectory.from_config(alembic_config(None, DIRECTORY)).get_base() == INITIAL_REVISION

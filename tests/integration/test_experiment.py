@@ -105,5 +105,5 @@ def test_cli_help_has_examples():
 
 
 def test_demo_help():
-    out = subprocess.run([sys.executable, "-m", "gateway.demo", "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "cloud_aggregator.demo", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "Examples:" in out.stdout and "--skip-experiment" in out.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from alembic import command
 
-from gateway.store.db import _alembic_config, make_engine, upgrade_to_head
+from gateway.store.db import alembic_config, make_engine, upgrade_to_head
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
         engine = make_engine(args.db or f"sqlite:///{Path(tmp) / 'rev.db'}")
         upgrade_to_head(engine)
         with engine.begin() as conn:
-            command.revision(_alembic_config(conn), message=args.message, autogenerate=True)
+            command.revision(alembic_config(conn), message=args.message, autogenerate=True)
         engine.dispose()
 
 
