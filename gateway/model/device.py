@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: config validation must not load it
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 PREDICT_BATCH = {"cpu": 1024, "cuda": 16384}
@@ -43,6 +45,8 @@ def check_device_name(name: str) -> str:
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """The torch device ``name`` stands for on this machine (``auto``: CUDA if usable)."""
+    import torch
+
     if isinstance(name, torch.device):
         return name
     check_device_name(name)
@@ -62,6 +66,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype for training and prediction on ``device`` (None: float32)."""
+    import torch
+
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -81,15 +87,21 @@ class Precision:
 
     @property
     def name(self) -> str:
+        import torch
+
         return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
 
     def autocast(self):
+        import torch
+
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def scaler(self):
         """A gradient scaler for float16 (None for bfloat16 and float32)."""
+        import torch
+
         if self.dtype is torch.float16:
             return torch.amp.GradScaler(self.device.type)
         return None
@@ -110,6 +122,8 @@ def predict_batch(device: torch.device) -> int:
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device a model's parameters live on (CPU for a model without any)."""
+    import torch
+
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -118,6 +132,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def describe(device: torch.device) -> str:
     """A short human name: ``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    import torch
+
     if device.type != "cuda":
         return "cpu"
     index = device.index if device.index is not None else torch.cuda.current_device()
