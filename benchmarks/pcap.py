@@ -1,29 +1,36 @@
-"""Throughput of pcap -> flows: `fedgate flows` against nfstream, dpkt and scapy.
+"""Throughput of pcap -> flows: `fedgate flows` against nfstream (and dpkt, scapy), one run.
 
-    python benchmarks/pcap.py [--packets 1000000] [--scapy-slice 20000] [--keep FILE] [--stages]
-    python benchmarks/pcap.py --pcap FILE --tools fedgate,fedgate-2w   # iterate on fedgate only
+    python -m benchmarks.pcap [--packets 1000000] [--keep FILE]      # the table below
+    python -m benchmarks.pcap --pcap FILE --tools fedgate-w1,fedgate-auto   # fedgate only
+    python -m benchmarks.pcap --stages                 # + CPU per stage of one process
+    python -m benchmarks.pcap --table-full 1000000     # + per-packet cost, full table vs empty
 
 Builds a pcap of at least ``--packets`` packets in a temporary directory from the Zeek
 sample traces (tests/fixtures/zeek-samples), each replica with shifted IPv4/IPv6 addresses
 (checksums patched incrementally, RFC 1624, so valid ones stay valid) and shifted
-timestamps, then runs, each in its own subprocess (peak memory = that process's
-ru_maxrss):
+timestamps, then runs each tool in a process of its own, one after the other:
 
-* fedgate   - gateway.flows.pcap.convert_captures in one process: full Zeek conn
-              semantics, checksums verified, Zeek TSV written to /dev/null
-* fedgate-C - the same with checksum verification off (zeek -C)
-* fedgate-2w - fedgate with --workers 2 (file split by address pair over 2 processes;
-              what `fedgate flows` does by default on 2 cores), CPU of all processes
-* nfstream  - NFStreamer without DPI or statistics (a flow meter with a C capture core)
-* dpkt      - dpkt.pcap.Reader + Ethernet/IP decode + a dict keyed by the 5-tuple
-* scapy     - scapy.utils.PcapReader (full dissection) on the first --scapy-slice packets
+* fedgate-w1   - the real CLI, ``fedgate flows FILE -o /dev/null --workers 1``: full Zeek
+                 conn semantics, checksums verified, Zeek TSV written
+* fedgate-auto - the same with ``--workers auto`` (what ``fedgate flows`` does by default:
+                 one process per core for inputs of 32 MiB or more)
+* fedgate-pure - ``--workers 1`` on the pure-Python reference (FEDGATE_PURE_PYTHON=1)
+* nfstream     - NFStreamer without DPI or statistics (a flow meter with a C core);
+                 installed by ``make bench`` (the ``bench`` extra)
+* dpkt         - dpkt.pcap.Reader + Ethernet/IP decode + a dict keyed by the 5-tuple
+* scapy        - scapy.utils.PcapReader (full dissection) on the first --scapy-slice packets
 
-and prints packets/s and flows/s (wall clock), packets per CPU-second (steadier when the
-cores are shared) and peak memory (the largest single process).  ``--stages`` adds CPU
-seconds per stage of fedgate (finding records, gathering header fields, building packets,
-the per-frame route they replace, tracking with and without the tracker's fast path,
-writing TSV).  The machine's cores are shared, so wall-clock numbers are pessimistic;
-compare tools within one run.
+Packets/s is the file's packet count over the wall-clock seconds of the whole process
+(start-up and imports included, as a user sees it); ``vs nfstream`` divides by
+nfstream's rate in the same run.  CPU seconds and peak memory (largest single process,
+workers included) come from the process's own rusage.  The machine's cores may be shared:
+compare tools within one run, never across runs.
+
+``--stages`` adds CPU seconds per stage of one process (walk + decode + track, compiled
+and pure-Python reference; writing TSV).  ``--table-full N`` feeds a steady stream of TCP
+sessions to a tracker whose table already holds N connections (so every new connection
+evicts one) and to an empty one, and prints the cost per packet of each (compiled and
+reference).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "tests" / "fixtures" / "zeek-samples"
+DEFAULT_TOOLS = "fedgate-w1,fedgate-auto,nfstream,dpkt"
 
 
 # ----------------------------------------------------------------------------- building
@@ -194,33 +202,45 @@ def build_pcap(path: Path, packets: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- runners
 
-def run_fedgate(path: str, ignore_checksums: bool, workers: int = 1) -> dict:
-    from gateway.flows.pcap import convert_captures
+def run_fedgate(path: str, workers: str) -> dict:
+    """The real CLI, in this process (the child's start-up and imports are timed by the parent)."""
+    from gateway.cli import main
 
-    with open(os.devnull, "wb") as sink:
-        t = time.perf_counter()
-        stats = convert_captures([path], sink, ignore_checksums=ignore_checksums, workers=workers)
-        dt = time.perf_counter() - t
-    return {"packets": stats.packets, "flows": stats.flows, "seconds": dt}
+    out = tempfile.NamedTemporaryFile(suffix=".json", delete=False)
+    out.close()
+    try:
+        code = None
+        argv = ["flows", path, "-o", os.devnull, "--workers", workers, "--no-progress", "--json-summary"]
+        saved = sys.stdout
+        sys.stdout = open(out.name, "w")
+        try:
+            main(argv, standalone_mode=False)
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            sys.stdout.close()
+            sys.stdout = saved
+        if code not in (None, 0):
+            raise SystemExit(f"fedgate flows exited {code}")
+        summary = json.loads(Path(out.name).read_text())
+    finally:
+        os.unlink(out.name)
+    return {"packets": summary["packets"], "flows": summary["flows"]}
 
 
 def run_nfstream(path: str) -> dict:
     from nfstream import NFStreamer
 
-    t = time.perf_counter()
     flows = packets = 0
     for flow in NFStreamer(source=path, statistical_analysis=False, n_dissections=0, n_meters=1):
         flows += 1
         packets += flow.bidirectional_packets
-    return {"packets": packets, "flows": flows, "seconds": time.perf_counter() - t}
+    return {"packets": packets, "flows": flows}
 
 
 def run_dpkt(path: str) -> dict:
-    import socket
-
     import dpkt
 
-    t = time.perf_counter()
     flows: dict[tuple, int] = {}
     packets = 0
     with open(path, "rb") as f:
@@ -239,15 +259,13 @@ def run_dpkt(path: str) -> dict:
             a, b = (ip.src, sport), (ip.dst, dport)
             key = (ip.p if isinstance(ip, dpkt.ip.IP) else ip.nxt,) + ((a + b) if a <= b else (b + a))
             flows[key] = flows.get(key, 0) + 1
-    _ = socket  # dpkt's addresses stay bytes: no formatting in this loop
-    return {"packets": packets, "flows": len(flows), "seconds": time.perf_counter() - t}
+    return {"packets": packets, "flows": len(flows)}
 
 
 def run_scapy(path: str, limit: int) -> dict:
     from scapy.layers.inet import IP, TCP, UDP
     from scapy.utils import PcapReader
 
-    t = time.perf_counter()
     flows = set()
     packets = 0
     with PcapReader(path) as reader:
@@ -259,69 +277,27 @@ def run_scapy(path: str, limit: int) -> dict:
                 flows.add((ip.proto, ip.src, ip.dst, getattr(l4, "sport", 0), getattr(l4, "dport", 0)))
             if packets >= limit:
                 break
-    return {"packets": packets, "flows": len(flows), "seconds": time.perf_counter() - t}
+    return {"packets": packets, "flows": len(flows)}
 
 
 def stage_seconds(path: str) -> list[tuple[str, float, int]]:
-    """CPU seconds of each stage of `fedgate flows` (one process), each stage run on its own
-    over the whole file: where the time goes (the next thing to make faster).  The cyclic
-    collector is off here: the lists of a million packets held between stages would make
-    its passes dominate (the streaming pipeline never holds them)."""
-    import gc
-
-    gc.disable()
-    from gateway.flows.blocks import BLOCK_SIZE, block_packets, decode_block, scan_records
-    from gateway.flows.conntrack import ConnTracker
-    from gateway.flows.packets import PacketDecoder
-    from gateway.flows.pcap import iter_frames
-
-    rows = []
-    data = Path(path).read_bytes()
-    little = data[:4] == b"\xd4\xc3\xb2\xa1"
-    chunks = []
-    c = time.process_time()
-    pos, frames = 24, 0
-    while pos < len(data):
-        buf = data[pos:pos + BLOCK_SIZE]
-        offsets, stop, _bad = scan_records(buf, 0, little, 262144)
-        if not offsets:
-            break
-        chunks.append((buf, offsets))
-        frames += len(offsets)
-        pos += stop
-    rows.append(("find records (blocks.scan_records)", time.process_time() - c, frames))
-    c = time.process_time()
-    blocks = [decode_block(buf, offsets, little=little, nano=False, linktype=1, ignore_checksums=False)
-              for buf, offsets in chunks]
-    rows.append(("gather header fields (blocks.decode_block, numpy)", time.process_time() - c, frames))
-    decoder = PacketDecoder()
-    c = time.process_time()
-    batches = [list(block_packets(b, decoder, 1)) for b in blocks]
-    rows.append(("build packets (blocks.block_packets)", time.process_time() - c, frames))
-    del blocks, chunks
-    # the per-frame route, for comparison: what the block route replaces
-    with open(path, "rb") as f:
-        c = time.process_time()
-        frame_list = list(iter_frames(f))
-        rows.append(("  per-frame: read records (iter_frames)", time.process_time() - c, len(frame_list)))
-    decode = PacketDecoder().decode
-    c = time.process_time()
-    for ts, lt, fr, wl in frame_list:
-        decode(lt, fr, ts, wl)
-    rows.append(("  per-frame: decode (PacketDecoder)", time.process_time() - c, len(frame_list)))
-    del frame_list
-    packets = sum(map(len, batches))
-    for fast in (True, False):
-        tracker = ConnTracker(fast_path=fast)
-        c = time.process_time()
-        records = []
-        for batch in batches:
-            records += tracker.feed_many(batch)
-        records.extend(tracker.flush())
-        label = "track + build records (ConnTracker.feed_many)" + ("" if fast else ", fast_path=False")
-        rows.append((label, time.process_time() - c, packets))
+    """CPU seconds of each stage of one `fedgate flows` process, each over the whole file."""
+    from gateway.flows import pcap
+    from gateway.flows.pcap import CaptureStats, new_frame_tracker, record_batches
     from gateway.flows.zeek import LogHeader, ZeekTsvWriter
 
+    rows = []
+    records = []
+    for compiled in (True, False):
+        if compiled and not pcap.compiled_available():
+            continue
+        stats = CaptureStats()
+        ft = new_frame_tracker(compiled=compiled)
+        c = time.process_time()
+        with open(path, "rb") as f:
+            records = [r for batch in record_batches(f, stats, ft) for r in batch]
+        name = "compiled" if compiled else "pure-Python reference"
+        rows.append((f"read + decode + track + build records, {name}", time.process_time() - c, stats.packets))
     with open(os.devnull, "wb") as sink:
         c = time.process_time()
         writer = ZeekTsvWriter(sink, header=LogHeader.zeek_conn())
@@ -331,16 +307,116 @@ def stage_seconds(path: str) -> list[tuple[str, float, int]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- full table
+
+def _pcap_bytes(frames: list[tuple[float, bytes]]) -> bytes:
+    rec = struct.Struct("<IIII")
+    out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)]
+    for ts, data in frames:
+        sec = int(ts)
+        out.append(rec.pack(sec, int(round((ts - sec) * 1e6)) % 1_000_000, len(data), len(data)))
+        out.append(data)
+    return b"".join(out)
+
+
+def _csum(data: bytes) -> int:
+    s = int.from_bytes(data + b"\0" * (len(data) & 1), "big") % 0xFFFF
+    return 0xFFFF - s if s else 0xFFFF
+
+
+def _tcp_frame(src: bytes, dst: bytes, sport: int, dport: int, flags: int, seq: int, ack: int,
+               payload: bytes) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 0x50, flags, 64240, 0, 0) + payload
+    pseudo = src + dst + struct.pack("!HH", 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0) + src + dst
+    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    return b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00" + ip + tcp
+
+
+def session_stream(packets: int, t0: float) -> bytes:
+    """A pcap of steady TCP traffic: sessions of 10 packets (handshake, two requests and
+    replies, both FINs), 100 us apart: closed sessions end on their timers meanwhile."""
+    frames = []
+    ts = t0
+    i = 0
+    while len(frames) < packets:
+        c, s = bytes([10, 1, (i >> 8) & 255, i & 255]), bytes([192, 0, 2, i % 200 + 1])
+        cp, cs, ss = 1024 + i % 60000, 1000 * i & 0xFFFFFFFF, 7 * i & 0xFFFFFFFF
+        q, r = b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 200
+        steps = [(True, 0x02, cs, 0, b""), (False, 0x12, ss, cs + 1, b""), (True, 0x10, cs + 1, ss + 1, b""),
+                 (True, 0x18, cs + 1, ss + 1, q), (False, 0x18, ss + 1, cs + 1 + len(q), r),
+                 (True, 0x18, cs + 1 + len(q), ss + 1 + len(r), q),
+                 (False, 0x18, ss + 1 + len(r), cs + 1 + 2 * len(q), r),
+                 (True, 0x11, cs + 1 + 2 * len(q), ss + 1 + 2 * len(r), b""),
+                 (False, 0x11, ss + 1 + 2 * len(r), cs + 2 + 2 * len(q), b""),
+                 (True, 0x10, cs + 2 + 2 * len(q), ss + 2 + 2 * len(r), b"")]
+        for fwd, flags, seq, ack, data in steps:
+            frame = (_tcp_frame(c, s, cp, 80, flags, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, data) if fwd else
+                     _tcp_frame(s, c, 80, cp, flags, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, data))
+            frames.append((ts, frame))
+            ts += 1e-4
+        i += 1
+    return _pcap_bytes(frames[:packets])
+
+
+def preload_stream(connections: int, t0: float) -> bytes:
+    """A pcap of one UDP datagram each to ``connections`` distinct connections, all at t0."""
+    udp = struct.pack("!HHHH", 5000, 9999, 12, 0) + b"load"
+    frames = []
+    for i in range(connections):
+        src = bytes([10, 64 + (i >> 16), (i >> 8) & 255, i & 255])
+        ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0) + src + b"\xc6\x33\x64\x01"
+        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        frames.append((t0, b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00" + ip + udp))
+    return _pcap_bytes(frames)
+
+
+def table_cost(stream: bytes, preload: bytes, compiled: bool, max_connections: int) -> dict:
+    """CPU seconds per packet of ``stream`` on a tracker that first took ``preload``."""
+    import gc
+    import io
+
+    from gateway.flows.pcap import CaptureStats, new_frame_tracker, record_batches
+    from gateway.flows.settings import FlowSettings
+
+    ft = new_frame_tracker(compiled=compiled, settings=FlowSettings(max_connections=max_connections))
+    gc.disable()  # a million live connections: the measured loop should not pay for GC passes
+    if preload:
+        for _ in record_batches(io.BytesIO(preload), CaptureStats(), ft, flush=False):
+            pass
+    held = ft.open_connections
+    stats = CaptureStats()
+    c = time.process_time()
+    for _ in record_batches(io.BytesIO(stream), stats, ft, flush=False):
+        pass
+    seconds = time.process_time() - c
+    return {"held": held, "packets": stats.packets, "seconds": seconds, "evicted": stats.skipped.get(
+        "connection_table_full", 0), "us_per_packet": seconds / stats.packets * 1e6}
+
+
+# ----------------------------------------------------------------------------- children
+
 def child(tool: str, path: str, limit: int) -> None:
     if tool == "stages":
         print(json.dumps({"stages": stage_seconds(path)}))
         return
-    if tool == "fedgate":
-        out = run_fedgate(path, False)
-    elif tool == "fedgate-C":
-        out = run_fedgate(path, True)
-    elif tool == "fedgate-2w":
-        out = run_fedgate(path, False, workers=2)
+    if tool.startswith("table:"):
+        _, kind, conns, packets = tool.split(":")
+        t0 = 1_700_000_000.0
+        stream = session_stream(int(packets), t0)
+        preload = preload_stream(int(conns), t0 - 1.0)
+        compiled = kind == "compiled"
+        empty = table_cost(stream, b"", compiled, int(conns))
+        full = table_cost(stream, preload, compiled, int(conns))
+        print(json.dumps({"empty": empty, "full": full}))
+        return
+    if tool == "fedgate-w1":
+        out = run_fedgate(path, "1")
+    elif tool == "fedgate-auto":
+        out = run_fedgate(path, "auto")
+    elif tool == "fedgate-pure":
+        out = run_fedgate(path, "1")
     elif tool == "nfstream":
         out = run_nfstream(path)
     elif tool == "dpkt":
@@ -349,26 +425,52 @@ def child(tool: str, path: str, limit: int) -> None:
         out = run_scapy(path, limit)
     else:
         raise SystemExit(f"unknown tool {tool}")
-    # nfstream meters in child processes: count them too (CPU summed, memory the larger peak)
+    # worker processes (fedgate's, nfstream's meters): CPU summed, memory the larger peak
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     out["peak_rss_mib"] = max(own.ru_maxrss, kids.ru_maxrss) / 1024
-    # includes interpreter start-up and imports
     out["cpu_seconds"] = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
     print(json.dumps(out))
 
 
+def _spawn(tool: str, path: str, limit: int) -> tuple[dict | None, float, str]:
+    env = dict(os.environ)
+    env.pop("FEDGATE_PURE_PYTHON", None)
+    if tool in ("fedgate-pure",) or tool.startswith("table:pure"):
+        env["FEDGATE_PURE_PYTHON"] = "1"
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.pcap", "--child", tool, path, str(limit)],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        return None, wall, (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall, ""
+
+
 # ----------------------------------------------------------------------------- main
+
+WHAT = {
+    "fedgate-w1": "fedgate flows --workers 1",
+    "fedgate-auto": "fedgate flows --workers auto",
+    "fedgate-pure": "--workers 1, pure Python",
+    "nfstream": "NFStreamer, no DPI",
+    "dpkt": "decode + 5-tuple dict",
+    "scapy": "dissection, a slice",
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--packets", type=int, default=1_000_000)
     ap.add_argument("--scapy-slice", type=int, default=20_000)
-    ap.add_argument("--tools", default="fedgate,fedgate-C,fedgate-2w,nfstream,dpkt,scapy")
+    ap.add_argument("--tools", default=DEFAULT_TOOLS, help=f"comma-separated, of: {', '.join(WHAT)}")
     ap.add_argument("--keep", help="also keep the generated pcap at this path")
     ap.add_argument("--pcap", help="measure this pcap instead of building one (e.g. one kept with --keep)")
-    ap.add_argument("--stages", action="store_true",
-                    help="also print CPU seconds per stage of fedgate (read, decode, track, write)")
+    ap.add_argument("--stages", action="store_true", help="also print CPU seconds per stage of one process")
+    ap.add_argument("--table-full", type=int, metavar="N", default=0,
+                    help="also measure the cost per packet with N connections in the table against none")
+    ap.add_argument("--table-packets", type=int, default=200_000, help="packets of the --table-full stream")
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     ap.add_argument("--child", nargs=3, metavar=("TOOL", "PCAP", "LIMIT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -378,59 +480,83 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 150))
+    console = Console(stderr=args.json)
+    doc: dict = {"tools": {}, "stages": None, "table_full": None}
     with tempfile.TemporaryDirectory() as tmp:
         if args.pcap:
             path = Path(args.pcap)
             console.print(f"using {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-            title = f"pcap -> flows, {path.name}"
         else:
             path = Path(args.keep) if args.keep else Path(tmp) / "bench.pcap"
             t = time.perf_counter()
             n, replicas = build_pcap(path, args.packets)
-            size = path.stat().st_size
             console.print(f"built {path.name}: {n:,} packets ({replicas:,} replicas of the samples), "
-                          f"{size / 2**20:.1f} MiB in {time.perf_counter() - t:.1f} s")
-            title = f"pcap -> flows, {n:,} packets"
-        table = Table(title=title)
-        for col in ("tool", "packets", "flows", "seconds", "packets/s", "flows/s", "CPU s", "packets/CPU-s",
-                    "peak RSS MiB", "what it does"):
-            table.add_column(col, justify="left" if col in ("tool", "what it does") else "right")
-        what = {
-            "fedgate": "Zeek conn semantics, checksums verified, TSV written, 1 process",
-            "fedgate-C": "same, checksums not verified (-C)",
-            "fedgate-2w": "same, 2 worker processes (--workers 2; auto on 2 cores)",
-            "nfstream": "flow meter, C core, no DPI",
-            "dpkt": "Ethernet/IP decode + 5-tuple dict",
-            "scapy": f"full dissection, first {args.scapy_slice:,} packets",
-        }
-        for tool in args.tools.split(","):
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", tool, str(path), str(args.scapy_slice)],
-                capture_output=True, text=True, cwd=ROOT,
-            )
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                table.add_row(tool, "-", "-", "-", "-", "-", "-", "-", "-", f"not run: {last[:60]}")
+                          f"{path.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - t:.1f} s")
+        from gateway.flows.pcap import CaptureStats, iter_frames
+
+        with open(path, "rb") as f:
+            file_packets = sum(1 for _ in iter_frames(f, CaptureStats()))
+        doc["file_packets"] = file_packets
+        tools = [t for t in args.tools.split(",") if t]
+        results = {}
+        for tool in tools:
+            r, wall, err = _spawn(tool, str(path), args.scapy_slice)
+            results[tool] = (r, wall, err)
+        base = results.get("nfstream", (None,))[0]
+        base_rate = file_packets / results["nfstream"][1] if base else None
+        table = Table(title=f"pcap -> flows, {file_packets:,} packets ({path.name})")
+        for col in ("tool", "packets/s", "vs nfstream", "wall s", "CPU s", "peak RSS MiB", "flows", "what"):
+            table.add_column(col, justify="left" if col in ("tool", "what") else "right", overflow="fold")
+        for tool in tools:
+            r, wall, err = results[tool]
+            if r is None:
+                table.add_row(tool, "-", "-", f"{wall:.2f}", "-", "-", "-", f"not run: {err[:60]}")
+                doc["tools"][tool] = {"error": err}
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            table.add_row(tool, f"{r['packets']:,}", f"{r['flows']:,}", f"{r['seconds']:.2f}",
-                          f"{r['packets'] / r['seconds']:,.0f}", f"{r['flows'] / r['seconds']:,.0f}",
-                          f"{r['cpu_seconds']:.1f}", f"{r['packets'] / r['cpu_seconds']:,.0f}",
-                          f"{r['peak_rss_mib']:.0f}", what[tool])
+            counted = r["packets"] if tool == "scapy" else file_packets
+            rate = counted / wall
+            ratio = rate / base_rate if base_rate else None
+            table.add_row(tool, f"{rate:,.0f}", f"{ratio:.2f}x" if ratio else "-", f"{wall:.2f}",
+                          f"{r['cpu_seconds']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['flows']:,}", WHAT[tool])
+            doc["tools"][tool] = dict(r, wall_seconds=wall, packets_per_second=rate, vs_nfstream=ratio)
         console.print(table)
+        if "fedgate-w1" in doc["tools"] and "fedgate-auto" in doc["tools"] and \
+                "packets_per_second" in doc["tools"]["fedgate-auto"]:
+            speedup = doc["tools"]["fedgate-auto"]["packets_per_second"] / doc["tools"]["fedgate-w1"][
+                "packets_per_second"]
+            doc["auto_vs_one_worker"] = speedup
+            console.print(f"--workers auto ({os.cpu_count()} CPUs visible) runs {speedup:.2f}x one worker")
         if args.stages:
-            proc = subprocess.run([sys.executable, __file__, "--child", "stages", str(path), "0"],
-                                  capture_output=True, text=True, cwd=ROOT, check=True)
+            r, _, err = _spawn("stages", str(path), 0)
             stages = Table(title="fedgate stages (CPU seconds, each stage alone over the whole file)")
-            for col in ("stage", "items", "CPU s", "µs/item", "items/CPU-s"):
+            for col in ("stage", "items", "CPU s", "us/item", "items/CPU-s"):
                 stages.add_column(col, justify="left" if col == "stage" else "right")
-            for name, sec, items in json.loads(proc.stdout.strip().splitlines()[-1])["stages"]:
+            for name, sec, items in (r or {"stages": []})["stages"]:
                 stages.add_row(name, f"{items:,}", f"{sec:.2f}", f"{sec / items * 1e6:.2f}", f"{items / sec:,.0f}")
-            console.print(stages)
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        console.print(f"{os.cpu_count()} CPUs visible, 1-min load average {load:.1f} at the end: "
-                      "wall-clock figures are pessimistic when it exceeds the CPU count.")
+            doc["stages"] = (r or {}).get("stages")
+            console.print(stages if r else f"stages not run: {err}")
+    if args.table_full:
+        full = Table(title=f"cost per packet, table holding {args.table_full:,} connections vs empty "
+                           f"({args.table_packets:,} packets of TCP sessions)")
+        for col in ("tracker", "empty us/pkt", "full us/pkt", "full / empty", "evicted", "held"):
+            full.add_column(col, justify="left" if col == "tracker" else "right")
+        doc["table_full"] = {}
+        for kind in ("compiled", "pure"):
+            r, _, err = _spawn(f"table:{kind}:{args.table_full}:{args.table_packets}", "-", 0)
+            if r is None:
+                full.add_row(kind, "-", "-", "-", "-", f"not run: {err[:50]}")
+                continue
+            e, f = r["empty"], r["full"]
+            full.add_row(kind, f"{e['us_per_packet']:.2f}", f"{f['us_per_packet']:.2f}",
+                         f"{f['us_per_packet'] / e['us_per_packet']:.2f}x", f"{f['evicted']:,}", f"{f['held']:,}")
+            doc["table_full"][kind] = r
+        console.print(full)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    doc["cpus"], doc["load_1min"] = os.cpu_count(), load
+    console.print(f"{os.cpu_count()} CPUs visible, 1-min load average {load:.1f} at the end: "
+                  "wall-clock figures are pessimistic when it exceeds the CPU count.")
+    if args.json:
+        print(json.dumps(doc, indent=1))
     return 0
 
 

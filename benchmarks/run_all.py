@@ -41,7 +41,8 @@ TIMEOUT_S = 600
 QUICK_ARGS: dict[str, list[str]] = {
     "ingest": ["--lines", "50000", "--batch-size", "10000"],
     "parse": ["--lines", "100000", "--json-lines", "20000"],
-    "pcap": ["--packets", "50000", "--scapy-slice", "2000", "--tools", "fedgate,fedgate-C,dpkt,scapy"],
+    "pcap": ["--packets", "50000", "--scapy-slice", "2000", "--tools", "fedgate-w1,fedgate-auto,nfstream,dpkt,scapy",
+             "--table-full", "100000", "--table-packets", "50000"],
     "aggregate": ["--params", "50000", "--clients", "40", "--memory-clients", "10,40", "--submissions", "2"],
     "broker_tls": ["--connects", "10", "--issue-ec", "10", "--issue-rsa", "2", "--sizes", "100000,1000000",
                    "--repeats", "2"],

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.fl.control import local_setting_problem
+from gateway.flows.settings import FlowSettings
 from gateway.protocol import topics
 
 ENV_PREFIX = "FEDGATE__"
@@ -421,6 +422,7 @@ SECTIONS: dict[str, type] = {
     "fl": FlSection,
     "escalation": EscalationSection,
     "http": HttpSection,
+    "flows": FlowSettings,
 }
 PATH_KEYS = {
     "gateway": ("model", "global_model_public_key", "state_dir"),
@@ -459,6 +461,7 @@ class GatewayConfig:
     fl: FlSection = field(default_factory=FlSection)
     escalation: EscalationSection = field(default_factory=EscalationSection)
     http: HttpSection = field(default_factory=HttpSection)
+    flows: FlowSettings = field(default_factory=FlowSettings)
     origin: str | None = None  # the file it came from, for messages
 
     def __post_init__(self) -> None:
@@ -652,7 +655,13 @@ def build_section(name: str, table: Mapping[str, Any], *, base: Path | None = No
     for key in required:
         if key not in kwargs:
             raise ConfigError(f"{name}.{key}", "is required")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a settings class kept beside its package ("section.key: problem")
+        key, _, problem = str(exc).partition(": ")
+        raise ConfigError(key, problem) from None
 
 
 def config_from_dict(doc: Mapping[str, Any], *, base: Path | None = None, origin: str | None = None) -> GatewayConfig:

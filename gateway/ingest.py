@@ -40,7 +40,6 @@ DEFAULT_BATCH_SIZE = 20_000
 READ_CHUNK = 1 << 20
 # Bytes hashed to recognise a file again (its first bytes do not change while Zeek appends).
 IDENTITY_PREFIX = 64 * 1024
-GZIP_MAGIC = b"\x1f\x8b"
 # Score at or above which a flow counts as "malicious" when scoring against labels.
 MALICIOUS_THRESHOLD = 0.5
 MAX_RETRY_WAIT = 30.0  # seconds between retries of a failing database, at most
@@ -149,11 +148,12 @@ def file_identity(head: bytes) -> str:
 def sniff_kind(head: bytes) -> str:
     """'pcap' for a capture (pcap/pcapng, gzip'd or not), 'gzip' for a gzip'd log,
     else 'zeek' (a text log)."""
+    from gateway.flows.gz import is_gzip
     from gateway.flows.pcap import is_capture_file
 
     if is_capture_file(head):
         return "pcap"
-    if head[:2] == GZIP_MAGIC:
+    if is_gzip(head):
         return "gzip"
     return "zeek"
 

@@ -661,7 +661,7 @@ class GatewayService:
         total = 0
         with open(path, "rb") as fh:
             try:
-                for rec in pcap_records(fh, stats=stats):
+                for rec in pcap_records(fh, stats=stats, settings=self.config.flows):
                     batch.append(rec)
                     if len(batch) >= self.batch_size:
                         total += self.commit(source, batch, live=False)
@@ -678,7 +678,7 @@ class GatewayService:
         from gateway.flows.pcap import live_records
 
         src = self.config.source
-        for rec in live_records(src.interface, bpf=src.bpf, local_nets=src.local_nets or None,
+        for rec in live_records(src.interface, bpf=src.bpf, local_nets=src.local_nets or None, settings=self.config.flows,
                                 stop=self.stop_event.is_set, poll_interval=min(1.0, src.capture_max_wait_s)):
             self._capture_queue.put(rec)
             self.metrics.queue_depth.set(self._capture_queue.qsize())

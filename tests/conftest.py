@@ -23,3 +23,18 @@ def iot23_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def compiled():
+    """The compiled hot path (gateway.flows._compiled); skipped where it is not built,
+    except in CI (CI=true), where `make setup` must have built it."""
+    import os
+
+    try:
+        from gateway.flows import _compiled
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            raise AssertionError(f"CI must build the compiled hot path: {exc}") from exc
+        pytest.skip("the compiled hot path is not built (pip install -e . builds it)")
+    return _compiled

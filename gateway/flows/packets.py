@@ -23,6 +23,9 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from gateway.flows.fragments import FragmentTable
+from gateway.flows.settings import FlowSettings
+
 # Link-layer types (pcap LINKTYPE_* values) we decode.
 LINKTYPE_NULL = 0
 LINKTYPE_ETHERNET = 1
@@ -94,11 +97,8 @@ _IPV6_FRAGMENT = 44
 _IPV6_AH = 51
 _IPV6_NO_NEXT = 59
 
-_U16 = struct.Struct("!H")
 _TCP_HDR = struct.Struct("!HHIIBBHHH")  # sport dport seq ack off flags win sum urg
 _UDP_HDR = struct.Struct("!HHHH")
-_IPV4_FIXED = struct.Struct("!BBHHHBBH4s4s")
-_tuple_new = tuple.__new__
 
 
 class Packet(NamedTuple):
@@ -153,44 +153,28 @@ def transport_checksum_ok(src: bytes, dst: bytes, proto: int, segment: bytes) ->
     return (total + proto + len(segment)) % 0xFFFF == 0
 
 
-class _FragmentBuffer:
-    __slots__ = ("blocks", "total", "first_ts", "header")
-
-    def __init__(self, ts: float):
-        self.blocks: dict[int, bytes] = {}
-        self.total: int | None = None
-        self.first_ts = ts
-        self.header = b""
-
-
 class PacketDecoder:
     """Decodes frames into :class:`Packet` tuples, reassembling IP fragments.
 
     Keyword-only configuration:
 
     * ``ignore_checksums`` (default ``False``): skip every checksum check, like ``zeek -C``.
-    * ``max_fragment_buffers`` (default 10,000): fragment reassembly state is bounded; the
-      oldest incomplete datagram is dropped (counted as ``fragment_buffer_overflow``).
-    * ``fragment_timeout`` (default 60 s): incomplete datagrams older than this are dropped.
+    * ``max_fragment_buffers``, ``fragment_timeout`` (defaults: :class:`FlowSettings`):
+      reassembly state is bounded, see :mod:`gateway.flows.fragments`.
     """
 
     def __init__(
         self,
         *,
         ignore_checksums: bool = False,
-        max_fragment_buffers: int = 10_000,
-        fragment_timeout: float = 60.0,
+        max_fragment_buffers: int = FlowSettings.max_fragment_buffers,
+        fragment_timeout: float = FlowSettings.fragment_timeout_s,
     ):
-        if max_fragment_buffers < 1:
-            raise ValueError("max_fragment_buffers must be >= 1")
-        if fragment_timeout <= 0:
-            raise ValueError("fragment_timeout must be > 0")
         self.ignore_checksums = ignore_checksums
-        self.max_fragment_buffers = max_fragment_buffers
-        self.fragment_timeout = fragment_timeout
         self.skipped: dict[str, int] = {}
         self.notes: dict[str, int] = {}  # weirds on packets that were still used
-        self._fragments: dict[tuple, _FragmentBuffer] = {}
+        self._fragments = FragmentTable(max_buffers=max_fragment_buffers, timeout=fragment_timeout,
+                                        count=self._skip)
 
     # ------------------------------------------------------------------ bookkeeping
     def _skip_note(self, reason: str) -> None:
@@ -209,18 +193,6 @@ class PacketDecoder:
         if linktype == LINKTYPE_ETHERNET:
             if n < 14:
                 return self._skip("truncated_link_header")
-            if n >= 54 and not snapped:
-                # the fast path at a fixed IP offset: plain, one 802.1Q tag, or a PPPoE session
-                etype = frame[12] << 8 | frame[13]
-                if etype == 0x8100:
-                    fast = self._fast_ip(frame, ts, n, 18, frame[16] << 8 | frame[17])
-                elif etype == ETH_PPPOE_SESSION:
-                    ppp = frame[20] << 8 | frame[21]
-                    fast = self._fast_ip(frame, ts, n, 22, ETH_IPV4 if ppp == 0x21 else ETH_IPV6 if ppp == 0x57 else 0)
-                else:
-                    fast = self._fast_ip(frame, ts, n, 14, etype)
-                if fast is not None:
-                    return fast
             return self._ethertype(frame, 14, frame[12] << 8 | frame[13], ts, snapped)
         if linktype in (LINKTYPE_RAW, LINKTYPE_RAW_BSD_12, LINKTYPE_RAW_BSD_14, LINKTYPE_IPV4, LINKTYPE_IPV6):
             return self._ip_by_version(frame, 0, ts, snapped)
@@ -295,59 +267,6 @@ class PacketDecoder:
             self._skip("non_ip_packet")
             return None
         return self._ethertype(frame, off + 8, frame[off + 6] << 8 | frame[off + 7], ts, snapped)
-
-    def _fast_ip(self, frame: bytes, ts: float, n: int, ip: int, etype: int):
-        """Option-less unfragmented IPv4 (or IPv6 without extension headers) at offset ``ip``
-        (``etype`` says which) + TCP or UDP, the common case, in one call; ``n >= ip + 32``.
-        Returns None to send the frame down the general path (anything unusual: it decides
-        and counts)."""
-        if etype == ETH_IPV4 and frame[ip] == 0x45:
-            total = frame[ip + 2] << 8 | frame[ip + 3]
-            proto = frame[ip + 9]
-            if (ip + total > n or total < 28 or frame[ip + 6] & 0x3F or frame[ip + 7]
-                    or (proto != 6 and proto != 17)):
-                return None
-            if not self.ignore_checksums and int.from_bytes(frame[ip:ip + 20], "big") % 0xFFFF:
-                return None  # let the general path count it
-            a, alen, seg_len, ip_len = ip + 12, 4, total - 20, total
-        elif etype == ETH_IPV6 and frame[ip] >> 4 == 6:
-            seg_len = frame[ip + 4] << 8 | frame[ip + 5]
-            proto = frame[ip + 6]
-            if ip + 40 + seg_len > n or (proto != 6 and proto != 17):
-                return None
-            a, alen, ip_len = ip + 8, 16, seg_len + 40
-        else:
-            return None
-        # TCP/UDP directly behind the two addresses at ``a``
-        l4 = a + 2 * alen
-        end = l4 + seg_len
-        if proto == 6:
-            thl = (frame[l4 + 12] >> 4) * 4 if seg_len >= 20 else 0
-            if thl < 20 or thl > seg_len:
-                return None
-        elif seg_len < 8:
-            return None
-        elif frame[l4 + 2] << 8 | frame[l4 + 3] in UDP_TUNNEL_PORTS or frame[l4] << 8 | frame[l4 + 1] in UDP_TUNNEL_PORTS:
-            return None
-        ok = True
-        # an IPv4 UDP checksum of zero means "none"; IPv6 always has one
-        if not self.ignore_checksums and (proto == 6 or alen == 16 or frame[l4 + 6] or frame[l4 + 7]):
-            # addresses and segment are contiguous: one integer holds the whole sum
-            cs = int.from_bytes(frame[a:end], "big")
-            if seg_len & 1:
-                cs <<= 8
-            ok = (cs + proto + seg_len) % 0xFFFF == 0
-        src, dst = frame[a:a + alen], frame[a + alen:l4]
-        # tuple.__new__ is what Packet(...) calls, without the keyword/default handling
-        if proto == 6:
-            sport, dport, seq, ack, _off, flags, win, _c, _u = _TCP_HDR.unpack_from(frame, l4)
-            pstart = l4 + thl
-            return _tuple_new(Packet, (ts, src, dst, 6, sport, dport, ip_len, seg_len - thl, flags, seq, ack, win,
-                                       ok, frame[pstart:end], frame[l4 + 20:pstart] if thl > 20 else b"",
-                                       None, None))
-        sport, dport, ulen, _csum = _UDP_HDR.unpack_from(frame, l4)
-        return _tuple_new(Packet, (ts, src, dst, 17, sport, dport, ip_len, ulen - 8, 0, 0, 0, 0, ok,
-                                   frame[l4 + 8:end], b"", None, None))
 
     def _ethertype(self, frame: bytes, off: int, etype: int, ts: float, snapped: bool, depth: int = 0,
                    outer: bytes | None = None):
@@ -443,12 +362,14 @@ class PacketDecoder:
             if snapped:
                 return self._skip("truncated_fragment")
             ident = frame[off + 4] << 8 | frame[off + 5]
-            whole = self._reassemble(
+            whole = self._fragments.add(
                 (4, src, dst, ident, proto), (frag & 0x1FFF) * 8, bool(frag & 0x2000),
                 frame[off + hlen:end], frame[off:off + hlen], ts,
             )
-            if whole is None or isinstance(whole, str):
-                return whole
+            if whole is None:
+                return None
+            if whole.__class__ is str:
+                return self._skip(whole)
             header, payload = whole
             ip_len = len(header) + len(payload)
             return self._transport(proto, src, dst, payload, len(payload), ip_len, ts, False, depth, outer)
@@ -512,66 +433,14 @@ class PacketDecoder:
                 return self._transport(nxt, src, dst, frame[pos:end], end - pos, ip_len, ts, snapped, depth, outer)
             if snapped:
                 return self._skip("truncated_fragment")
-            whole = self._reassemble((6, src, dst, ident, nxt), frag_off, more, frame[pos:end], unfrag_header, ts)
-            if whole is None or isinstance(whole, str):
-                return whole
+            whole = self._fragments.add((6, src, dst, ident, nxt), frag_off, more, frame[pos:end], unfrag_header, ts)
+            if whole is None:
+                return None
+            if whole.__class__ is str:
+                return self._skip(whole)
             header, payload = whole
             return self._transport(nxt, src, dst, payload, len(payload), len(header) + len(payload), ts, False, depth, outer)
         return self._transport(nxt, src, dst, frame[pos:end], end - pos, ip_len, ts, snapped, depth, outer)
-
-    # ------------------------------------------------------------------ fragments
-    def _reassemble(self, key, frag_off: int, more: bool, data: bytes, header: bytes, ts: float):
-        frags = self._fragments
-        if len(frags) > 64:
-            self._expire_fragments(ts)
-        buf = frags.get(key)
-        if buf is None:
-            if len(frags) >= self.max_fragment_buffers:
-                oldest = min(frags, key=lambda k: frags[k].first_ts)
-                del frags[oldest]
-                self._skip("fragment_buffer_overflow")
-            buf = frags[key] = _FragmentBuffer(ts)
-        if frag_off + len(data) > 65535 + 40:
-            del frags[key]
-            return self._skip("excessively_large_fragment")
-        if frag_off == 0:
-            buf.header = header
-        if not more:
-            if buf.total is not None and buf.total != frag_off + len(data):
-                del frags[key]
-                return self._skip("fragment_inconsistency")
-            buf.total = frag_off + len(data)
-        elif len(data) % 8:
-            del frags[key]
-            return self._skip("fragment_size_inconsistency")
-        prev = buf.blocks.get(frag_off)
-        if prev is not None and prev != data:
-            self._skip("fragment_overlap")
-        buf.blocks[frag_off] = data
-        if buf.total is None or not buf.header:
-            return None
-        # complete when blocks cover [0, total) contiguously
-        pos = 0
-        parts = []
-        for start in sorted(buf.blocks):
-            block = buf.blocks[start]
-            if start > pos:
-                return None
-            if start + len(block) > pos:
-                parts.append(block[pos - start:])
-                pos = start + len(block)
-        if pos < buf.total:
-            return None
-        del frags[key]
-        payload = b"".join(parts)[:buf.total]
-        return buf.header, payload
-
-    def _expire_fragments(self, now: float) -> None:
-        limit = now - self.fragment_timeout
-        stale = [k for k, b in self._fragments.items() if b.first_ts < limit]
-        for k in stale:
-            del self._fragments[k]
-            self._skip("fragment_timeout")
 
     # ------------------------------------------------------------------ transport
     def _transport(self, proto, src, dst, seg, seg_len, ip_len, ts, snapped, depth, outer):

@@ -94,6 +94,8 @@ def test_example_config_is_valid():
         (("[source]", "[mqtt]\ncert_file = 'c.pem'\n[source]"), "mqtt.cert_file", "both"),
         (("[source]", "[metrics]\nport = 1\n[source]"), "metrics", "unknown section"),
         (("[source]", "[source]\nlocal_nets = ['10.0.0.0/8', 'nonsense']"), "source.local_nets[1]", "not a network"),
+        (("[source]", "[flows]\nmax_connections = 0\n[source]"), "flows.max_connections", "1..100000000"),
+        (("[source]", "[flows]\nfragment_timeout_s = 0\n[source]"), "flows.fragment_timeout_s", "(0, 3600]"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path, patch, key, words):
@@ -179,9 +181,9 @@ toml_scalars = st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(section=st.sampled_from(["gateway", "source", "inference", "mqtt", "fl", "http", "bogus"]),
+@given(section=st.sampled_from(["gateway", "source", "inference", "mqtt", "fl", "http", "flows", "bogus"]),
        key=st.sampled_from(["id", "port", "zeek_log", "alert_threshold", "listen", "batch_size", "lr",
-                            "local_nets", "enabled", "x"]),
+                            "local_nets", "enabled", "max_connections", "fragment_timeout_s", "x"]),
        value=toml_scalars)
 def test_hostile_values_give_config_error_or_valid_config(section, key, value):
     doc = {"gateway": {"id": "gw1"}, "source": {"zeek_log": "/tmp/conn.log"}}

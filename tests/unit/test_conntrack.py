@@ -17,7 +17,7 @@ from gateway.flows.conntrack import (
     IllegalTransition,
     TcpEndpoint,
     TcpState,
-    _tcp_conn_state,
+    tcp_conn_state,
     likely_server_ports_for,
 )
 from gateway.flows.packets import Packet
@@ -312,7 +312,7 @@ def test_conn_state_table(orig, resp, expected):
     tracker.feed(tcp(1.0, A, 1, B, 2, SYN, 1))
     (conn,) = tracker.conns.values()
     conn.orig.state, conn.resp.state = orig, resp
-    assert _tcp_conn_state(conn.orig, conn.resp, "S") == expected
+    assert tcp_conn_state(conn.orig.state, conn.orig.size(), conn.resp.state, conn.resp.size(), "S") == expected
 
 
 def test_rstos0_needs_syn_then_reset_in_history():
@@ -320,8 +320,8 @@ def test_rstos0_needs_syn_then_reset_in_history():
     tracker.feed(tcp(1.0, A, 1, B, 2, SYN, 1))
     (conn,) = tracker.conns.values()
     conn.orig.state, conn.resp.state = TcpState.RESET, TcpState.INACTIVE
-    assert _tcp_conn_state(conn.orig, conn.resp, "SR") == "RSTOS0"
-    assert _tcp_conn_state(conn.orig, conn.resp, "R") == "OTH"
+    assert tcp_conn_state(conn.orig.state, conn.orig.size(), conn.resp.state, conn.resp.size(), "SR") == "RSTOS0"
+    assert tcp_conn_state(conn.orig.state, conn.orig.size(), conn.resp.state, conn.resp.size(), "R") == "OTH"
 
 
 def test_tracker_validates_configuration():
@@ -339,6 +339,24 @@ def test_connection_table_is_bounded():
     assert tracker.open_connections <= 10
     assert tracker.skipped["connection_table_full"] == 15
     assert len(out) + len(tracker.flush()) == 25
+
+
+def test_a_full_table_ends_the_connection_idle_longest():
+    """Eviction takes the smallest last-packet time (then the oldest), not the oldest start."""
+    tracker = ConnTracker(max_connections=3)
+    for i in range(3):
+        tracker.feed(udp(1.0 + i, A, 1000 + i, B, 9999, b"x"))
+    tracker.feed(udp(4.0, A, 1000, B, 9999, b"x"))  # the first connection is active again
+    (ended,) = tracker.feed(udp(5.0, A, 2000, B, 9999, b"x"))
+    assert ended.orig_p == 1001  # idle since 2.0
+    (ended,) = tracker.feed(udp(6.0, A, 2001, B, 9999, b"x"))
+    assert ended.orig_p == 1002
+    assert sorted(r.orig_p for r in tracker.flush()) == [1000, 2000, 2001]
+    # the idle heap stays bounded when nothing is ever evicted: connections come and go
+    tracker = ConnTracker(max_connections=1_000_000)
+    for i in range(5000):
+        tracker.feed(udp(10.0 + i * 30, A, 1000 + i % 7, B, 9999, b"x"))  # each one times out
+    assert tracker.open_connections <= 3 and len(tracker._idle) < 2 * 3 + 1024 + 2
 
 
 from hypothesis import given, settings  # noqa: E402

@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 
 from gateway.flows.conntrack import ConnTracker
 from gateway.flows.packets import Packet, PacketDecoder
-from gateway.flows.pcap import CaptureError, CaptureStats, iter_frames, records_from_frames
+from gateway.flows.pcap import (
+    CaptureError,
+    CaptureStats,
+    iter_frames,
+    new_frame_tracker,
+    record_batches,
+    records_from_frames,
+)
 
 LINKTYPES = [0, 1, 9, 12, 14, 50, 101, 105, 108, 113, 127, 228, 229, 276]
 
@@ -98,14 +105,27 @@ SEED_PPPOE6 = raw(
 SEEDS = [(SEED_FRAME, 23), (SEED_FRAME6, 20), (SEED_VLAN, 27), (SEED_PPPOE4, 31), (SEED_PPPOE6, 28)]
 
 
+def _frames_records(frames, compiled: bool, ignore: bool):
+    """Frames through one frame tracker: (records, skipped, weirds)."""
+    ft = new_frame_tracker(ignore_checksums=ignore, compiled=compiled)
+    out = []
+    for ts, frame in frames:
+        out.extend(ft.feed_frame(1, frame, ts, len(frame)))
+    out.extend(ft.flush())
+    return out, ft.decoder.skipped, ft.decoder.notes, ft.skipped
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     seed=st.sampled_from(SEEDS),
     edits=st.lists(st.tuples(st.integers(12, len(SEED_FRAME6) - 1), st.integers(0, 255)), max_size=6),
     udp=st.booleans(),
     checks=st.booleans(),
+    cut=st.integers(0, 8),
 )
-def test_fast_path_agrees_with_general_path(seed, edits, udp, checks):
+def test_compiled_decoding_agrees_with_the_reference(compiled, seed, edits, udp, checks, cut):
+    """Mutated common frames (any header byte, cut short): the compiled decoder and the
+    reference decoder give the same records and count the same skips and weirds."""
     base, proto_at = seed
     frame = bytearray(base)
     if udp:  # same bytes read as UDP: its checksum is then wrong unless -C
@@ -113,23 +133,25 @@ def test_fast_path_agrees_with_general_path(seed, edits, udp, checks):
     for pos, value in edits:
         if pos < len(frame):
             frame[pos] = value
-    frame = bytes(frame)
-    fast = PacketDecoder(ignore_checksums=checks).decode(1, frame, 1.0, len(frame))
-    general = PacketDecoder(ignore_checksums=checks)._ethertype(frame, 14, frame[12] << 8 | frame[13], 1.0, False)
-    if isinstance(fast, Packet) or isinstance(general, Packet):
-        assert fast == general
+    frame = bytes(frame[:len(frame) - cut])
+    frames = [(1.0, frame), (1.5, base), (2.0, frame)]
+    assert _frames_records(frames, True, checks) == _frames_records(frames, False, checks)
 
 
-def test_seed_frames_take_the_fast_path():
-    decoder = PacketDecoder()
-    pkt = decoder._fast_ip(SEED_FRAME, 1.0, len(SEED_FRAME), 14, 0x0800)
-    assert isinstance(pkt, Packet) and pkt.checksum_ok and pkt.payload == b"payload-bytes"
-    pkt6 = decoder._fast_ip(SEED_FRAME6, 1.0, len(SEED_FRAME6), 14, 0x86DD)
-    assert isinstance(pkt6, Packet) and pkt6.checksum_ok and pkt6.payload == b"odd-payload"
-    for frame, ip, etype in ((SEED_VLAN, 18, 0x0800), (SEED_PPPOE4, 22, 0x0800), (SEED_PPPOE6, 22, 0x86DD)):
-        pkt = decoder._fast_ip(frame, 1.0, len(frame), ip, etype)
-        assert isinstance(pkt, Packet) and pkt.checksum_ok and pkt == decoder.decode(1, frame, 1.0, len(frame))
-        assert pkt == decoder._ethertype(frame, 14, frame[12] << 8 | frame[13], 1.0, False)
+def test_seed_frames_take_the_compiled_path(compiled):
+    class Counting(PacketDecoder):
+        calls = 0
+
+        def decode(self, *args):
+            Counting.calls += 1
+            return super().decode(*args)
+
+    tracker = compiled.Tracker(decoder=Counting())
+    for i, (frame, _) in enumerate(SEEDS):
+        tracker.feed_frame(1, frame, 1.0 + i, len(frame))
+    assert Counting.calls == 0 and len(tracker.flush()) == len(SEEDS)
+    tracker.feed_frame(1, SEED_FRAME[:30], 9.0, len(SEED_FRAME))  # snapped: the reference decides
+    assert Counting.calls == 1
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -137,26 +159,18 @@ def test_seed_frames_take_the_fast_path():
                         max_size=12),
        tail=st.binary(max_size=40), linktype=st.sampled_from([1, 101, 113]), little=st.booleans(),
        nano=st.booleans(), snaplen=st.sampled_from([0, 64, 65535]))
-def test_random_files_block_route_equals_frame_route(records, tail, linktype, little, nano, snaplen):
-    """pcap_records' block route (gateway.flows.blocks) on hostile files: the packets, counts
-    and truncation warnings of the per-frame route."""
-    from gateway.flows.pcap import iter_packet_batches
-
+def test_random_files_compiled_route_equals_the_reference(compiled, records, tail, linktype, little, nano, snaplen):
+    """Hostile files: the compiled route's records, counts and truncation warnings are the
+    reference's."""
     e = "<" if little else ">"
     blob = struct.pack(e + "IHHiIII", 0xA1B23C4D if nano else 0xA1B2C3D4, 2, 4, 0, 0, snaplen, linktype)
     for i, (frame, extra) in enumerate(records):  # extra: bytes the wire had beyond the capture
         blob += struct.pack(e + "IIII", 1_600_000_000 + i, i * 999_983, len(frame), len(frame) + extra) + frame
     blob += tail  # a cut or garbage record at the end
-    ref_stats, ref_dec = CaptureStats(), PacketDecoder()
-    want, frames, wire = [], 0, 0
-    for ts, lt, fr, wl in iter_frames(io.BytesIO(blob), ref_stats):
-        frames, wire = frames + 1, wire + wl
-        p = ref_dec.decode(lt, fr, ts, wl)
-        if p is not None and p.__class__ is not str:
-            want.append(p)
-    stats, dec = CaptureStats(), PacketDecoder()
-    got = [p for batch in iter_packet_batches(io.BytesIO(blob), stats, dec) for p in batch]
-    assert got == want
-    assert (dec.skipped, dec.notes) == (ref_dec.skipped, ref_dec.notes)
-    assert (stats.packets, stats.bytes, stats.truncated, stats.warnings) == (
-        frames, wire, ref_stats.truncated, ref_stats.warnings)
+    runs = []
+    for flag in (False, True):
+        stats = CaptureStats()
+        ft = new_frame_tracker(compiled=flag)
+        recs = [r for batch in record_batches(io.BytesIO(blob), stats, ft) for r in batch]
+        runs.append((recs, stats.packets, stats.bytes, stats.skipped, stats.weird, stats.truncated, stats.warnings))
+    assert runs[0] == runs[1]

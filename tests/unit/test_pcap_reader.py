@@ -377,3 +377,23 @@ def test_ipv6_fragments_are_reassembled():
     # one datagram: payload length rewritten to the reassembled size, fragment header dropped
     assert (rec.orig_pkts, rec.orig_bytes) == (1, None) and rec.orig_ip_bytes == 40 + 8 + 3000
     assert stats.skipped_total == 0
+
+
+def test_fragment_table_is_bounded_and_drops_the_oldest_first():
+    """Past max_fragment_buffers the oldest incomplete datagram goes; while more than a few
+    wait, those older than the timeout go; a completed one is never counted."""
+    from gateway.flows.fragments import FragmentTable
+
+    dropped = []
+    table = FragmentTable(max_buffers=100, timeout=60.0, count=dropped.append)
+    for i in range(250):  # first fragments only: none completes
+        assert table.add((4, b"a", b"b", i, 17), 0, True, b"x" * 8, b"H" * 20, 1.0 + i * 0.01) is None
+    assert len(table) == 100 and dropped == ["fragment_buffer_overflow"] * 150
+    # the survivors are the 100 newest: ids 150..249; completing id 200 works
+    assert table.add((4, b"a", b"b", 200, 17), 8, False, b"y", b"H" * 20, 5.0) == (b"H" * 20, b"x" * 8 + b"y")
+    assert table.add((4, b"a", b"b", 10, 17), 8, False, b"y", b"H" * 20, 5.0) is None  # 10 was dropped
+    dropped.clear()
+    table.add((4, b"a", b"b", 999, 17), 0, True, b"z" * 8, b"H" * 20, 100.0)  # 60 s later: all expire
+    assert dropped == ["fragment_timeout"] * 100 and len(table) == 1
+    with pytest.raises(ValueError):
+        FragmentTable(max_buffers=0, timeout=1.0, count=print)

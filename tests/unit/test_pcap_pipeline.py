@@ -1,5 +1,7 @@
-"""The block path (gateway.flows.blocks) gives the packets the per-frame decoder gives, and
-sharding splits them by address pair without losing or duplicating any."""
+"""The capture pipeline: the compiled frame tracker gives the records, counts and
+warnings of the pure-Python reference on hostile frames; sharding splits the connections
+by address pair without losing or duplicating any; chunk boundaries, truncation, record
+lengths past libpcap's limit, workers, progress, gzip and pcapng."""
 
 from __future__ import annotations
 
@@ -10,15 +12,9 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.flows.blocks import (
-    BLOCK_SIZE,
-    KIND_ANY,
-    decode_block,
-    packet_shard,
-    scan_records,
-)
-from gateway.flows.packets import PacketDecoder
-from gateway.flows.pcap import CaptureStats, convert_captures, iter_frames, iter_packet_batches
+from gateway.flows.pcap import CaptureStats, convert_captures, new_frame_tracker, record_batches
+from gateway.flows.pcap.classic import CHUNK
+from gateway.flows.shard import packet_shard
 
 
 def _csum(data: bytes) -> int:
@@ -105,87 +101,100 @@ def _pcap(records: list[tuple[bytes, int]], *, little: bool = True, nano: bool =
     return b"".join(out)
 
 
-def _reference(blob: bytes, ignore: bool):
-    decoder = PacketDecoder(ignore_checksums=ignore)
-    out = []
-    for ts, lt, frame, wire in iter_frames(io.BytesIO(blob)):
-        pkt = decoder.decode(lt, frame, ts, wire)
-        if pkt is not None and pkt.__class__ is not str:
-            out.append(pkt)
-    return out, decoder
+def _run(blob: bytes, ignore: bool, compiled: bool, shard=None, bpf=None):
+    """Records, the capture counters and the frame tracker's decoder of one pipeline."""
+    packet_filter = None
+    if bpf:
+        from gateway.flows.bpf import compile_filter
 
-
-def _blocks(blob: bytes, ignore: bool, shard=None):
-    decoder = PacketDecoder(ignore_checksums=ignore)
-    probe = decoder if shard is None or shard[0] == 0 else PacketDecoder(ignore_checksums=ignore)
+        packet_filter = compile_filter(bpf)
+    ft = new_frame_tracker(ignore_checksums=ignore, compiled=compiled, shard=shard, packet_filter=packet_filter)
     stats = CaptureStats()
-    out = [p for batch in iter_packet_batches(io.BytesIO(blob), stats, decoder, probe=probe, shard=shard)
-           for p in batch]
-    return out, decoder, stats
+    records = [r for batch in record_batches(io.BytesIO(blob), stats, ft) for r in batch]
+    return records, stats
+
+
+def _same(a, b):
+    """Two pipelines agree: records (order too), counters, skip reasons, weirds, warnings."""
+    (ra, sa), (rb, sb) = a, b
+    assert ra == rb
+    assert sa.as_dict() | {"seconds": 0, "packets_per_second": 0} == sb.as_dict() | {"seconds": 0,
+                                                                                    "packets_per_second": 0}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(frames(), max_size=30), st.booleans(), st.booleans(), st.booleans())
-def test_block_path_equals_the_frame_decoder(records, ignore, little, nano):
+@given(st.lists(frames(), max_size=30), st.booleans(), st.booleans(), st.booleans(),
+       st.sampled_from([None, None, "tcp", "udp port 53 or icmp", "not host 10.0.0.1"]))
+def test_compiled_pipeline_equals_the_reference(compiled, records, ignore, little, nano, bpf):
     blob = _pcap(records, little=little, nano=nano)
-    want, ref = _reference(blob, ignore)
-    got, dec, stats = _blocks(blob, ignore)
-    assert got == want
-    assert (dec.skipped, dec.notes) == (ref.skipped, ref.notes)
-    assert stats.packets == len(records) and stats.bytes == sum(w for _, w in records)
-    # shards: every packet in exactly one, in file order, one address pair in one shard
+    want = _run(blob, ignore, False, bpf=bpf)
+    _same(_run(blob, ignore, True, bpf=bpf), want)
+    assert want[1].packets == len(records) and want[1].bytes == sum(w for _, w in records)
+    # shards: every connection in exactly one, each shard the same both ways; what the
+    # shards count adds up to the whole (the other shards' probe counts are dropped)
     for count in (2, 3):
-        runs = [_blocks(blob, ignore, (i, count)) for i in range(count)]
-        parts = [run[0] for run in runs]
-        # what the shards' decoders count adds up to the whole (probe counts are dropped)
-        for attr in ("skipped", "notes"):
+        parts = []
+        for i in range(count):
+            ref = _run(blob, ignore, False, shard=(i, count), bpf=bpf)
+            _same(_run(blob, ignore, True, shard=(i, count), bpf=bpf), ref)
+            parts.append(ref)
+        assert sorted(map(repr, (r for part in parts for r in part[0]))) == sorted(map(repr, want[0]))
+        for attr in ("skipped", "weird"):
             total = Counter()
-            for run in runs:
-                total.update(getattr(run[1], attr))
-            assert total == Counter(getattr(ref, attr))
-        assert sorted(map(repr, (p for part in parts for p in part))) == sorted(map(repr, want))
-        for i, part in enumerate(parts):
-            assert all(packet_shard(p.src, p.dst, count) == i for p in part)
-            assert part == [p for p in want if packet_shard(p.src, p.dst, count) == i]
+            for part in parts:
+                total.update(getattr(part[1], attr))
+            assert total == Counter(getattr(want[1], attr))
+        assert sum(part[1].filtered for part in parts) == want[1].filtered
 
 
-def test_shard_is_symmetric_and_agrees_with_the_vectorised_hash():
+def test_shard_is_symmetric_and_the_same_for_every_shape(compiled):
     a, b = bytes([192, 168, 1, 7]), bytes([8, 8, 4, 4])
     assert all(packet_shard(a, b, n) == packet_shard(b, a, n) for n in range(1, 9))
-    # the same connection plain, in QinQ, MPLS (hashed from fixed offsets) and under two
-    # MPLS labels (hashed on the decoded addresses)
+    # the same connection plain, in QinQ, under one and two MPLS labels (the compiled
+    # decoder takes these) and over ARP's ethertype (the reference decoder's business)
     shapes = [_frame(False, 6, *((a, b, 40000, 80) if i % 2 else (b, a, 80, 40000)), b"x", 0x18, link, False, b"")
               for i, link in enumerate(("eth", "qinq", "mpls", "mpls2"))]
     blob = _pcap([(f, len(f)) for f in shapes])
     for count in (2, 3, 5):
-        mine = [len(_blocks(blob, False, (i, count))[0]) for i in range(count)]
-        assert sorted(mine) == [0] * (count - 1) + [4]
-    offs, _, _ = scan_records(blob, 24, True, 65535)
-    for index in (0, 1):
-        block = decode_block(blob, offs, little=True, nano=False, linktype=1, ignore_checksums=False,
-                             shard=(index, 2))
-        if len(block.kind):
-            assert block.kind.tolist()[-1] == KIND_ANY
+        for flag in (False, True):
+            mine = [len(_run(blob, False, flag, (i, count))[0]) for i in range(count)]
+            assert sorted(mine) == [0] * (count - 1) + [1]
 
 
-def test_scan_records_stops_at_incomplete_and_implausible_records():
-    rec = struct.pack("<IIII", 1, 2, 4, 4) + b"abcd"
-    assert scan_records(rec * 3, 0, True, 100) == ([0, 20, 40], 60, None)
-    assert scan_records(rec * 2 + rec[:10], 0, True, 100) == ([0, 20], 40, None)
-    huge = struct.pack("<IIII", 1, 2, 1000, 1000)
-    assert scan_records(rec + huge, 0, True, 100) == ([0], 20, 1000)
-    assert scan_records(struct.pack(">IIII", 1, 2, 4, 4) + b"abcd", 0, False, 100) == ([0], 20, None)
-
-
-def test_records_span_block_boundaries_and_truncation_is_reported(tmp_path):
+def test_records_span_chunk_boundaries_and_truncation_is_reported(compiled):
     frame = _frame(False, 17, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 40000, 40001, b"z" * 1000, 0,
                    "eth", False, b"")
-    n = BLOCK_SIZE // len(frame) + 50  # a record straddles the first block boundary
+    n = CHUNK // len(frame) + 50  # a record straddles the first chunk boundary
     blob = _pcap([(frame, len(frame))] * n)
-    got, _, stats = _blocks(blob, False)
-    assert len(got) == n and stats.packets == n and not stats.truncated
-    got, _, stats = _blocks(blob[:-7], False)
-    assert len(got) == n - 1 and stats.truncated and "last record is incomplete" in stats.warnings[0]
+    for flag in (False, True):
+        (rec,), stats = _run(blob, False, flag)
+        assert rec.orig_pkts == n and stats.packets == n and not stats.truncated
+        (rec,), stats = _run(blob[:-7], False, flag)
+        assert rec.orig_pkts == n - 1 and stats.truncated and "last record is incomplete" in stats.warnings[0]
+
+
+def test_a_record_longer_than_libpcap_allows_ends_the_file_at_once(compiled, tmp_path):
+    """A 1 GiB record length fails fast with bounded memory, whatever the header's snaplen
+    says: the records before it are kept and the file is reported truncated."""
+    frame = _frame(False, 17, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 40000, 53, b"q" * 20, 0, "eth", False, b"")
+    head = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 0xFFFFFFFF, 1)  # snaplen 4 GiB
+    good = struct.pack("<IIII", 1_600_000_000, 0, len(frame), len(frame)) + frame
+    huge = struct.pack("<IIII", 1_600_000_001, 0, 1 << 30, 1 << 30) + b"\0" * 4096
+    path = tmp_path / "huge.pcap"
+    path.write_bytes(head + good * 3 + huge)
+    import resource
+
+    for flag in (False, True):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        (rec,), stats = _run(path.read_bytes(), False, flag)
+        assert rec.orig_pkts == 3 and stats.truncated
+        assert "record length 1073741824 is implausible" in stats.warnings[0]
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB: no 1 GiB buffer
+    # just over libpcap's MAXIMUM_SNAPLEN (262144) is refused too, a record at it is read
+    for length, kept in ((262_144, 4), (262_145, 3)):
+        rec_bytes = struct.pack("<IIII", 1_600_000_002, 0, length, length) + frame + b"\0" * (length - len(frame))
+        (rec,), stats = _run(head + good * 3 + rec_bytes, False, True)
+        assert rec.orig_pkts == kept and stats.truncated == (kept == 3)
 
 
 def test_worker_output_is_deterministic_and_complete(tmp_path):
@@ -195,7 +204,7 @@ def test_worker_output_is_deterministic_and_complete(tmp_path):
         for flags in (0x02, 0x12, 0x10, 0x18, 0x11, 0x11, 0x10):
             fwd = flags in (0x02, 0x10, 0x18)
             f = _frame(False, 6, src if fwd else dst, dst if fwd else src, 40000 + i if fwd else 80,
-                       80 if fwd else 40000 + i, b"", flags, "eth" if i % 5 else "mpls", False, b"")
+                       80 if fwd else 40000 + i, b"", flags, "eth" if i % 5 else "mpls2", False, b"")
             recs.append((f, len(f)))
     path = tmp_path / "w.pcap"
     path.write_bytes(_pcap(recs))
@@ -228,13 +237,13 @@ def test_workers_report_progress_and_the_cli_takes_auto(tmp_path):
     frame = _frame(False, 17, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 40000, 53, b"q" * 500, 0, "eth",
                    False, b"")
     path = tmp_path / "p.pcap"
-    path.write_bytes(_pcap([(frame, len(frame))] * (2 * BLOCK_SIZE // len(frame))))
+    path.write_bytes(_pcap([(frame, len(frame))] * (2 * CHUNK // len(frame))))
     seen = []
     stats = convert_captures([str(path)], io.BytesIO(), workers=2,
                              on_progress=lambda p, done, total: seen.append((done, total)))
     size = path.stat().st_size
     assert seen[-1] == (size, size) and len(seen) >= 3 and seen == sorted(seen)
-    assert stats.packets == 2 * BLOCK_SIZE // len(frame)
+    assert stats.packets == 2 * CHUNK // len(frame)
     out = tmp_path / "conn.log"
     for option in ("auto", "2"):
         result = CliRunner().invoke(flows, [str(path), "--workers", option, "-o", str(out), "--json-summary"])

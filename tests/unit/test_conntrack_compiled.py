@@ -1,8 +1,10 @@
-"""The tracker's fast paths give the same records as its general path, field for field.
+"""The compiled tracker gives the records of the pure-Python reference, field for field.
 
-``ConnTracker(fast_path=False)`` runs every packet through the general TCP state machine; the
-default takes shortcuts for plain ACK/PSH segments on established connections.  Random packet
-sequences (hypothesis) and the real sample traces must give identical records both ways.
+``gateway.flows._compiled.Tracker`` holds the one compiled copy of the TCP state machine;
+``ConnTracker`` is the reference.  Random packet sequences (hypothesis) - sequence jumps
+and wrap-arounds, bad checksums, snapped payloads, timers, reuse, a tiny table that
+evicts - and the real sample traces must give identical records both ways, through
+``feed`` and ``feed_many``.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from hypothesis import given, settings, target
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.flows.conntrack import ACK, FIN, PSH, RST, SYN, ConnTracker
+from gateway.flows.conntrack import ACK, FIN, PSH, RST, SYN, ConnTracker, IllegalTransition
+from gateway.flows.conntrack.conn import AddressBook
 from gateway.flows.packets import Packet, PacketDecoder
 from gateway.flows.pcap import iter_frames
 from gateway.flows.record import ConnRecord
@@ -48,17 +52,7 @@ STEP = st.tuples(
 )
 
 
-def _run(packets, fast: bool, counter: list | None = None, many: bool = False):
-    tracker = ConnTracker(fast_path=fast)
-    if counter is not None:
-        inner = tracker._tcp_established
-
-        def counted(conn, pkt, t):
-            took = inner(conn, pkt, t)
-            counter[0] += took
-            return took
-
-        tracker._tcp_established = counted  # type: ignore[method-assign]
+def _run(tracker, packets, many: bool = False):
     out = []
     if many:  # feed_many, over batches of a few packets
         for i in range(0, len(packets), 7):
@@ -68,6 +62,14 @@ def _run(packets, fast: bool, counter: list | None = None, many: bool = False):
             out.extend(tracker.feed(p))
     out.extend(tracker.flush())
     return out
+
+
+def _both(compiled, packets, **options):
+    """The reference's records; asserts the compiled tracker's are the same."""
+    want = _run(ConnTracker(**options), packets)
+    assert _run(compiled.Tracker(**options), packets) == want
+    assert _run(compiled.Tracker(**options), packets, many=True) == want
+    return want
 
 
 def _packets(steps, base_seq: int):
@@ -95,12 +97,40 @@ def _packets(steps, base_seq: int):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(STEP, min_size=1, max_size=40), st.sampled_from((1000, 0xFFFFFF00, 0x7FFFFFF0, 0)))
-def test_fast_path_records_equal_general_path(steps, base_seq):
-    packets = _packets(steps, base_seq)
-    taken = [0]
-    assert _run(packets, True, taken) == _run(packets, False) == _run(packets, True, many=True)
-    target(float(taken[0]))  # steer the search toward streams that use the shortcut a lot
+@given(st.lists(STEP, min_size=1, max_size=40), st.sampled_from((1000, 0xFFFFFF00, 0x7FFFFFF0, 0)),
+       st.sampled_from((1, 2, 3, 1_000_000)), st.sampled_from((None, ("http",), ())))
+def test_compiled_records_equal_the_reference(compiled, steps, base_seq, max_connections, protocols):
+    _both(compiled, _packets(steps, base_seq), max_connections=max_connections, protocols=protocols)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.sampled_from((0.001, 0.5, 30.0, 61.0, 400.0)),
+                          st.booleans()), min_size=1, max_size=30),
+       st.sampled_from((1, 2, 1000)))
+def test_compiled_other_protocols_equal_the_reference(compiled, steps, max_connections):
+    """UDP (DNS/NTP analyzers, bad checksums, snapped datagrams), ICMP, other IP protocols."""
+    dns_query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    dns_reply = b"\x12\x34\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00"
+    ntp = bytes([0x1B]) + bytes(47)
+    t = 1000.0
+    packets = []
+    for kind, k, dt, fwd in steps:
+        t += dt
+        src, dst = (A, B) if fwd else (B, A)
+        if kind == 0:  # DNS both ways
+            sp, dp = (40000 + k, 53) if fwd else (53, 40000 + k)
+            packets.append(Packet(t, src, dst, 17, sp, dp, 40, 12, k == 5, 0, 0, 0, k != 4,
+                                  dns_query if fwd else dns_reply))
+        elif kind == 1:  # NTP, sometimes from the server side first
+            sp, dp = (123, 123) if k < 2 else ((40000, 123) if fwd else (123, 40000))
+            packets.append(Packet(t, src, dst, 17, sp, dp, 76, 48, 0, 0, 0, 0, True, ntp))
+        elif kind == 2:  # ICMP echo / unreachable, IPv4 and v6
+            proto = 1 if k < 3 else 58
+            itype = (8, 0, 3)[k % 3] if proto == 1 else (128, 129, 1)[k % 3]
+            packets.append(Packet(t, src, dst, proto, itype, 0, 84, 56, 0, 0, 0, 0, k != 2, b"x" * 4))
+        else:  # another IP protocol
+            packets.append(Packet(t, src, dst, 47 + k, 0, 0, 60, 0, 0, 0, 0, 0, True))
+    _both(compiled, packets, max_connections=max_connections)
 
 
 def _session(n_data: int, base: int = 0xFFFFF000):
@@ -121,30 +151,21 @@ def _session(n_data: int, base: int = 0xFFFFF000):
     return pk
 
 
-def test_fast_path_is_taken_for_established_data_and_acks():
-    """The shortcut must actually run (or the equality tests prove nothing)."""
-    packets = _session(50, base=1000)
-    counter = [0]
-    fast = _run(packets, True, counter)
-    # the handshake's last ACK (the SYN-ACK established both ends), every data segment and
-    # every pure ACK; not the FINs nor the ACK after them
-    assert counter[0] == 101
-    assert fast == _run(packets, False)
-    counter = [0]
-    assert _run(packets, True, counter, many=True) == fast and counter[0] == 101  # feed_many shortcuts too
-    (rec,) = fast
+def test_compiled_session_records(compiled):
+    (rec,) = _both(compiled, _session(50, base=1000))
     # records are built with tuple.__new__: they must be whole ConnRecords, defaults included
     assert len(rec) == len(ConnRecord._fields) and rec == ConnRecord(*rec[:22])
     assert (rec.conn_state, rec.history, rec.orig_bytes, rec.resp_bytes) == ("SF", "ShADaFf", 15000, 0)
+    (rec,) = _both(compiled, _session(30))  # the originator's sequence numbers wrap
+    assert rec.orig_bytes == 9000
 
 
-def test_fast_path_hands_sequence_wraparound_to_the_general_path():
-    packets = _session(30)  # the originator's sequence numbers wrap after a few segments
-    counter = [0]
-    fast = _run(packets, True, counter)
-    assert 0 < counter[0] < 60
-    assert fast == _run(packets, False)
-    assert fast[0].orig_bytes == 9000
+def test_compiled_tracker_checks_its_configuration(compiled):
+    with pytest.raises(ValueError):
+        compiled.Tracker(max_connections=0)
+    with pytest.raises(ValueError):
+        compiled.Tracker(shard=(2, 2))
+    assert IllegalTransition  # the compiled state machine raises the reference's exception
 
 
 def _decoded(path: Path):
@@ -156,12 +177,11 @@ def _decoded(path: Path):
                 yield pkt
 
 
-def test_fast_path_equals_general_path_on_the_sample_traces():
+def test_compiled_equals_reference_on_the_sample_traces(compiled):
     traces = sorted(p for p in SAMPLES.rglob("*") if p.suffix in (".pcap", ".pcapng", ".gz"))
     assert traces
     for trace in traces:
-        packets = list(_decoded(trace))
-        assert _run(packets, True) == _run(packets, False) == _run(packets, True, many=True), trace.name
+        assert _both(compiled, list(_decoded(trace))), trace.name
 
 
 NETS = st.lists(st.one_of(
@@ -180,17 +200,17 @@ ADDRS = st.one_of(st.binary(min_size=4, max_size=4), st.binary(min_size=16, max_
 @given(st.one_of(NETS, st.just(None)), st.lists(ADDRS, min_size=1, max_size=8))
 def test_address_text_and_locality_equal_ipaddress(nets, addrs):
     """The bisection over merged ranges and the hand-made dotted quad agree with ipaddress."""
-    tracker = ConnTracker() if nets is None else ConnTracker(local_nets=nets)
+    book = AddressBook(ConnTracker().local_nets if nets is None else nets)
     for raw in addrs:
         ip = ipaddress.ip_address(raw)
-        local = any(ip in net for net in tracker.local_nets if net.version == ip.version) if tracker.local_nets else None
-        assert tracker._addr(raw) == (str(ip), local)
+        local = any(ip in net for net in book.local_nets if net.version == ip.version) if book.local_nets else None
+        assert book.lookup(raw) == (str(ip), local)
 
 
 @given(st.binary(max_size=40), st.sampled_from([b"", b"port", b"PoRt", b"EPRT", b"ePrT", b"por", b"PRT"]),
        st.binary(max_size=10))
 def test_ftp_port_command_hint_equals_lowercase_search(head, word, tail):
-    from gateway.flows.conntrack import _FTP_PORT_COMMAND
+    from gateway.flows.conntrack.services import _FTP_PORT_COMMAND
 
     payload = head + word + tail
     low = payload.lower()
