@@ -26,7 +26,11 @@ system-deps:
 	  || echo "warning: could not install$$missing; tests that need them will be skipped"; \
 	fi
 
-$(STAMP): pyproject.toml
+# the compiled hot path of gateway.flows is built by the editable install: its sources
+# are prerequisites, so an edit to them rebuilds it
+NATIVE_SRC := $(wildcard gateway/flows/*.pyx gateway/flows/*.pxd gateway/flows/*.pxi gateway/flows/*/*.pxi)
+
+$(STAMP): pyproject.toml $(NATIVE_SRC)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@# torch first, the CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build
@@ -47,6 +51,7 @@ test-integration: setup system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
 bench: setup
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.run_all
 
 # the bundled default model is package data (models/default links to it)
