@@ -10,8 +10,8 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # Services the integration tests start themselves (mosquitto, openssl), the headless
-# browser of the status-page tests (chromium, chromium-driver) and libpcap (scapy compiles
-# live-capture BPF filters with it); installed only when
+# browser of the status-page tests (chromium, chromium-driver), libpcap (scapy compiles
+# live-capture BPF filters with it) and tcpdump (the live capture method); installed only when
 # missing, so this is a no-op on a prepared box.
 system-deps:
 	@missing=""; \
@@ -20,6 +20,7 @@ system-deps:
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	ldconfig -p 2>/dev/null | grep -q 'libpcap\.so' || missing="$$missing libpcap0.8"; \
+	command -v tcpdump >/dev/null 2>&1 || missing="$$missing tcpdump"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \

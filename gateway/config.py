@@ -153,6 +153,9 @@ class SourceSection:
     pcap_scan_interval_s [5.0]: how often ``pcap_dir`` is listed.
     interface [None]: network interface to sniff (needs CAP_NET_RAW).
     bpf [None]: capture filter for ``interface`` (tcpdump syntax).
+    capture_method ["auto"]: how ``interface`` is captured: "tcpdump" (libpcap's ring,
+      a pcap stream into the compiled reader; what "auto" picks where tcpdump is
+      installed) or "scapy" (one recv per frame; loses packets past a few 10k/s).
     local_nets [[]]: networks counted as local by the capture's connection tracker
       ([] = Zeek's defaults: private ranges).
     capture_batch [256]: flows from the interface committed per transaction.
@@ -167,6 +170,7 @@ class SourceSection:
     pcap_scan_interval_s: float = 5.0
     interface: str | None = None
     bpf: str | None = None
+    capture_method: str = "auto"
     local_nets: tuple[str, ...] = ()
     capture_batch: int = 256
     capture_max_wait_s: float = 1.0
@@ -179,6 +183,8 @@ class SourceSection:
                  "must be in (0, 3600] seconds")
         _require(bool(self.pcap_pattern), "source.pcap_pattern", "must not be empty")
         _require(1 <= self.capture_batch <= 1_000_000, "source.capture_batch", "must be in 1..1000000")
+        _require(self.capture_method in ("auto", "tcpdump", "scapy"), "source.capture_method",
+                 "must be one of auto, tcpdump, scapy")
         _require(0 < self.capture_max_wait_s <= 60, "source.capture_max_wait_s", "must be in (0, 60] seconds")
         import ipaddress
 

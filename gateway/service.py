@@ -12,7 +12,7 @@ the writers):
   changing is read once (flows + detections per batch, the file marked done with its
   identity at its end, so a restart skips it and a crash mid-file re-reads it without
   storing anything twice);
-* ``capture`` + ``capture-commit``: scapy's live capture enqueues finished flows; the
+* ``capture`` + ``capture-commit``: live capture enqueues finished flows; the
   committer takes batches (``capture_batch`` flows or ``capture_max_wait_s``);
 * ``link`` (or the FL client's worker): MQTT events, the durable outbox drain (alerts
   and model updates), the retained status with its last will;
@@ -358,6 +358,7 @@ class GatewayService:
         self._tail_seen = (0, 0)
         self.errors: collections.deque[str] = collections.deque(maxlen=20)
         self._capture_queue: queue.Queue[ConnRecord] = queue.Queue(maxsize=100_000)
+        self.capture_listening = threading.Event()  # set once source.interface is being captured
         self._threshold = config.inference.alert_threshold
         self._lock = threading.Lock()
 
@@ -678,8 +679,10 @@ class GatewayService:
         from gateway.flows.pcap import live_records
 
         src = self.config.source
-        for rec in live_records(src.interface, bpf=src.bpf, local_nets=src.local_nets or None, settings=self.config.flows,
-                                stop=self.stop_event.is_set, poll_interval=min(1.0, src.capture_max_wait_s)):
+        for rec in live_records(src.interface, method=src.capture_method, bpf=src.bpf,
+                                local_nets=src.local_nets or None, settings=self.config.flows,
+                                stop=self.stop_event.is_set, poll_interval=min(1.0, src.capture_max_wait_s),
+                                on_ready=self.capture_listening.set):
             self._capture_queue.put(rec)
             self.metrics.queue_depth.set(self._capture_queue.qsize())
 

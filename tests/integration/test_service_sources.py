@@ -63,7 +63,7 @@ def test_live_capture_on_loopback(tmp_path):
                                            "capture_batch": 4, "capture_max_wait_s": 0.2})
     service = GatewayService(cfg, classifier=RuleClassifier()).start()
     try:
-        time.sleep(1.0)  # the sniffer is up
+        assert service.capture_listening.wait(30)  # the capture is up
         senders = []
         for _ in range(5):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
