@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from gateway.output import FORMATS, emit_json, emit_mapping, emit_rows
+from gateway.output import FORMATS, emit_json, emit_mapping, emit_rows, printable
 
 DB_HELP = "Database URL (default: $FEDGATE_DB or sqlite:///./fedgate.db), e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
@@ -174,7 +174,7 @@ def replay(files, db_url, model_dir, no_classify, strict, source, from_start, ba
                     batch_size=batch_size, progress=on_progress, source=source, from_start=from_start,
                 )
         except ReplayError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(str(exc))}", err=True)
             click.echo("batches before this line are stored; fix the input or run without --strict", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
