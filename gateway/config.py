@@ -132,9 +132,12 @@ class GatewaySection:
 
 def bundled_model() -> str:
     """The directory of the model shipped with fedgate (``[gateway] model``'s default)."""
-    from gateway.model.modeldir import bundled_model_dir
+    from gateway.model.modeldir import ModelDirError, bundled_model_dir
 
-    return str(bundled_model_dir())
+    try:
+        return str(bundled_model_dir())
+    except ModelDirError as exc:
+        raise ConfigError("gateway.model", f"no bundled model ({exc}); give a model directory or \"{NO_MODEL}\"") from None
 
 
 @dataclass(frozen=True, kw_only=True)
