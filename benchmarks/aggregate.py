@@ -6,8 +6,12 @@ Throughput (one row per strategy): ``--clients`` updates of an OPT-shaped model 
 shipped student preset is ~40k) are combined into a new global model; updates/s =
 clients / seconds, wall and CPU.  Rows:
 
-* fedavg / gsfs / fedopt / median: the strategy maths alone (decoded deltas in memory);
-  per_s = updates per wall second, per_cpu_s = per CPU second of this process;
+* fedavg / gsfs / fedopt (plain): the strategy maths alone, defences off (decoded
+  deltas in memory); per_s = updates per wall second, per_cpu_s = per CPU second of
+  this process;
+* gsfs + robust <combiner>: the shipped defaults (one vote, sample and norm bounds,
+  cloud_aggregator.safety.RobustSettings) with each combiner: what robust aggregation
+  costs per window of ``--clients`` updates;
 * pipeline (no SQL): validate_envelope (digest, zstd, safetensors, shapes,
   finiteness) + pool offer + GSFS aggregation on one thread;
 * service worker: the aggregator's own worker loop (see ``bench_service``): updates
@@ -111,9 +115,14 @@ def bench_strategies(model, clients: int) -> list[dict]:
     deltas = deltas_for(model, clients)
     views = [UpdateView(sender=f"gw{i}", delta=d, num_samples=100 + i, base_version=max(0, 5 - i % 3),
                         submissions=1 + i % 4) for i, d in enumerate(deltas)]
+    from cloud_aggregator.safety import COMBINERS, RobustSettings
+
     rows = []
-    for label, name, robust in (("fedavg", "fedavg", None), ("gsfs", "gsfs", None), ("fedopt", "fedopt", None),
-                                ("median (robust)", "gsfs", {"method": "median"})):
+    plain = RobustSettings.off()
+    cases = [("fedavg (plain)", "fedavg", plain), ("gsfs (plain)", "gsfs", plain), ("fedopt (plain)", "fedopt", plain)]
+    cases += [(f"gsfs + robust {c}" + (" (default)" if c == RobustSettings().combiner else ""), "gsfs",
+               RobustSettings(combiner=c)) for c in COMBINERS]
+    for label, name, robust in cases:
         strategy = build_strategy(name, robust=robust)
         _, wall, cpu = timed(lambda: strategy.aggregate(model, views, version=5))
         rows.append(row(label, clients, wall, cpu))

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from cloud_aggregator.safety import RobustSettings
 from cloud_aggregator.strategies.base import (
     Aggregation,
     PoolView,
@@ -25,20 +26,21 @@ STRATEGIES: dict[str, type[Strategy]] = {"gsfs": GSFS, "fedavg": FedAvg, "fedopt
 
 __all__ = [
     "Aggregation", "PoolView", "Strategy", "StrategyState", "UpdateView", "DifferentialPrivacy",
-    "FedAvg", "FedOpt", "GSFS", "RobustAggregation", "STRATEGIES", "build_strategy",
+    "FedAvg", "FedOpt", "GSFS", "RobustAggregation", "RobustSettings", "STRATEGIES", "build_strategy",
 ]
 
 
 def build_strategy(name: str, *, params: Mapping[str, Any] | None = None,
-                   robust: Mapping[str, Any] | None = None, dp: Mapping[str, Any] | None = None,
+                   robust: RobustSettings | Mapping[str, Any] | None = None, dp: Mapping[str, Any] | None = None,
                    seed: int = 0) -> Strategy:
-    """``name`` in gsfs/fedavg/fedopt with its keyword settings, optionally wrapped by
-    robust aggregation and then central DP (noise is added last, after robust combining)."""
+    """``name`` in gsfs/fedavg/fedopt with its keyword settings, wrapped by robust
+    aggregation (``robust``: :class:`RobustSettings` or its ``[strategy.robust]`` table;
+    None: the defaults, on) and then, optionally, central DP (noise is added last, after
+    robust combining)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     strategy: Strategy = STRATEGIES[name](**dict(params or {}))
-    if robust:
-        strategy = RobustAggregation(strategy, **dict(robust))
+    strategy = RobustAggregation(strategy, robust)
     if dp:
         strategy = DifferentialPrivacy(strategy, rng=np.random.default_rng(seed), **dict(dp))
     return strategy

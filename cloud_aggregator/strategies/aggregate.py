@@ -122,8 +122,13 @@ def scale(delta: Mapping[str, np.ndarray], factor: float) -> Tensors:
 
 
 def global_norm(delta: Mapping[str, np.ndarray]) -> float:
-    """L2 norm over all tensors together."""
-    return math.sqrt(sum(float(np.vdot(v, v)) for v in delta.values()))
+    """L2 norm over all tensors together, summed in float64: finite float32 values
+    never overflow it (a float32 dot product of values near 1e20 would be inf)."""
+    total = 0.0
+    for v in delta.values():
+        a = np.asarray(v).ravel()
+        total += float(np.einsum("i,i->", a, a, dtype=np.float64))  # cast in buffers, no copy
+    return math.sqrt(total)
 
 
 def clip_by_norm(delta: Mapping[str, np.ndarray], max_norm: float) -> tuple[Tensors, float]:
@@ -147,31 +152,178 @@ def add(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> Tensors:
 
 
 # ---------------------------------------------------------------- robust statistics
+#
+# Bounds first (what one gateway can claim and how far its delta reaches), then a
+# combiner.  Every combiner takes the strategy's client weights (FedAvg's sample shares,
+# GSFS's pi_i), already bounded by the bounds, so a robust combiner does not throw away
+# the weighting that non-IID gateways of very different sizes need.
+
+
+def median_or_none(values: Sequence[float]) -> float | None:
+    """Median of the finite values (None when there is none)."""
+    v = np.asarray([x for x in values if math.isfinite(float(x))], dtype=np.float64)
+    return float(np.median(v)) if v.size else None
+
+
+def clip_samples(num_samples: Sequence[int], *, reference: Sequence[int] = (), multiple: float | None = None,
+                 maximum: int | None = None) -> list[int]:
+    """Self-reported sample counts clipped to ``multiple`` x the median of ``reference``
+    plus ``num_samples`` (a gateway cannot buy weight by claiming more than the others),
+    and to ``maximum``; at least 1 each."""
+    n = [max(1, int(x)) for x in num_samples]
+    cap = math.inf
+    if multiple is not None:
+        med = median_or_none([*n, *[int(x) for x in reference]])
+        if med is not None:
+            cap = max(1.0, multiple * med)
+    if maximum is not None:
+        cap = min(cap, maximum)
+    return [int(min(x, cap)) for x in n]
+
+
+def clip_norms(deltas: Sequence[Mapping[str, np.ndarray]], *, reference: Sequence[float] = (),
+               multiple: float | None = None, bound: float | None = None) -> tuple[list[Tensors], list[float], float]:
+    """Each delta scaled down to at most ``multiple`` x the median L2 norm of the deltas
+    and the ``reference`` norms (recent accepted updates: a window of one cannot set its
+    own bound), and to ``bound``.  Returns (deltas, scale applied to each, the limit)."""
+    norms = [global_norm(d) for d in deltas]
+    limit = math.inf
+    if multiple is not None:
+        med = median_or_none([*norms, *reference])
+        if med is not None and med > 0:
+            limit = multiple * med
+    if bound is not None:
+        limit = min(limit, bound)
+    out, scales = [], []
+    for d, n in zip(deltas, norms):
+        scale = 1.0 if n <= limit else limit / n
+        out.append(dict(d) if scale == 1.0 else {k: (np.asarray(v, np.float32) * np.float32(scale)) for k, v in d.items()})
+        scales.append(scale)
+    return out, scales, limit
+
+
+def _stack_rows(deltas: Sequence[Mapping[str, np.ndarray]], names: list[str]) -> np.ndarray:
+    """(P, n) float32: row j holds coordinate j of every delta (all tensors, flattened,
+    in ``names`` order), so per-coordinate statistics sort contiguous rows."""
+    flat = np.stack([np.concatenate([np.asarray(d[k], np.float32).ravel() for k in names]) if names
+                     else np.zeros(0, np.float32) for d in deltas])
+    return np.ascontiguousarray(flat.T)
+
+
+def _unstack(values: np.ndarray, like: Mapping[str, np.ndarray], names: list[str]) -> Tensors:
+    out: Tensors = {}
+    pos = 0
+    for k in names:
+        size = int(np.size(like[k]))
+        out[k] = values[pos:pos + size].reshape(np.shape(like[k])).astype(np.float32)
+        pos += size
+    return out
+
+
+_ROWS = 1 << 14  # coordinates per step: bounds the (rows, n) temporaries
+
+
+def _sorted_rows(x: np.ndarray, w: np.ndarray):
+    """Each row of ``x`` sorted, with the weight of each value and the cumulative weight
+    up to and including it."""
+    order = np.argsort(x, axis=1)
+    xs = np.take_along_axis(x, order, axis=1)
+    ws = w[order]
+    return xs, ws, np.cumsum(ws, axis=1)
+
+
+def weighted_trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float],
+                          trim: float) -> Tensors:
+    """Per coordinate: sort the values, drop ``trim`` of the weight mass at each end
+    (whole updates or parts of one), average what is left by weight.
+
+    With equal weights and ``trim`` = k/n this is the classic trimmed mean dropping k
+    values at each end; with ``trim`` 0 it is the weighted average.  A client whose
+    weight is at most ``trim`` cannot move a coordinate beyond the range of the others.
+    """
+    if not 0 <= trim < 0.5:
+        raise ValueError("trim must be in [0, 0.5)")
+    names = _check_same_names(deltas)
+    w = normalise(weights)
+    if w.size != len(deltas):
+        raise ValueError("one weight per delta")
+    if trim == 0:
+        return weighted_average(deltas, w)
+    x = _stack_rows(deltas, names)
+    res = np.empty(x.shape[0], np.float64)
+    for i in range(0, x.shape[0], _ROWS):
+        xs, ws, upper = _sorted_rows(x[i:i + _ROWS], w)
+        kept = np.clip(np.minimum(upper, 1.0 - trim) - np.maximum(upper - ws, trim), 0.0, None)
+        res[i:i + _ROWS] = np.einsum("ij,ij->i", kept, xs) / (1.0 - 2.0 * trim)
+    return _unstack(res, deltas[0], names)
+
+
+def weighted_median(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> Tensors:
+    """Per coordinate: the value where the cumulative weight reaches one half (the mean
+    of the two neighbours when it lands exactly between them; numpy's median for equal
+    weights).  Robust to any set of clients holding less than half the weight."""
+    names = _check_same_names(deltas)
+    w = normalise(weights)
+    if w.size != len(deltas):
+        raise ValueError("one weight per delta")
+    x = _stack_rows(deltas, names)
+    res = np.empty(x.shape[0], np.float64)
+    tol = 1e-12
+    for i in range(0, x.shape[0], _ROWS):
+        xs, _, upper = _sorted_rows(x[i:i + _ROWS], w)
+        rows = np.arange(xs.shape[0])
+        lo = np.argmax(upper >= 0.5 - tol, axis=1)  # first value reaching half the mass
+        hi = np.argmax(upper > 0.5 + tol, axis=1)  # first value passing it
+        res[i:i + _ROWS] = 0.5 * (xs[rows, lo].astype(np.float64) + xs[rows, hi])
+    return _unstack(res, deltas[0], names)
 
 
 def coordinate_median(deltas: Sequence[Mapping[str, np.ndarray]]) -> Tensors:
     """Per-coordinate median (unweighted; robust to < half arbitrary updates)."""
-    names = _check_same_names(deltas)
-    return {n: np.median(np.stack([d[n] for d in deltas]), axis=0).astype(np.float32) for n in names}
+    return weighted_median(deltas, [1.0] * len(deltas))
 
 
 def trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], trim_fraction: float) -> Tensors:
     """Per-coordinate mean after dropping floor(trim_fraction * n) smallest and largest."""
     if not 0 <= trim_fraction < 0.5:
         raise ValueError("trim_fraction must be in [0, 0.5)")
-    names = _check_same_names(deltas)
     n = len(deltas)
     k = int(math.floor(trim_fraction * n))
-    out: Tensors = {}
-    for name in names:
-        stacked = np.sort(np.stack([d[name] for d in deltas]), axis=0)
-        out[name] = stacked[k:n - k].mean(axis=0).astype(np.float32)
-    return out
+    return weighted_trimmed_mean(deltas, [1.0] * n, k / n)
+
+
+def krum_select(deltas: Sequence[Mapping[str, np.ndarray]], byzantine: int) -> list[int]:
+    """Multi-Krum (Blanchard et al. 2017; El Mhamdi et al. 2018): score each delta by the
+    sum of squared distances to its n - f - 2 nearest others and keep the n - f best
+    (indices, best first).  Needs n >= 2f + 3; fewer deltas keep them all."""
+    n = len(deltas)
+    if byzantine < 0:
+        raise ValueError("byzantine must be >= 0")
+    if n < 2 * byzantine + 3 or byzantine == 0:
+        return list(range(n))
+    names = _check_same_names(deltas)
+    x = _stack_rows(deltas, names)  # (P, n)
+    gram = (x.T @ x).astype(np.float64)  # float32 products: enough to rank distances
+    sq = np.diag(gram)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0.0)
+    np.fill_diagonal(dist, np.inf)
+    near = n - byzantine - 2
+    scores = np.sort(dist, axis=1)[:, :near].sum(axis=1)
+    return [int(i) for i in np.argsort(scores, kind="stable")[: n - byzantine]]
 
 
 def norm_bound(deltas: Sequence[Mapping[str, np.ndarray]], bound: float) -> list[Tensors]:
     """Clip every delta to L2 norm ``bound`` (limits what one client can move the model)."""
     return [clip_by_norm(d, bound)[0] for d in deltas]
+
+
+def all_finite(tensors: Mapping[str, np.ndarray]) -> bool:
+    return all(np.isfinite(v).all() for v in tensors.values() if np.issubdtype(np.asarray(v).dtype, np.floating))
+
+
+def step_norm(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of new - old over the floating tensors (float64: never overflows)."""
+    return global_norm(subtract(new, old))
 
 
 # ---------------------------------------------------------------- FedAdam

@@ -57,6 +57,8 @@ class StrategyState:
     # (sender, sample count, version it was stored at)
     remembered: Mapping[str, Tensors] = field(default_factory=dict)
     remembered_meta: tuple[tuple[str, int, int], ...] = ()
+    # robust aggregation: L2 norms of the last accepted (bounded) updates, oldest first
+    norm_history: tuple[float, ...] = ()
 
     def to_tensors(self) -> tuple[Tensors, dict[str, Any]]:
         """Arrays and JSON-able scalars for a checkpoint."""
@@ -64,6 +66,8 @@ class StrategyState:
         meta: dict[str, Any] = {"dp_steps": self.dp_steps, "dp_sampling_rates": list(self.dp_sampling_rates)}
         if self.client_samples:
             meta["client_samples"] = dict(self.client_samples)
+        if self.norm_history:
+            meta["norm_history"] = list(self.norm_history)
         if self.remembered_meta:
             meta["remembered"] = {s: [n, v] for s, n, v in self.remembered_meta}
             for sender, model in self.remembered.items():
@@ -91,6 +95,7 @@ class StrategyState:
         return cls(adam=adam, dp_steps=int(meta.get("dp_steps", 0)),
                    remembered=remembered, remembered_meta=remembered_meta,
                    dp_sampling_rates=tuple(float(q) for q in meta.get("dp_sampling_rates", ())),
+                   norm_history=tuple(float(x) for x in meta.get("norm_history", ())),
                    client_samples=tuple(sorted((str(k), int(n))
                                                for k, n in dict(meta.get("client_samples", {})).items())))
 
@@ -129,7 +134,12 @@ class Strategy:
         """Settings for the retained control message (merged by the service)."""
         return {"strategy": self.name}
 
-    # -- the pipeline (wrappers override combine) ---------------------------------------
+    # -- the pipeline (wrappers override prepare and combine) ---------------------------
+    def prepare(self, updates: Sequence[UpdateView], state: StrategyState
+                ) -> tuple[list[UpdateView], StrategyState, dict[str, Any]]:
+        """The updates as this aggregation uses them (the robust wrapper bounds them here)."""
+        return list(updates), state, {}
+
     def client_weights(self, updates: Sequence[UpdateView], version: int) -> np.ndarray:
         return agg.sample_count_weights([u.num_samples for u in updates])
 
@@ -162,7 +172,7 @@ class Strategy:
         if not updates:
             raise ValueError("nothing to aggregate")
         state = state or StrategyState()
-        fresh = list(updates)
+        fresh, state, prepared = self.prepare(updates, state)
         quiet = self.quiet_updates(global_weights, fresh, version, state)
         members = fresh + quiet
         weights = self.client_weights(members, version)
@@ -177,11 +187,17 @@ class Strategy:
         k = len(fresh)
         if quiet:
             info = {**info, "remembered": {u.sender: round(float(w), 6) for u, w in zip(quiet, weights[k:])}}
+        excluded = [i for i in info.pop("excluded", ()) if i < k]  # members the combiner left out
+        if excluded:
+            weights = np.array(weights, dtype=np.float64)
+            weights[excluded] = 0.0
+            weights = agg.normalise(weights)
+            info = {**info, "excluded": [fresh[i].sender for i in excluded]}
         # per-sender L2 norms of what arrived: a gateway pushing the model off course
         # stands out in the round history (and the robust wrapper bounds it)
         info = {"delta_norm": agg.global_norm(delta),
                 "update_norms": {u.sender: round(agg.global_norm(u.delta), 6) for u in fresh},
-                "client_metrics": client_metric_means(fresh, weights[:k]), **info}
+                "client_metrics": client_metric_means(fresh, weights[:k]), **prepared, **info}
         return Aggregation(new_weights, state, tuple(u.sender for u in fresh),
                            tuple(float(w) for w in weights[:k]), info)
 
@@ -220,6 +236,9 @@ class StrategyWrapper(Strategy):
 
     def control(self):
         return self.inner.control()
+
+    def prepare(self, updates, state):
+        return self.inner.prepare(updates, state)
 
     def client_weights(self, updates, version):
         return self.inner.client_weights(updates, version)

@@ -1,45 +1,83 @@
-"""Robust aggregation around any strategy: norm bound, coordinate median, trimmed mean.
+"""Robust aggregation around any strategy (on by default: :class:`RobustSettings`).
 
-``norm_bound`` clips every delta to that L2 norm before combining (limits how far one
-gateway can move the model); ``method`` replaces the weighted average by the
-coordinate-wise median or the trimmed mean (unweighted: a weight is something an
-attacker could inflate), or keeps the inner strategy's combination ("mean").
+Before the inner strategy weighs anything (:meth:`RobustAggregation.prepare`):
+
+1. one vote per gateway per window: the pool already keeps only a gateway's newest
+   update; its submission count (GSFS's s_i) is taken as 1, so re-uploads add no weight;
+2. self-reported sample counts are clipped to ``sample_multiple`` x the median count of
+   the known gateways (and to ``max_samples``);
+3. each delta is clipped to ``norm_multiple`` x the median norm of the window and of
+   the recently accepted updates (and to ``norm_bound``).
+
+Then the inner strategy's client weights (of the bounded updates) go to the combiner:
+the weighted mean (default), weighted trimmed mean, weighted coordinate median or Multi-Krum
+(:mod:`cloud_aggregator.strategies.aggregate` holds the maths).  The service checks the
+resulting candidate (finite, step norm against recent versions) before it signs it.
 """
 
 from __future__ import annotations
 
-from cloud_aggregator.strategies import aggregate as agg
-from cloud_aggregator.strategies.base import Strategy, StrategyWrapper
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
-METHODS = ("mean", "median", "trimmed_mean")
+from cloud_aggregator.safety import RobustSettings
+from cloud_aggregator.strategies import aggregate as agg
+from cloud_aggregator.strategies.base import Strategy, StrategyState, StrategyWrapper
 
 
 class RobustAggregation(StrategyWrapper):
-    """Keyword-only settings (defaults in brackets):
+    """``inner`` with the bounds and combiner of ``settings`` (see :class:`RobustSettings`)."""
 
-    method ["mean"]: "mean" (inner strategy's weights), "median" or "trimmed_mean".
-    norm_bound [None]: clip each delta to this L2 norm first (None: no clipping).
-    trim_fraction [0.1]: share dropped at each end by the trimmed mean.
-    """
-
-    def __init__(self, inner: Strategy, *, method: str = "mean", norm_bound: float | None = None,
-                 trim_fraction: float = 0.1):
+    def __init__(self, inner: Strategy, settings: RobustSettings | Mapping[str, Any] | None = None):
         super().__init__(inner)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}")
-        if norm_bound is not None and not norm_bound > 0:
-            raise ValueError("norm_bound must be positive")
-        if not 0 <= trim_fraction < 0.5:
-            raise ValueError("trim_fraction must be in [0, 0.5)")
-        self.method = method
-        self.norm_bound = None if norm_bound is None else float(norm_bound)
-        self.trim_fraction = float(trim_fraction)
+        if settings is None:
+            settings = RobustSettings()
+        elif not isinstance(settings, RobustSettings):
+            settings = RobustSettings.from_mapping(settings)
+        self.settings = settings
+
+    def prepare(self, updates, state: StrategyState):
+        updates, state, info = self.inner.prepare(updates, state)
+        cfg = self.settings
+        if not cfg.enabled or not updates:
+            return updates, state, info
+        received = {u.sender: round(agg.global_norm(u.delta), 6) for u in updates}
+        if cfg.one_vote:
+            updates = [replace(u, submissions=1) for u in updates]
+        # 2. sample counts, against everyone's newest (clipped) count
+        window = {u.sender for u in updates}
+        others = [n for s, n in state.client_samples if s not in window]
+        clipped = agg.clip_samples([u.num_samples for u in updates], reference=others,
+                                   multiple=cfg.sample_multiple, maximum=cfg.max_samples)
+        samples_clipped = {u.sender: [u.num_samples, n] for u, n in zip(updates, clipped) if n != u.num_samples}
+        updates = [replace(u, num_samples=n) for u, n in zip(updates, clipped)]
+        known = {**dict(state.client_samples), **{u.sender: int(u.num_samples) for u in updates}}
+        # 3. norms, against the window and the recently accepted updates
+        deltas, scales, limit = agg.clip_norms([u.delta for u in updates], reference=state.norm_history,
+                                               multiple=cfg.norm_multiple, bound=cfg.norm_bound)
+        updates = [replace(u, delta=d) for u, d in zip(updates, deltas)]
+        accepted = [min(received[u.sender], limit) for u in updates]
+        history = (state.norm_history + tuple(accepted))[-cfg.norm_history:]
+        state = replace(state, client_samples=tuple(sorted(known.items())), norm_history=history)
+        info = {**info, "update_norms_received": received,
+                "robust": {"combiner": cfg.combiner, "norm_limit": None if math.isinf(limit) else limit,
+                           "norm_clipped": {u.sender: float(f"{sc:.6g}") for u, sc in zip(updates, scales) if sc < 1.0},
+                           "samples_clipped": samples_clipped}}
+        return updates, state, info
 
     def combine(self, deltas, weights, state, view_size):
-        if self.norm_bound is not None:
-            deltas = agg.norm_bound(deltas, self.norm_bound)
-        if self.method == "median":
-            return agg.coordinate_median(deltas), state, {"robust": "median"}
-        if self.method == "trimmed_mean":
-            return agg.trimmed_mean(deltas, self.trim_fraction), state, {"robust": "trimmed_mean"}
-        return self.inner.combine(deltas, weights, state, view_size)
+        cfg = self.settings
+        if not cfg.enabled or cfg.combiner == "mean":
+            return self.inner.combine(deltas, weights, state, view_size)
+        if cfg.combiner == "trimmed_mean":
+            return agg.weighted_trimmed_mean(deltas, weights, cfg.trim), state, {}
+        if cfg.combiner == "median":
+            return agg.weighted_median(deltas, weights), state, {}
+        n = len(deltas)
+        f = min(int(math.floor(cfg.krum_byzantine * n)), max(0, (n - 3) // 2))
+        kept = agg.krum_select(deltas, f)
+        out = agg.weighted_average([deltas[i] for i in kept], [weights[i] for i in kept]) if any(
+            weights[i] > 0 for i in kept) else agg.weighted_average([deltas[i] for i in kept], [1.0] * len(kept))
+        return out, state, {"excluded": sorted(set(range(n)) - set(kept))}

@@ -147,16 +147,23 @@ def test_fedavg_selection_fraction_is_seeded():
     assert FedAvg().select(live, np.random.default_rng(0)) == frozenset(live)
 
 
-def test_robust_median_bounds_a_malicious_update():
+def test_robust_bounds_a_malicious_update():
     inner = FedAvg()
     honest = [upd("a", [1.0]), upd("b", [1.2]), upd("c", [0.8])]
     evil = upd("x", [1e6], n=1000)
     plain = inner.aggregate(t(0.0), honest + [evil], version=0)
-    robust = RobustAggregation(inner, method="median").aggregate(t(0.0), honest + [evil], version=0)
     assert plain.weights["w"][0] > 1e5
-    assert robust.weights["w"][0] == pytest.approx(1.1)  # median of 0.8, 1.0, 1.2, 1e6
-    bounded = RobustAggregation(inner, norm_bound=2.0).aggregate(t(0.0), honest + [evil], version=0)
-    assert bounded.weights["w"][0] <= 2.0
+    # samples clipped to 3 x median(1, 1, 1, 1000) = 3 -> weights 1, 1, 1, 3 (/6); norms to
+    # 3 x median(1, 1.2, 0.8, 1e6) = 3.3; weighted median of 0.8, 1.0, 1.2 | 3.3: the half
+    # mass ends exactly at 1.2 -> (1.2 + 3.3) / 2
+    median = RobustAggregation(inner, {"combiner": "median"}).aggregate(t(0.0), honest + [evil], version=0)
+    assert median.weights["w"][0] == pytest.approx(2.25)
+    assert median.client_weights == pytest.approx((1 / 6, 1 / 6, 1 / 6, 0.5))
+    assert median.info["robust"]["samples_clipped"] == {"x": [1000, 3]}
+    assert median.info["robust"]["norm_clipped"] == {"x": pytest.approx(3.3e-6)}
+    bounded = RobustAggregation(inner, {"combiner": "mean", "norm_bound": 2.0}).aggregate(
+        t(0.0), honest + [evil], version=0)
+    assert bounded.weights["w"][0] == pytest.approx((1.0 + 1.2 + 0.8 + 3 * 2.0) / 6)
 
 
 def test_dp_clips_adds_noise_and_reports_epsilon():
@@ -190,7 +197,8 @@ def test_state_round_trips_through_tensors():
     lambda: GSFS(rho=0), lambda: GSFS(rho=1.5), lambda: GSFS(deadline_s=0), lambda: FedAvg(fraction=0),
     lambda: FedOpt(beta1=1.0), lambda: FedOpt(tau=0), lambda: FedOpt(tau=float("nan")),
     lambda: FedOpt(tau=float("inf")), lambda: FedAvg(eta=float("nan")),
-    lambda: RobustAggregation(FedAvg(), method="mode"), lambda: RobustAggregation(FedAvg(), trim_fraction=0.5),
+    lambda: RobustAggregation(FedAvg(), {"combiner": "mode"}), lambda: RobustAggregation(FedAvg(), {"trim": 0.5}),
+    lambda: RobustAggregation(FedAvg(), {"method": "median"}),
     lambda: DifferentialPrivacy(FedAvg(), clip_norm=0, rng=np.random.default_rng()),
     lambda: build_strategy("fedsgd"), lambda: build_strategy("gsfs", params={"unknown": 1}),
 ])
@@ -200,13 +208,13 @@ def test_invalid_settings_are_refused(bad):
 
 
 def test_build_strategy_wraps_in_order():
-    s = build_strategy("gsfs", params={"rho": 0.5}, robust={"method": "median"}, dp={"clip_norm": 1.0})
+    s = build_strategy("gsfs", params={"rho": 0.5}, robust={"combiner": "median"}, dp={"clip_norm": 1.0})
     assert isinstance(s, DifferentialPrivacy) and isinstance(s.inner, RobustAggregation)
     assert s.name == "gsfs" and s.control()["strategy"] == "gsfs"
 
 
 def test_wrapped_synchronous_strategy_keeps_round_management():
-    s = build_strategy("fedavg", params={"min_available": 2, "round_timeout_s": 10}, robust={"method": "median"},
+    s = build_strategy("fedavg", params={"min_available": 2, "round_timeout_s": 10}, robust={"combiner": "median"},
                        dp={"clip_norm": 1.0})
     assert s.synchronous and s.round_timeout_s == 10
     assert not s.can_open_round(frozenset({"a"})) and s.can_open_round(frozenset({"a", "b"}))
