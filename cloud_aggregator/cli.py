@@ -62,7 +62,7 @@ def run(config_path: str, http_listen: str | None) -> None:
       [aggregator]
       database = "aggregator.db"
       initial_model = "models/default/model.safetensors"
-      signing_key = "keys/aggregator.key"      # created 0600 if missing
+      signing_key = "keys/aggregator.key"      # made once by: fedgate-aggregator keygen keys/aggregator.key
       [mqtt]
       host = "127.0.0.1"
       port = 1883

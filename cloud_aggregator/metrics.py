@@ -23,12 +23,18 @@ central_metric{metric}                central accuracy / F1 / ... of the newest 
 client_online{gateway}                1 while that gateway is online
 client_submissions_total{gateway}     updates that gateway submitted
 client_flows{gateway}                 flows the gateway reports in its status
+candidates_refused_total{reason}      candidate globals not published (aggregate check:
+                                      not_finite, step_norm; deployment gate: gate,
+                                      scorer_failed)
+gate_passed_total                     published versions the deployment gate scored
+gate_score{metric}                    the gate's score of the current global version
 ====================================  ===================================================
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -72,6 +78,9 @@ def dashboard_figures(session: Session, *, last_rounds: int = 50) -> dict:
         "broadcast_bytes": int(totals[2]),
         "rejections": summary.rejections,
         "detections_by_label": labels_total,
+        "refused": summary.refused,
+        "refusals": summary.refusals,
+        "gate_passed": int((summary.state or {}).get("gate_passed") or 0),
     }
 
 
@@ -127,6 +136,18 @@ class AggregatorCollector:
             if key.startswith("central_") and isinstance(value, (int, float)):
                 central.add_metric([key[len("central_"):]], float(value))
         yield central
+        refused = CounterMetricFamily(f"{PREFIX}_candidates_refused", "candidate globals not published, by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(f["refused"].items()):
+            refused.add_metric([reason], float(n))
+        yield refused
+        yield counter("gate_passed", "published versions the deployment gate scored", f["gate_passed"])
+        gate = GaugeMetricFamily(f"{PREFIX}_gate_score", "the deployment gate's score of the current version",
+                                 labels=["metric"])
+        for key, value in (f["rounds"][-1] if f["rounds"] else {}).items():
+            if key.startswith("gate_") and isinstance(value, (int, float)) and math.isfinite(value):
+                gate.add_metric([key[len("gate_"):]], float(value))
+        yield gate
         online = GaugeMetricFamily(f"{PREFIX}_client_online", "1 while the gateway is online", labels=["gateway"])
         subs = CounterMetricFamily(f"{PREFIX}_client_submissions", "updates submitted", labels=["gateway"])
         flows = GaugeMetricFamily(f"{PREFIX}_client_flows", "flows the gateway reports", labels=["gateway"])

@@ -1,7 +1,8 @@
 """The aggregator's update pool: pure logic with an injected clock.
 
-Holds the newest update of each client with its submission count for the current
-window (GSFS s_i), the total per client, replay detection over (sender, message id),
+Holds the newest update of each client (a re-upload replaces it) with its submission
+count for the current window (GSFS s_i; with robust aggregation on, the default, it
+adds no weight: one vote per gateway per window), the total per client, replay detection over (sender, message id),
 client liveness from their retained status and last will, the global version, and for
 synchronous strategies the open round and its selected clients.  No I/O: the service
 persists every change through ``cloud_aggregator.store`` and rebuilds the pool from it
@@ -11,6 +12,7 @@ after a restart (:meth:`UpdatePool.restore`).
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -47,17 +49,70 @@ class ClientInfo:
     window_submissions: int = 0
 
 
-def parse_status(payload: bytes) -> tuple[bool, dict[str, Any]]:
-    """A gateway's retained status JSON -> (online, fields).  Empty payload (a cleared
-    retained message) or anything unreadable counts as offline."""
+MAX_STATUS_BYTES = 65536
+MAX_STATUS_DEPTH = 4  # nesting kept (deeper values are dropped)
+MAX_STATUS_ITEMS = 64  # keys of an object, items of a list (the rest are dropped)
+MAX_STATUS_TEXT = 256  # characters of a string or key (longer ones are cut)
+MAX_STATUS_NUMBER = 2**53  # larger magnitudes make the status unreadable
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    raise _BadNumber(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v) or abs(v) > MAX_STATUS_NUMBER:
+        raise _BadNumber(f"number {text[:20]} out of range")
+    return v
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 20 or abs(int(text)) > MAX_STATUS_NUMBER:
+        raise _BadNumber(f"integer {text[:20]}... out of range")
+    return int(text)
+
+
+def _prune(value: Any, depth: int = 0) -> Any:
+    """The status with its nesting, sizes and strings bounded (what is stored and shown)."""
+    if isinstance(value, dict):
+        if depth >= MAX_STATUS_DEPTH:
+            return None
+        return {str(k)[:MAX_STATUS_TEXT]: _prune(v, depth + 1) for k, v in list(value.items())[:MAX_STATUS_ITEMS]}
+    if isinstance(value, list):
+        if depth >= MAX_STATUS_DEPTH:
+            return None
+        return [_prune(v, depth + 1) for v in value[:MAX_STATUS_ITEMS]]
+    if isinstance(value, str):
+        return value[:MAX_STATUS_TEXT]
+    return value  # bool, None, or a number already checked by the parser
+
+
+def parse_status(payload: bytes) -> tuple[bool, dict[str, Any]] | Rejection:
+    """A gateway's retained status JSON -> (online, fields), or a :class:`Rejection`
+    when it is not readable: not UTF-8 JSON, not an object, too large, or holding NaN,
+    Infinity or numbers beyond 2**53 (a JSON column on PostgreSQL refuses the first two;
+    the page and /metrics could not show the last).  Nested junk is cut to bounds
+    (depth, items, string length).  An empty payload (a cleared retained message) is
+    offline."""
     if not payload:
         return False, {}
+    if len(payload) > MAX_STATUS_BYTES:
+        return Rejection(RejectReason.SCHEMA, f"status of {len(payload)} bytes (at most {MAX_STATUS_BYTES})")
     try:
-        obj = json.loads(bytes(payload[:65536]).decode("utf-8"))
+        obj = json.loads(bytes(payload).decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float,
+                         parse_int=_bounded_int)
+    except _BadNumber as exc:
+        return Rejection(RejectReason.SCHEMA, f"status: {exc}")
     except (UnicodeDecodeError, ValueError, RecursionError):
-        return False, {"error": "unreadable status"}
+        return Rejection(RejectReason.SCHEMA, "status is not UTF-8 JSON")
     if not isinstance(obj, dict):
-        return False, {"error": "status is not an object"}
+        return Rejection(RejectReason.SCHEMA, "status is not a JSON object")
+    obj = _prune(obj)
     state = obj.get("state")
     return isinstance(state, str) and state != "offline", obj
 
@@ -172,6 +227,18 @@ class UpdatePool:
             if s in self.clients:
                 self.clients[s].window_submissions = 0
         self.version = int(new_version)
+        self.window_opened_at = min((u.received_at for u in self._updates.values()), default=None)
+        self.round_opened_at = None
+        self.selected = frozenset()
+
+    def refused(self, senders: Iterable[str]) -> None:
+        """The updates of ``senders`` went into a candidate that was not published: drop
+        them and reset their window counts; the version stays, an open round closes (a
+        synchronous strategy opens the next one)."""
+        for s in senders:
+            self._updates.pop(s, None)
+            if s in self.clients:
+                self.clients[s].window_submissions = 0
         self.window_opened_at = min((u.received_at for u in self._updates.values()), default=None)
         self.round_opened_at = None
         self.selected = frozenset()

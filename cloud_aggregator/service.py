@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import queue
 import threading
@@ -30,16 +31,19 @@ import numpy as np
 import safetensors.numpy as st_numpy
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from cloud_aggregator import gate as gates
 from cloud_aggregator import store
 from cloud_aggregator.link import AggregatorLink, ConnectionChanged
 from cloud_aggregator.pool import PooledUpdate, UpdatePool, parse_status
+from cloud_aggregator.safety import GateSettings, RobustSettings
 from cloud_aggregator.strategies import Strategy, StrategyState, build_strategy
+from cloud_aggregator.strategies import aggregate as agg_math
 from gateway.fl.control import Control, LocalSettings, encode_control
 from gateway.mqtt import Inbound, MqttSettings, TlsSettings
 from gateway.protocol import chunking, signing, topics
-from gateway.protocol.envelope import DEFAULT_MAX_BYTES, Envelope, Kind, decode_header, encode_global
+from gateway.protocol.envelope import Envelope, Kind, decode_header, encode_global
 from gateway.protocol.errors import EnvelopeError, RejectReason, Rejection
-from gateway.protocol.validation import ValidationPolicy, spec_of, validate_envelope
+from gateway.protocol.validation import ValidationPolicy, size_limits, spec_of, validate_envelope
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +63,26 @@ class AggregatorConfig:
     prefix ["fedgate/v1"]: topic prefix.
     initial_model [the bundled model's model.safetensors]: the version-0 weights, read
       on the first start (an empty store) only.
-    signing_key [None]: Ed25519 private key file; created (0600, plus ``.pub``) if missing.
-      None publishes unsigned models (development only).
-    strategy ["gsfs"], strategy_params [{}], robust [None], dp [None], seed [0].
+    signing_key [None]: Ed25519 private key file (``fedgate-aggregator keygen PATH``);
+      a path that does not exist refuses to start (a new key made silently would cut
+      every gateway off, or hand the model to whoever placed the file).  None publishes
+      unsigned models (development only).
+    strategy ["gsfs"], strategy_params [{}], dp [None], seed [0].
+    robust [RobustSettings()]: robust aggregation and the aggregate check, on by default
+      (:class:`cloud_aggregator.safety.RobustSettings`; a mapping is read as its TOML table).
+    gate [GateSettings()]: the deployment gate (``[gate]``): with ``validation_log`` and
+      ``model_dir`` every candidate is scored before it is published
+      (:class:`cloud_aggregator.safety.GateSettings`; or hand the service a scorer).
     max_staleness [10]: updates based more than this many versions back are refused.
     known_senders [None]: accepted gateway ids (None: any well-formed id).
-    max_update_bytes [64 MiB]: largest update envelope accepted.
+    max_update_bytes [None]: largest update envelope accepted; None derives it from the
+      model (:func:`gateway.protocol.validation.size_limits`: at most twice the model's
+      float32 size decompressed, plus a little), so the bound follows the model.
+    max_update_norm_ratio [100]: an update whose L2 norm is beyond this multiple of the
+      global weights' norm is refused at intake (reason ``norm``): no honest delta is
+      a hundred models long, and it keeps absurd values out of the pool and the rounds.
+    chunk_sets_per_gateway [2]: chunked updates one gateway may have in reassembly at
+      once (its own oldest is dropped beyond it).
     chunk_bytes [1_000_000]: global models above this travel in chunks (0: never).
     chunk_timeout_s [120]: incomplete chunked updates are dropped after this long.
     tick_s [0.2]: how often the worker checks deadlines when idle.
@@ -87,12 +105,15 @@ class AggregatorConfig:
     signing_key: str | None = None
     strategy: str = "gsfs"
     strategy_params: Mapping[str, Any] = field(default_factory=dict)
-    robust: Mapping[str, Any] | None = None
+    robust: RobustSettings = field(default_factory=RobustSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
     dp: Mapping[str, Any] | None = None
     seed: int = 0
     max_staleness: int | None = 10
     known_senders: frozenset[str] | None = None
-    max_update_bytes: int = DEFAULT_MAX_BYTES
+    max_update_bytes: int | None = None
+    max_update_norm_ratio: float = 100.0
+    chunk_sets_per_gateway: int = 2
     chunk_bytes: int = 1_000_000
     chunk_timeout_s: float = 120.0
     tick_s: float = 0.2
@@ -111,14 +132,26 @@ class AggregatorConfig:
             raise ValueError("max_staleness must be >= 0")
         if self.chunk_bytes and self.chunk_bytes < 1024:
             raise ValueError("chunk_bytes must be 0 or at least 1024")
-        if self.max_update_bytes < 1024 or self.chunk_timeout_s <= 0 or self.tick_s <= 0:
+        if (self.max_update_bytes is not None and self.max_update_bytes < 1024) or self.chunk_timeout_s <= 0 \
+                or self.tick_s <= 0:
             raise ValueError("max_update_bytes >= 1024, chunk_timeout_s > 0 and tick_s > 0 required")
+        if not (isinstance(self.max_update_norm_ratio, (int, float)) and math.isfinite(self.max_update_norm_ratio)
+                and self.max_update_norm_ratio > 0):
+            raise ValueError("max_update_norm_ratio must be a positive number")
+        if not 1 <= self.chunk_sets_per_gateway <= 64:
+            raise ValueError("chunk_sets_per_gateway must be in 1..64")
         if self.checkpoints_kept < 1 or self.intake_batch < 1 or self.decode_threads < 1:
             raise ValueError("checkpoints_kept, intake_batch and decode_threads must be >= 1")
         if self.sqlite_synchronous not in store.SQLITE_SYNCHRONOUS:
             raise ValueError(f"sqlite_synchronous must be one of {store.SQLITE_SYNCHRONOUS}")
         if self.known_senders is not None:
             object.__setattr__(self, "known_senders", frozenset(topics.check_gateway_id(s) for s in self.known_senders))
+        if not isinstance(self.robust, RobustSettings):
+            if self.robust is None:
+                raise TypeError("robust: give RobustSettings (RobustSettings.off() turns the defences off)")
+            object.__setattr__(self, "robust", RobustSettings.from_mapping(self.robust))
+        if not isinstance(self.gate, GateSettings):
+            object.__setattr__(self, "gate", GateSettings.from_mapping(self.gate))
         LocalSettings(**dict(self.local))  # validates names
         build_strategy(self.strategy, params=self.strategy_params, robust=self.robust, dp=self.dp)
 
@@ -131,7 +164,7 @@ class AggregatorConfig:
         path = Path(path)
         with open(path, "rb") as f:
             doc = tomllib.load(f)
-        unknown = set(doc) - {"aggregator", "mqtt", "strategy", "local"}
+        unknown = set(doc) - {"aggregator", "mqtt", "strategy", "local", "gate"}
         if unknown:
             raise ValueError(f"{path}: unknown sections {sorted(unknown)}")
         agg = dict(doc.get("aggregator", {}))
@@ -161,10 +194,14 @@ class AggregatorConfig:
         if "known_senders" in agg:
             agg["known_senders"] = frozenset(agg["known_senders"]) if agg["known_senders"] else None
         name = strat.pop("name", "gsfs")
-        robust = strat.pop("robust", None)
+        robust = RobustSettings.from_mapping(strat.pop("robust", None))
         dp = strat.pop("dp", None)
-        return cls(strategy=name, strategy_params=strat, robust=robust, dp=dp, local=doc.get("local", {}),
-                   mqtt=mqtt, **agg)
+        gate = dict(doc.get("gate", {}))
+        for key in ("validation_log", "model_dir"):
+            if isinstance(gate.get(key), str):
+                gate[key] = rel(gate[key])
+        return cls(strategy=name, strategy_params=strat, robust=robust, gate=GateSettings.from_mapping(gate), dp=dp,
+                   local=doc.get("local", {}), mqtt=mqtt, **agg)
 
 
 def _bundled_weights() -> str:
@@ -189,16 +226,19 @@ def load_evaluator(spec: str | None, args: Mapping[str, Any] | None = None) -> E
     return getattr(importlib.import_module(module), attr)(**dict(args or {}))
 
 
-def load_or_create_key(path: str | None) -> signing.Ed25519PrivateKey | None:
+class SigningKeyMissing(ValueError):
+    """The configured model-signing key file does not exist."""
+
+
+def load_signing_key(path: str | None) -> signing.Ed25519PrivateKey | None:
+    """The aggregator's model-signing key; :class:`SigningKeyMissing` when the file is
+    not there -- it is never created here."""
     if path is None:
         return None
-    if os.path.exists(path):
-        return signing.load_private_key(path)
-    key = signing.generate_private_key()
-    signing.save_private_key(key, path)
-    signing.save_public_key(key, path + ".pub")
-    log.warning("created a new signing key %s (public key %s.pub, id %s)", path, path, signing.key_id(key))
-    return key
+    if not os.path.exists(path):
+        raise SigningKeyMissing(f"aggregator.signing_key {path} does not exist: create it once with "
+                                f"`fedgate-aggregator keygen {path}` and give the gateways {path}.pub")
+    return signing.load_private_key(path)
 
 
 @dataclass
@@ -220,22 +260,82 @@ class _Arrived:
     decoded: Future
 
 
+class _Qos0Refused:
+    """Enqueued (at most one at a time) when QoS 0 messages were refused: the worker
+    takes the counts and records them."""
+
+
 class _DecodingInbox(queue.Queue):
     """The worker's queue.  An update put in it (by paho's network thread) starts its
     validation on the decode threads at once, so decoding overlaps the worker's SQL and
     commit of the batch before (hashing, zstd and sqlite release the GIL) instead of
-    starting when its own batch does."""
+    starting when its own batch does -- at most ``ahead`` of them at a time (the rest
+    are validated inline by the worker), so the decoded tensors waiting in memory stay
+    bounded whatever arrives.
 
-    def __init__(self, start: Callable[[Inbound], Future | None]):
+    QoS 1 messages are bounded by MQTT flow control (the broker sends at most its
+    in-flight limit of unacknowledged ones); QoS 0 messages are not, so they are refused
+    here, before they take any room: their payload is dropped, only a count per sender
+    is kept (:meth:`take_qos0`) and one marker queued for the worker."""
+
+    MAX_QOS0_SENDERS = 256  # beyond this, refused QoS 0 messages are counted under "?"
+
+    def __init__(self, start: Callable[[Inbound], Future | None], *, ahead: int):
         super().__init__()
         self._start = start
+        self.ahead = ahead
+        self._lock = threading.Lock()
+        self._decoding = 0
+        self._qos0: Counter[str] = Counter()
 
     def put(self, item, block=True, timeout=None):  # noqa: ANN001 - queue.Queue's signature
         if isinstance(item, Inbound):
-            decoded = self._start(item)
+            if item.qos == 0:
+                self._refuse_qos0(item)
+                return
+            decoded = self._start_bounded(item)
             if decoded is not None:
                 item = _Arrived(item, decoded)
         super().put(item, block, timeout)
+
+    def _start_bounded(self, item: Inbound) -> Future | None:
+        with self._lock:
+            if self._decoding >= self.ahead:
+                return None
+            self._decoding += 1
+        decoded = self._start(item)
+        if decoded is None:
+            with self._lock:
+                self._decoding -= 1
+        return decoded
+
+    def _get(self):  # noqa: ANN202 - queue.Queue's hook, called under its mutex by get()
+        item = super()._get()
+        if isinstance(item, _Arrived):  # its decoded tensors leave the queue with it
+            with self._lock:
+                self._decoding -= 1
+        return item
+
+    @property
+    def decoding(self) -> int:
+        """Decoded (or decoding) updates waiting in the queue, at most ``ahead``."""
+        return self._decoding
+
+    def _refuse_qos0(self, item: Inbound) -> None:
+        parts = item.topic.split("/")
+        sender = parts[-2] if len(parts) >= 2 else "?"
+        with self._lock:
+            if sender not in self._qos0 and len(self._qos0) >= self.MAX_QOS0_SENDERS:
+                sender = "?"
+            first = not self._qos0
+            self._qos0[sender] += 1
+        if first:
+            super().put(_Qos0Refused())
+
+    def take_qos0(self) -> Counter[str]:
+        with self._lock:
+            taken, self._qos0 = self._qos0, Counter()
+        return taken
 
 
 # validation verdicts that depend on the pool as it was when validation ran
@@ -246,28 +346,41 @@ class AggregatorService:
     """Owns the store, the pool, the strategy and the MQTT link.
 
     initial_weights: version-0 weights when the store is empty (else config.initial_model).
-    evaluator: callable weights -> metrics for the central validation set (optional).
+    evaluator: callable weights -> metrics for the central validation set (optional;
+      reported with each version, decides nothing).
+    gate_scorer: callable weights -> metrics (accuracy, f1, macro_f1) on the deployment
+      gate's labelled validation flows; overrides ``config.gate``'s validation_log (the
+      experiment passes flows disjoint from its test parts).  None and no
+      validation_log: no gate (the aggregate check still runs).
     clock: seconds (``time.time``); injected so tests can drive deadlines.
     """
 
     def __init__(self, config: AggregatorConfig, *, initial_weights: Mapping[str, np.ndarray] | None = None,
                  evaluator: Evaluator | None = None, signing_key: signing.Ed25519PrivateKey | None = None,
-                 clock: Callable[[], float] = time.time):
+                 gate_scorer: gates.Scorer | None = None, clock: Callable[[], float] = time.time):
         self.config = config
         self.clock = clock
         self.strategy = config.build_strategy()
         self.evaluator = (evaluator if evaluator is not None
                           else load_evaluator(config.evaluator, config.evaluator_args))
-        self.signing_key = signing_key if signing_key is not None else load_or_create_key(config.signing_key)
+        self.gate_scorer = (gate_scorer if gate_scorer is not None or not config.gate.enabled
+                            else gates.build_scorer(config.gate))
+        if not config.gate.enabled:
+            self.gate_scorer = None
+        self.refused: Counter[str] = Counter()  # candidates not published, by reason
+        self.gate_passed = 0
+        self._current_scores: dict[str, float] | None = None  # the gate's score of the current global
+        self._recent_steps: list[float] = []  # step norms of the last published versions
+        self.signing_key = signing_key if signing_key is not None else load_signing_key(config.signing_key)
         self.sessions = store.make_sessions(config.database, synchronous=config.sqlite_synchronous,
                                             wal_autocheckpoint=store.WalCheckpointer.BACKSTOP_PAGES)
         engine = self.sessions.kw["bind"]
         self._checkpointer = store.WalCheckpointer(engine) if engine.dialect.name == "sqlite" else None
         self.pool = UpdatePool(clock=clock)
-        self.reassembler = chunking.Reassembler(clock=clock, timeout_s=config.chunk_timeout_s,
-                                                max_message_bytes=config.max_update_bytes)
+        self.reassembler: chunking.Reassembler  # made by _load once the model is known (its size bounds)
+        self.max_update_bytes = self.max_decoded_bytes = 0
         self.rng = np.random.default_rng(config.seed)
-        self.inbox: queue.Queue = _DecodingInbox(self._start_decode)
+        self.inbox: queue.Queue = _DecodingInbox(self._start_decode, ahead=2 * config.intake_batch)
         self.link = AggregatorLink(config.mqtt, prefix=config.prefix, inbox=self.inbox)
         self.rejections: Counter[str] = Counter()
         self.accepted = 0
@@ -311,17 +424,30 @@ class AggregatorService:
             if row.strategy != self.strategy.name:
                 log.warning("store was used with strategy %r, now %r", row.strategy, self.strategy.name)
                 row.strategy = self.strategy.name
+            self.update_spec = spec_of(self.weights, floating_only=True)
+            wire, decoded = size_limits(self.update_spec, kind=Kind.UPDATE)
+            self.max_update_bytes = self.config.max_update_bytes or wire
+            self.max_decoded_bytes = max(decoded, self.max_update_bytes) if self.config.max_update_bytes else decoded
+            self.weights_norm = agg_math.global_norm({k: self.weights[k] for k in self.update_spec})
+            self.reassembler = self._new_reassembler()
             self._restore_runtime(s, row)
-        self.update_spec = spec_of(self.weights, floating_only=True)
+        if self.gate_scorer is not None:
+            self._current_scores = self._score(self.weights)
         log.info("aggregator at version %s with %s pooled updates", self.pool.version, len(self.pool))
+
+    def _new_reassembler(self) -> chunking.Reassembler:
+        # at most 64 sets in reassembly, a few per gateway, each no larger than an update
+        # of this model: memory stays below 64 x max_update_bytes whatever arrives
+        return chunking.Reassembler(clock=self.clock, timeout_s=self.config.chunk_timeout_s,
+                                    max_per_source=self.config.chunk_sets_per_gateway,
+                                    max_message_bytes=self.max_update_bytes)
 
     def _reload(self) -> None:
         """Rebuild pool, reassembler and counters from the store (after a failed commit)."""
         self.pool = UpdatePool(clock=self.clock, replay_window=self.pool.replay_window)
-        self.reassembler = chunking.Reassembler(clock=self.clock, timeout_s=self.config.chunk_timeout_s,
-                                                max_message_bytes=self.config.max_update_bytes)
+        self.reassembler = self._new_reassembler()
         self.rejections = Counter()
-        with self.sessions() as s:
+        with self.sessions.begin() as s:
             self._restore_runtime(s, store.get_state(s))
 
     def _restore_runtime(self, s, row) -> None:
@@ -330,17 +456,38 @@ class AggregatorService:
         self.pool.restore(version=row.version, updates=store.load_pool(s), clients=store.load_clients(s),
                           seen=store.load_seen(s, limit=self.pool.replay_window), round_number=row.round,
                           selected=row.selected or (), round_opened_at=row.round_opened_at)
-        last = store.rounds(s, limit=1)
-        self._last_round_end = last[0].finished_at if last else 0.0
-        for chunk_row in store.load_chunks(s):
-            try:
-                self.reassembler.restore([(chunk_row.sender, chunking.parse_chunk(chunk_row.frame),
-                                           chunk_row.first_seen)])
-            except EnvelopeError:  # cannot happen for frames we stored; never fatal
-                log.warning("unreadable stored chunk of %s dropped", chunk_row.message_id)
+        recent = store.rounds(s, limit=self.config.robust.step_history)
+        self._last_round_end = recent[-1].finished_at if recent else 0.0
+        self._recent_steps = [float(r.info["step_norm"]) for r in recent
+                              if isinstance((r.info or {}).get("step_norm"), (int, float))]
+        self.refused = Counter(store.refusal_counts(s))
+        self.gate_passed = row.gate_passed
+        self._restore_chunks(s)
         for reason, n in store.rejection_counts(s).items():
             self.rejections[reason] = n
         self.accepted = store.accepted_total(s)
+
+    def _restore_chunks(self, s) -> None:
+        """Chunks in reassembly as the store has them, within the reassembler's bounds:
+        expired ones and those of unknown senders are deleted first, the rest streamed
+        in (never all rows in memory at once); what the bounds refuse is deleted."""
+        gone = store.purge_chunks(s, older_than=self.clock() - self.config.chunk_timeout_s,
+                                  senders=self.config.known_senders)
+        unreadable: set[tuple[str, str]] = set()
+
+        def chunks():
+            for sender, message_id, frame, first_seen in store.iter_chunks(s):
+                try:
+                    yield sender, chunking.parse_chunk(frame), first_seen
+                except EnvelopeError:  # cannot happen for frames we stored; never fatal
+                    unreadable.add((sender, message_id))
+
+        dropped = self.reassembler.restore(chunks()) | unreadable
+        for sender, message_id in dropped:
+            store.drop_chunks(s, sender, message_id)
+        if gone or dropped:
+            log.warning("restart: %s stored chunks expired or of unknown senders and %s chunked messages beyond "
+                        "the reassembly bounds deleted", gone, len(dropped))
 
     @property
     def version(self) -> int:
@@ -359,7 +506,8 @@ class AggregatorService:
             strategy=settings["strategy"], version=self.pool.version,
             round=self.pool.round if self.strategy.synchronous else 0,
             selected=self.pool.selected if self.strategy.synchronous and self.pool.round_opened_at else None,
-            local=LocalSettings(**dict(self.config.local)), trigger=settings.get("trigger", {})))
+            local=LocalSettings(**dict(self.config.local)), trigger=settings.get("trigger", {}),
+            refused=sum(self.refused.values())), signing_key=self.signing_key)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, *, connect: bool = True) -> "AggregatorService":
@@ -419,12 +567,16 @@ class AggregatorService:
                     self._publish_current()
                 messages: list[Inbound] = []
                 decoded: dict[int, Future] = {}
+                refused_qos0 = False
                 for item in items:
                     if isinstance(item, _Arrived):
                         decoded[len(messages)] = item.decoded
                         item = item.msg
                     if isinstance(item, Inbound):
                         messages.append(item)
+                    refused_qos0 |= isinstance(item, _Qos0Refused)
+                if refused_qos0:
+                    self._count_qos0(self.inbox.take_qos0())
                 if messages:
                     self._handle_batch(messages, decoded)
                 self.tick()
@@ -537,7 +689,24 @@ class AggregatorService:
         """One received message (status or update, whole or chunk); acks after storing."""
         self.handle_batch([msg])
 
+    def _count_qos0(self, refused: Mapping[str, int]) -> None:
+        """Record QoS 0 messages the inbox refused unread (one transaction)."""
+        if not refused:
+            return
+        batch = _Batch()
+        with self.sessions.begin() as s:
+            for sender, n in refused.items():
+                store.count_rejection(s, RejectReason.QOS0.value, f"{n} message(s) at QoS 0 (updates and statuses "
+                                                                  "need QoS 1)", sender, n=n)
+                batch.rejections[RejectReason.QOS0.value] += n
+        self.rejections.update(batch.rejections)
+        log.warning("refused %s QoS 0 messages from %s", sum(refused.values()), sorted(refused)[:10])
+
     def _handle_one(self, msg: Inbound, s, batch: "_Batch", decoded: Future | None = None) -> None:
+        if msg.qos == 0:  # no flow control, no acknowledgement: never taken in
+            self._reject(msg.topic.split("/")[-2] if msg.topic.count("/") else "?",
+                         Rejection(RejectReason.QOS0, "updates and statuses need QoS 1"), s, batch)
+            return
         try:
             sender, kind = topics.parse_gateway_topic(msg.topic, self.config.prefix)
         except topics.TopicError:
@@ -548,7 +717,11 @@ class AggregatorService:
             if self.config.known_senders is not None and sender not in self.config.known_senders:
                 log.warning("status of unknown gateway %s ignored (it does not count towards N)", sender)
                 return
-            online, status = parse_status(msg.payload)
+            parsed = parse_status(msg.payload)
+            if isinstance(parsed, Rejection):  # counted; the gateway's last good status stands
+                self._reject(sender, parsed, s, batch)
+                return
+            online, status = parsed
             self.pool.set_status(sender, online, status)
             batch.clients.add(sender)  # written with the batch (its newest state)
             log.info("gateway %s is %s", sender, "online" if online else "offline")
@@ -559,10 +732,20 @@ class AggregatorService:
                 self._intake(sender, msg.payload, s, batch, decoded.result() if decoded else None)
 
     def _handle_chunk(self, sender: str, msg: Inbound, s, batch: "_Batch") -> None:
+        if self.config.known_senders is not None and sender not in self.config.known_senders:
+            # refused before anything is stored: an unknown id cannot fill the chunk table
+            self._reject(sender, Rejection(RejectReason.UNKNOWN_SENDER, f"chunk from unknown gateway {sender!r}"),
+                         s, batch)
+            return
         try:
             chunk = chunking.parse_chunk(msg.payload)
-            whole, evicted = self.reassembler.add(chunk, source=sender)
         except EnvelopeError as exc:
+            self._reject(sender, exc.as_rejection(), s, batch)
+            return
+        try:
+            whole, evicted = self.reassembler.add(chunk, source=sender)
+        except EnvelopeError as exc:  # the chunk set failed (size, digest, disagreement): its rows go
+            store.drop_chunks(s, sender, chunk.message_id)
             self._reject(sender, exc.as_rejection(), s, batch)
             return
         for gone in evicted:
@@ -581,7 +764,8 @@ class AggregatorService:
 
     def policy(self, sender: str | None = None) -> ValidationPolicy:
         return ValidationPolicy(kind=Kind.UPDATE, expected=self.update_spec, known_senders=self.config.known_senders,
-                                topic_sender=sender, max_bytes=self.config.max_update_bytes,
+                                topic_sender=sender, max_bytes=self.max_update_bytes,
+                                max_decoded_bytes=self.max_decoded_bytes,
                                 current_version=self.pool.version, max_staleness=self.config.max_staleness,
                                 is_replay=self.pool.is_replay)
 
@@ -592,6 +776,13 @@ class AggregatorService:
             result = validate_envelope(data, self.policy(sender))
         if isinstance(result, Rejection):
             self._reject(sender, result, s, batch)
+            return
+        norm = agg_math.global_norm(result.tensors)
+        limit = self.config.max_update_norm_ratio * max(self.weights_norm, 1.0)
+        if not math.isfinite(norm) or norm > limit:
+            self._reject(sender, Rejection(RejectReason.NORM, f"update norm {norm:.4g} > {limit:.4g} "
+                                                              f"({self.config.max_update_norm_ratio:g} x the model's)"),
+                         s, batch)
             return
         h = result.header
         update = PooledUpdate(sender=h.sender, message_id=h.message_id, base_version=h.base_version, round=h.round,
@@ -650,7 +841,10 @@ class AggregatorService:
         log.info("round %s opened for %s", pool.round, sorted(selected))
 
     def aggregate_now(self, view=None) -> bool:
-        """Aggregate the eligible pooled updates into a new global version."""
+        """Aggregate the eligible pooled updates into a candidate global model; publish
+        it as the next version if it passes the aggregate check and the deployment gate
+        (:mod:`cloud_aggregator.gate`), else record the refusal and drop the window.
+        True when a new version was published."""
         view = view or self.pool.view()
         updates = self.strategy.eligible(view)
         if not updates:
@@ -659,28 +853,41 @@ class AggregatorService:
         result = self.strategy.aggregate(self.weights, updates, version=self.pool.version, state=self.state,
                                          live_clients=len(view.live_clients))
         old_version, new_version = self.pool.version, self.pool.version + 1
+        senders = list(result.senders)
+        leftovers = [u.sender for u in view.updates if u.sender not in senders] if self.strategy.synchronous else []
+        verdict = gates.check_candidate(result.weights, self.weights, settings=self.config.robust,
+                                        recent_steps=self._recent_steps)
+        figures = dict(verdict.figures)
+        scores: dict[str, float] = {}
+        if verdict.ok and self.gate_scorer is not None:
+            scores = self._score(result.weights)
+            verdict = gates.gate_decision(scores, self._current_scores, settings=self.config.gate)
+            figures.update(verdict.figures)
+        if not verdict.ok:
+            self._refuse(result, verdict, figures, senders + leftovers, old_version)
+            return False
         metrics: dict[str, float] = {}
         if self.evaluator is not None:
             try:
                 metrics = {k: float(v) for k, v in self.evaluator(result.weights).items()}
             except Exception:  # a broken evaluator must not stop federated learning
                 log.exception("central evaluation failed for version %s", new_version)
-        envelope = self._encode_global(version=new_version, base_version=old_version, metrics=metrics,
-                                       weights=result.weights)
+        envelope = self._encode_global(version=new_version, base_version=old_version,
+                                       metrics={**metrics, **gates.header_scores(scores)}, weights=result.weights)
         finished = self.clock()
-        senders = list(result.senders)
-        leftovers = [u.sender for u in view.updates if u.sender not in senders] if self.strategy.synchronous else []
         arrays, meta = result.state.to_tensors()
         live = len(view.live_clients)
+        info = {**result.info, **{k: figures[k] for k in ("step_norm", "weights_norm") if k in figures}}
+        if scores:
+            info["gate"] = {f"gate_{k}": v for k, v in scores.items()}
         try:
             with self.sessions.begin() as s:
                 store.save_checkpoint(s, version=new_version, weights=result.weights, state_arrays=arrays,
                                       state_meta=meta, envelope=envelope, keep=self.config.checkpoints_kept)
                 store.add_round(s, version=new_version, strategy=self.strategy.name, round=self.pool.round,
                                 num_updates=len(updates), live_clients=live, senders=senders,
-                                client_weights=list(result.client_weights), metrics=metrics,
-                                info={k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
-                                      for k, v in result.info.items()},
+                                client_weights=list(result.client_weights), metrics=json_safe(metrics),
+                                info=json_safe(info),
                                 bytes_up=store.bytes_up_between(s, self._last_round_end, finished),
                                 bytes_down=len(envelope) * max(live, 1),
                                 started_at=view.opened_at if view.opened_at is not None else started,
@@ -693,6 +900,8 @@ class AggregatorService:
                 row.round_opened_at = None
                 row.selected = []
                 row.updated_at = finished
+                if scores:
+                    row.gate_passed = (row.gate_passed or 0) + 1
         except Exception:
             log.exception("checkpoint of version %s failed; staying at version %s", new_version, old_version)
             self._reload()
@@ -700,15 +909,59 @@ class AggregatorService:
         # committed: only now does memory move on
         self._committed()
         self.weights = result.weights
+        self.weights_norm = agg_math.global_norm({k: self.weights[k] for k in self.update_spec})
         self.state = result.state
         self.global_envelope = envelope
+        if scores:
+            self._current_scores = scores
+            self.gate_passed += 1
+        if "step_norm" in figures:
+            self._recent_steps = (self._recent_steps + [figures["step_norm"]])[-self.config.robust.step_history:]
         self.pool.aggregated(senders, new_version)
         self.pool.drop_updates(leftovers)
         self._last_round_end = finished
         self._publish_current()
-        log.info("global version %s from %s updates %s; central metrics %s", new_version, len(updates), senders,
-                 metrics)
+        log.info("global version %s from %s updates %s; central metrics %s; gate %s", new_version, len(updates),
+                 senders, metrics, scores or "off")
         return True
+
+    def _score(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """The gate's scores of ``weights`` ({} when the scorer fails: the gate then refuses)."""
+        try:
+            return {k: float(v) for k, v in self.gate_scorer(weights).items()}
+        except Exception:  # noqa: BLE001 - refused and counted, never published unscored
+            log.exception("the deployment gate could not score a candidate")
+            return {}
+
+    def _refuse(self, result, verdict: gates.Verdict, figures: Mapping[str, float], dropped: list[str],
+                base_version: int) -> None:
+        """A candidate that is not published: recorded with why, its window's updates
+        dropped (their senders train again: GSFS gateways are told by the control
+        message's ``refused`` count, a synchronous strategy opens the next round)."""
+        now = self.clock()
+        try:
+            with self.sessions.begin() as s:
+                store.add_refusal(s, at=now, base_version=base_version, round=self.pool.round, reason=verdict.reason,
+                                  detail=verdict.detail, senders=list(result.senders),
+                                  client_weights=[float(w) for w in result.client_weights],
+                                  figures=json_safe(dict(figures)))
+                store.remove_pool_updates(s, dropped)
+                store.save_clients(s, {sender: replace(self.pool.clients[sender], window_submissions=0)
+                                       for sender in dropped if sender in self.pool.clients})
+                row = store.ensure_state(s, strategy=self.strategy.name)
+                row.round_opened_at = None
+                row.selected = []
+                row.updated_at = now
+        except Exception:
+            log.exception("recording a refused candidate failed")
+            self._reload()
+            raise
+        self._committed()
+        self.refused[verdict.reason] += 1
+        self.pool.refused(dropped)
+        log.warning("candidate after version %s NOT published (%s): %s; updates of %s dropped", base_version,
+                    verdict.reason, verdict.detail, sorted(dropped))
+        self.link.publish_control(self._control_bytes())
 
     def _publish_current(self) -> None:
         if not self.global_envelope:
@@ -724,7 +977,26 @@ class AggregatorService:
     # ------------------------------------------------------------------ reporting
     def counters(self) -> dict[str, Any]:
         return {"version": self.pool.version, "accepted": self.accepted, "pooled": len(self.pool),
-                "live_clients": sorted(self.pool.live_clients()), "rejections": dict(self.rejections)}
+                "live_clients": sorted(self.pool.live_clients()), "rejections": dict(self.rejections),
+                "refused": dict(self.refused), "gate_passed": self.gate_passed}
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """``value`` with non-finite floats as None and numpy scalars as Python numbers, so
+    it fits a JSON column on every backend (PostgreSQL refuses NaN and Infinity)."""
+    if depth > 16:
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, depth + 1) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
 
 
 def run(config: AggregatorConfig, *, stop: threading.Event | None = None) -> None:

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,7 @@ class AggregatorStateRow(Base):
     global_parts: Mapped[int] = mapped_column(Integer, default=1)  # retained chunk topics in use
     strategy: Mapped[str] = mapped_column(String(32), default="")
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+    gate_passed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # versions the gate scored
 
 
 class PoolUpdateRow(Base):
@@ -143,6 +144,21 @@ class RejectionRow(Base):
     last_detail: Mapped[str] = mapped_column(String(500), default="")
     last_sender: Mapped[str] = mapped_column(String(64), default="")
     last_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class RefusalRow(Base):
+    """A candidate global model that was not published (check or deployment gate)."""
+
+    __tablename__ = "agg_refusals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float)
+    base_version: Mapped[int] = mapped_column(Integer)  # the version it would have followed
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str] = mapped_column(String(32))  # cloud_aggregator.gate.REASONS
+    detail: Mapped[str] = mapped_column(String(500), default="")
+    senders: Mapped[list] = mapped_column(JSON, default=list)
+    client_weights: Mapped[list] = mapped_column(JSON, default=list)
+    figures: Mapped[dict] = mapped_column(JSON, default=dict)  # gate scores, step norms
 
 
 class PendingChunkRow(Base):
@@ -316,7 +332,8 @@ def get_state(session: Session) -> AggregatorStateRow | None:
 def ensure_state(session: Session, *, strategy: str) -> AggregatorStateRow:
     row = get_state(session)
     if row is None:
-        row = AggregatorStateRow(id=1, version=0, round=0, selected=[], global_parts=1, strategy=strategy)
+        row = AggregatorStateRow(id=1, version=0, round=0, selected=[], global_parts=1, strategy=strategy,
+                                 gate_passed=0)
         session.add(row)
     return row
 
@@ -443,12 +460,12 @@ def was_seen(session: Session, sender: str, message_id: str) -> bool:
     return session.get(SeenUpdateRow, (sender, message_id)) is not None
 
 
-def count_rejection(session: Session, reason: str, detail: str, sender: str) -> None:
+def count_rejection(session: Session, reason: str, detail: str, sender: str, *, n: int = 1) -> None:
     row = session.get(RejectionRow, reason)
     if row is None:
         row = RejectionRow(reason=reason, count=0)
         session.add(row)
-    row.count += 1
+    row.count += n
     row.last_detail = detail[:500]
     row.last_sender = sender[:64]
     row.last_at = time.time()
@@ -479,6 +496,24 @@ def accepted_total(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(SeenUpdateRow)) or 0)
 
 
+def add_refusal(session: Session, **fields: Any) -> None:
+    fields["detail"] = str(fields.get("detail", ""))[:500]
+    session.add(RefusalRow(**fields))
+
+
+def refusals(session: Session, *, limit: int | None = None) -> list[RefusalRow]:
+    """Refused candidates, oldest first (the newest ``limit``)."""
+    q = select(RefusalRow).order_by(RefusalRow.id.desc())
+    if limit:
+        q = q.limit(limit)
+    return list(reversed(session.scalars(q).all()))
+
+
+def refusal_counts(session: Session) -> dict[str, int]:
+    return {reason: int(n) for reason, n in session.execute(
+        select(RefusalRow.reason, func.count()).group_by(RefusalRow.reason)).all()}
+
+
 def save_chunk(session: Session, *, sender: str, message_id: str, index: int, frame: bytes, first_seen: float) -> None:
     session.merge(PendingChunkRow(sender=sender, message_id=message_id, index=index, frame=frame,
                                   first_seen=first_seen))
@@ -490,7 +525,29 @@ def drop_chunks(session: Session, sender: str, message_id: str) -> None:
 
 
 def load_chunks(session: Session) -> list[PendingChunkRow]:
+    """Every stored chunk (tests and tools; a restart streams them: :func:`iter_chunks`)."""
     return list(session.scalars(select(PendingChunkRow).order_by(PendingChunkRow.first_seen)))
+
+
+def iter_chunks(session: Session, *, batch: int = 64):
+    """(sender, message id, frame, first seen) of every stored chunk, oldest first,
+    ``batch`` rows in memory at a time (a restart never loads them all at once)."""
+    result = session.execute(select(PendingChunkRow.sender, PendingChunkRow.message_id, PendingChunkRow.frame,
+                                    PendingChunkRow.first_seen)
+                             .order_by(PendingChunkRow.first_seen, PendingChunkRow.sender,
+                                       PendingChunkRow.message_id, PendingChunkRow.index)
+                             .execution_options(yield_per=batch))
+    for row in result:
+        yield row.sender, row.message_id, row.frame, row.first_seen
+
+
+def purge_chunks(session: Session, *, older_than: float, senders: frozenset[str] | None) -> int:
+    """Delete chunks first seen before ``older_than`` and, given ``senders``, chunks of
+    anyone else; returns how many rows went."""
+    cond = PendingChunkRow.first_seen < older_than
+    if senders is not None:
+        cond = cond | PendingChunkRow.sender.not_in(sorted(senders))
+    return int(session.execute(delete(PendingChunkRow).where(cond)).rowcount or 0)
 
 
 @dataclass(frozen=True)
@@ -500,13 +557,15 @@ class StatusSummary:
     pool: list[dict[str, Any]]
     rounds: list[dict[str, Any]]
     rejections: dict[str, int]
+    refusals: list[dict[str, Any]] = field(default_factory=list)  # newest refused candidates, oldest first
+    refused: dict[str, int] = field(default_factory=dict)  # refused candidates by reason
 
 
 def status_summary(session: Session, *, last_rounds: int = 20) -> StatusSummary:
     st = get_state(session)
     state = {} if st is None else {
         "version": st.version, "round": st.round, "strategy": st.strategy, "selected": st.selected,
-        "updated_at": st.updated_at, "accepted_updates": accepted_total(session),
+        "updated_at": st.updated_at, "accepted_updates": accepted_total(session), "gate_passed": st.gate_passed,
     }
     clients = [
         {"gateway": c.sender, "online": c.online, "state": (c.status or {}).get("state"),
@@ -524,12 +583,18 @@ def status_summary(session: Session, *, last_rounds: int = 20) -> StatusSummary:
         {"version": r.version, "strategy": r.strategy, "round": r.round, "updates": r.num_updates,
          "live": r.live_clients, **{f"central_{k}": v for k, v in (r.metrics or {}).items()},
          **{f"client_{k}": v for k, v in ((r.info or {}).get("client_metrics") or {}).items()},
+         **{k: v for k, v in ((r.info or {}).get("gate") or {}).items()},
          "epsilon": (r.info or {}).get("dp_epsilon"), "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
          "seconds": None if r.started_at is None else round(r.finished_at - r.started_at, 3),
          "finished_at": r.finished_at}
         for r in rounds(session, limit=last_rounds)
     ]
-    return StatusSummary(state, clients, pool, rws, rejection_counts(session))
+    refused = [
+        {"at": r.at, "base_version": r.base_version, "round": r.round, "reason": r.reason, "detail": r.detail,
+         "senders": r.senders, **{k: v for k, v in (r.figures or {}).items() if isinstance(v, (int, float))}}
+        for r in refusals(session, limit=last_rounds)
+    ]
+    return StatusSummary(state, clients, pool, rws, rejection_counts(session), refused, refusal_counts(session))
 
 
 def dumps(obj: Any) -> str:

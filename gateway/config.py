@@ -55,6 +55,7 @@ FL_STRATEGIES = ("gsfs", "fedavg", "fedopt")
 COMPRESSIONS = ("none", "int8", "topk")
 NO_MODEL = "none"  # [gateway] model = "none": store flows without classifying them
 DATABASE_FILE = "gateway.db"  # the default database, a SQLite file in state_dir
+DEPLOY_METRICS = ("accuracy", "f1", "macro_f1")
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,10 @@ class GatewaySection:
     global_model_public_key [None]: aggregator's Ed25519 public key (PEM); global
       models must be signed by it.  Required when federated learning is on, unless
       ``[fl] allow_unsigned = true`` (lab use only).
+    global_model_public_keys [[]]: more public keys accepted besides that one, for a
+      key rotation (the header's key id says which key signed a model): list the new
+      key here before the aggregator switches to it, and the old one until every
+      gateway has received a model signed with the new.
     state_dir ["fedgate-state"]: the gateway's own files: the default database, and
       received global models exported to ONNX (``models/global-<version>``; the newest
       few are kept).  Created at start.
@@ -111,6 +116,7 @@ class GatewaySection:
     database: str | None = None  # None: derived, a SQLite file in state_dir
     model: str | None = field(default_factory=lambda: bundled_model())
     global_model_public_key: str | None = None
+    global_model_public_keys: tuple[str, ...] = ()
     state_dir: str = "fedgate-state"
 
     def __post_init__(self) -> None:
@@ -393,6 +399,43 @@ class EscalationSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeploySection:
+    """``[deploy]``: what a received global model must pass before detection uses it
+    (:mod:`gateway.fl.hotswap`).  Federated learning goes on from every verified
+    version; these settings decide only which model classifies this gateway's traffic.
+
+    gate [true]: score the new global and the deployed model on this gateway's labelled
+      validation flows (labelled logs, analyst feedback: the FL validation split); keep
+      the deployed model when the new one is worse by more than ``margin``, and say so
+      on the status topic.
+    metric ["accuracy"]: accuracy, f1 (malicious = positive) or macro_f1.
+    margin [0.02]: how much worse a new global may score and still be deployed.
+    min_flows [50]: with fewer labelled validation flows the gate cannot judge and the
+      new global is deployed (the status says "unscored").
+    canary [true]: after a swap, compare the share of flows alerted on with the share
+      before it; roll the swap back when it jumps.
+    canary_flows [500]: flows counted before and after a swap.
+    canary_max_jump [0.15]: largest change of the alerted share (either way: a storm of
+      false alarms, or alerts silenced) that does not roll back, in (0, 1].
+    """
+
+    gate: bool = True
+    metric: str = "accuracy"
+    margin: float = 0.02
+    min_flows: int = 50
+    canary: bool = True
+    canary_flows: int = 500
+    canary_max_jump: float = 0.15
+
+    def __post_init__(self) -> None:
+        _require(self.metric in DEPLOY_METRICS, "deploy.metric", f"must be one of {', '.join(DEPLOY_METRICS)}")
+        _require(0 <= self.margin < 1, "deploy.margin", "must be in [0, 1)")
+        _require(0 <= self.min_flows <= 10_000_000, "deploy.min_flows", "must be in 0..10000000")
+        _require(1 <= self.canary_flows <= 10_000_000, "deploy.canary_flows", "must be in 1..10000000")
+        _require(0 < self.canary_max_jump <= 1, "deploy.canary_max_jump", "must be in (0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
 class HttpSection:
     """``[http]``: the status page, its JSON (``/api/status``) and Prometheus ``/metrics``.
 
@@ -430,11 +473,12 @@ SECTIONS: dict[str, type] = {
     "mqtt": MqttSection,
     "fl": FlSection,
     "escalation": EscalationSection,
+    "deploy": DeploySection,
     "http": HttpSection,
     "flows": FlowSettings,
 }
 PATH_KEYS = {
-    "gateway": ("model", "global_model_public_key", "state_dir"),
+    "gateway": ("model", "global_model_public_key", "global_model_public_keys", "state_dir"),
     "source": ("zeek_log", "pcap_dir", "zeek_archive_globs"),
     "mqtt": ("ca_file", "cert_file", "key_file"),
 }
@@ -469,15 +513,22 @@ class GatewayConfig:
     mqtt: MqttSection = field(default_factory=MqttSection)
     fl: FlSection = field(default_factory=FlSection)
     escalation: EscalationSection = field(default_factory=EscalationSection)
+    deploy: DeploySection = field(default_factory=DeploySection)
     http: HttpSection = field(default_factory=HttpSection)
     flows: FlowSettings = field(default_factory=FlowSettings)
     origin: str | None = None  # the file it came from, for messages
 
     def __post_init__(self) -> None:
-        _require(not self.fl_on or self.gateway.global_model_public_key is not None or self.fl.allow_unsigned,
+        _require(not self.fl_on or bool(self.verify_key_paths) or self.fl.allow_unsigned,
                  "gateway.global_model_public_key",
                  "federated learning is on (gateway.model, mqtt.enabled, fl.enabled): give the aggregator's "
                  "public key, or set fl.allow_unsigned = true (lab use only)")
+
+    @property
+    def verify_key_paths(self) -> tuple[str, ...]:
+        """Every public key a global model (and the control message) may be signed with."""
+        g = self.gateway
+        return ((g.global_model_public_key,) if g.global_model_public_key else ()) + tuple(g.global_model_public_keys)
 
     @property
     def fl_on(self) -> bool:
@@ -556,7 +607,7 @@ class GatewayConfig:
                 notes.append(f"{key}: {path} does not exist")
         if self.mqtt.enabled and self.mqtt.ca_file is None:
             notes.append("mqtt.ca_file is not set: plain MQTT (use TLS outside a lab)")
-        if self.fl_on and self.gateway.global_model_public_key is None:
+        if self.fl_on and not self.verify_key_paths:
             notes.append("fl.allow_unsigned: unsigned global models are accepted (lab use only)")
         if self.escalation.enabled and not (self.mqtt.enabled and self.gateway.model):
             notes.append("escalation.enabled needs mqtt.enabled and gateway.model: nothing is escalated")

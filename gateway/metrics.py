@@ -29,6 +29,10 @@ fl_upload_bytes_total               bytes of those updates
 fl_globals_loaded_total             global models validated and loaded
 fl_global_version                   global model version in use (-1: none yet)
 fl_rejected_total{reason}           global models refused, by reason
+deploy_swapped_total                verified globals the deployment gate let into detection
+deploy_refused_total                verified globals kept out of detection (worse on the
+                                    gateway's own labelled validation flows)
+canary_rollbacks_total              swaps rolled back because the alerted share jumped
 ==================================  =====================================================
 """
 
@@ -108,6 +112,11 @@ class GatewayMetrics:
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "flows read but not yet committed", registry=r)
         self.model_info = Gauge(f"{PREFIX}_model_info", "1 for the model version in use", ["version"], registry=r)
         self.mqtt_connected = Gauge(f"{PREFIX}_mqtt_connected", "1 while the broker connection is up", registry=r)
+        self.deploy_swapped = Counter(f"{PREFIX}_deploy_swapped", "verified globals put into detection", registry=r)
+        self.deploy_refused = Counter(f"{PREFIX}_deploy_refused",
+                                      "verified globals kept out of detection by the deployment gate", registry=r)
+        self.canary_rollbacks = Counter(f"{PREFIX}_canary_rollbacks",
+                                        "swaps rolled back because the alerted share jumped", registry=r)
         self._model_version: str | None = None
 
     def add_callback(self, fn: Callable[[], Mapping[str, Any]]) -> None:

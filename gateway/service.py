@@ -346,7 +346,7 @@ class GatewayService:
         self.outbox = None
         self.fl_client = None
         self.escalator = None  # gateway.escalation.Escalator when [escalation] is on
-        self._hotswap = None  # EngineHotSwap, made on the first global model
+        self._hotswap = None  # EngineHotSwap (gate, export, swap, canary), made with the FL client
         self.link_worker: LinkWorker | None = None
         self.alert_queue: AlertQueue | None = None
         self.http = None
@@ -506,8 +506,7 @@ class GatewayService:
                 from gateway.fl.learner import TorchLearner
 
                 learner = TorchLearner(cfg.gateway.model, threads=cfg.fl.threads, device=cfg.fl.device)
-            key = signing.load_public_key(cfg.gateway.global_model_public_key) \
-                if cfg.gateway.global_model_public_key else None
+            key = [signing.load_public_key(p) for p in cfg.verify_key_paths] or None
         except (OSError, ValueError, RuntimeError, ImportError) as exc:
             log.error("federated learning disabled: %s", exc)
             self.errors.append(f"fl: {exc}")
@@ -527,29 +526,63 @@ class GatewayService:
             def status(self) -> dict:  # the FL figures plus the gateway's own
                 return {**service.status_summary(), **super().status()}
 
-        return _ServiceFLClient(settings=settings, learner=learner, sessions=self.sessions, link=self.link,
-                                verify_key=key, allow_unsigned=cfg.fl.allow_unsigned, on_global=self._on_global)
+        from gateway.fl.versionfile import FILE_NAME
 
-    def _on_global(self, version: int, weights: dict, metrics: dict) -> None:
-        """A validated global model (already loaded into the FL learner): export it to
-        ONNX beside the others and hot-swap the engine; detection never stops (the old
-        session serves until the new one is validated and swapped in)."""
-        if self.classifier is None or self.fl_client is None:
-            return
+        try:
+            client = _ServiceFLClient(settings=settings, learner=learner, sessions=self.sessions, link=self.link,
+                                      verify_key=key, allow_unsigned=cfg.fl.allow_unsigned, on_global=self._on_global,
+                                      version_file=Path(cfg.gateway.state_dir) / FILE_NAME)
+        except ValueError as exc:  # e.g. an unreadable version file: never guess a floor
+            log.error("federated learning disabled: %s", exc)
+            self.errors.append(f"fl: {exc}")
+            return None
         inner = self.classifier.inner
-        if not callable(getattr(inner, "swap", None)):
-            log.warning("engine %r cannot hot-swap; keeping %s", type(inner).__name__, self.classifier.model_version)
-            return
-        from gateway.fl.hotswap import EngineHotSwap
+        if callable(getattr(inner, "swap", None)):
+            from gateway.fl.hotswap import EngineHotSwap
 
-        if self._hotswap is None:  # the newest three stay (the current one and two to fall back to)
-            self._hotswap = EngineHotSwap(engine=inner, learner=self.fl_client.learner,
-                                          models_dir=Path(self.config.gateway.state_dir) / "models", keep=3)
+            # the newest three model directories stay (the current one and two to fall back to)
+            self._hotswap = EngineHotSwap(engine=inner, learner=learner, keep=3, settings=cfg.deploy,
+                                          models_dir=Path(cfg.gateway.state_dir) / "models",
+                                          validation=client.validation_data, initial_dir=cfg.gateway.model,
+                                          on_change=self._model_rolled_back)
+        return client
+
+    def _on_global(self, version: int, weights: dict, metrics: dict) -> Path | None:
+        """A validated global model (already loaded into the FL learner): unless the
+        deployment gate keeps it out, export it to ONNX beside the others and hot-swap
+        the engine; detection never stops (the old session serves until the new one is
+        validated and swapped in).  Returns the directory now in use, or None."""
+        if self.classifier is None or self.fl_client is None:
+            return None
+        if self._hotswap is None:
+            log.warning("engine %r cannot hot-swap; keeping %s", type(self.classifier.inner).__name__,
+                        self.classifier.model_version)
+            return None
         started = time.perf_counter()
-        self._hotswap(version, weights, metrics)
+        out = self._hotswap(version, weights, metrics)
+        if out is None:
+            self.metrics.deploy_refused.inc()
+            return None
+        self.metrics.deploy_swapped.inc()
         self.metrics.set_model_version(self.classifier.model_version)
         log.info("detection now uses %s (exported and swapped in %.1fs)", self.classifier.model_version,
                  time.perf_counter() - started)
+        return out
+
+    def _model_rolled_back(self, version: str) -> None:
+        """The canary swapped the previous model back in (on a source thread)."""
+        self.metrics.canary_rollbacks.inc()
+        self.metrics.set_model_version(version)
+        try:
+            with self.sessions.begin() as session:
+                mv = session.get(repository.ModelVersion, version)
+                repository.register_model_version(session, version, parent=mv.parent if mv else None,
+                                                  path=mv.path if mv else None, metrics=mv.metrics if mv else None,
+                                                  activate=True)
+        except SQLAlchemyError as exc:
+            log.error("rolled back to %s, but the store could not record it: %s", version, exc)
+        if self.fl_client is not None:
+            self.fl_client.publish_status()
 
     def _start_http(self) -> None:
         from gateway.web.server import StatusServer, json_route, static_route
@@ -760,6 +793,8 @@ class GatewayService:
                 alerts.append(det)
         for label, n in labels.items():
             m.detections.labels(label).inc(n)
+        if self._hotswap is not None:
+            self._hotswap.observe(len(records), len(alerts))
         self.recent.extend(alerts)
         if alerts and self.config.inference.alerts:
             m.alerts.inc(len(alerts))
@@ -820,6 +855,7 @@ class GatewayService:
             "flows": int(sum(m.by_label("fedgate_gw_flows_total", "source").values())),
             "detections_by_label": {k: int(v) for k, v in m.by_label("fedgate_gw_detections_total", "label").items()},
             "alerts": int(m.value("fedgate_gw_alerts_total")),
+            "deploy": self._hotswap.status() if self._hotswap is not None else None,
         }
 
     def status(self) -> dict:
@@ -857,6 +893,7 @@ class GatewayService:
             "recent_detections": [vars(d) for d in list(self.recent)[-50:]][::-1],
             "fl": fl,
             "escalation": self.escalator.status() if self.escalator is not None else None,
+            "deploy": self._hotswap.status() if self._hotswap is not None else None,
             "errors": list(self.errors),
         }
 

@@ -52,10 +52,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from gateway.fl import versionfile
 from gateway.fl.control import (
     LOCAL_SETTING_RANGES,
     Control,
@@ -77,7 +79,7 @@ from gateway.protocol.chunking import Reassembler, is_chunk, parse_chunk, split_
 from gateway.protocol.compression import Compression
 from gateway.protocol.envelope import Kind, decode_header, encode_update
 from gateway.protocol.errors import EnvelopeError, RejectReason, Rejection
-from gateway.protocol.validation import ValidationPolicy, spec_of, validate_envelope
+from gateway.protocol.validation import ValidationPolicy, keys_by_id, size_limits, spec_of, validate_envelope
 from gateway.store import repository as repo
 
 log = logging.getLogger(__name__)
@@ -217,13 +219,14 @@ class FLClient:
         learner: TorchLearner,
         sessions: sessionmaker[Session],
         link: GatewayLink,
-        verify_key: signing.Ed25519PublicKey | None = None,
+        verify_key: signing.Ed25519PublicKey | list[signing.Ed25519PublicKey] | None = None,
         on_global: Callable[[int, dict[str, np.ndarray], dict], object] | None = None,
         eval_data: FlowDataset | None = None,
         clock: Callable[[], float] = time.monotonic,
         allow_unsigned: bool = False,
+        version_file: str | Path | None = None,
     ):
-        if verify_key is None and not allow_unsigned:
+        if not keys_by_id(verify_key) and not allow_unsigned:
             raise ClientConfigError("no key to verify global models with: give verify_key, or allow_unsigned=True "
                                     "(lab use only: anyone who can write the global topic would choose the model)")
         self.settings = settings
@@ -237,7 +240,6 @@ class FLClient:
         self.lifecycle = ClientLifecycle()
         self.trigger = GSFSTrigger(config=settings.trigger)
         self.outbox = Outbox(sessions=sessions, publish=link.publish)
-        self.reassembler = Reassembler(clock=clock)
         self.counters = ClientCounters()
         self.strategy = settings.strategy
         self.local = {
@@ -248,12 +250,21 @@ class FLClient:
             "compression": settings.compression, "topk_fraction": settings.topk_fraction,
         }
         self.spec = spec_of(learner.weights())
+        # a global model of this model's size, no more: what the chunk reassembler and the
+        # validation accept (retained junk on the global topics cannot fill memory)
+        self.max_global_bytes, self.max_global_decoded = size_limits(self.spec, kind=Kind.GLOBAL)
+        self.reassembler = Reassembler(clock=clock, max_messages=2, max_per_source=2,
+                                       max_message_bytes=self.max_global_bytes)
+        # the newest version accepted before a restart: nothing older is loaded again
+        self.version_file = None if version_file is None else Path(version_file)
+        self.version_floor = versionfile.read_version(self.version_file)
         self.version: int | None = None
         self.base_weights: dict[str, np.ndarray] | None = None
         self.residual: dict[str, np.ndarray] | None = None
         self.control: Control | None = None
         self.answered_rounds: set[int] = set()
         self.gsfs_due = False
+        self.retrain_due = False  # the aggregator dropped a window (refused candidate)
         self._global_at = 0.0
         self._global_metric: float | None = None  # P of the current global version
         self.last_eval: dict = {}
@@ -363,7 +374,8 @@ class FLClient:
             pass  # validate_envelope below names the reason
         self.lifecycle.fire(ClientEvent.GLOBAL_RECEIVED)
         policy = ValidationPolicy(kind=Kind.GLOBAL, expected=self.spec, verify_key=self.verify_key,
-                                  current_version=self.version)
+                                  current_version=self.version if self.version is not None else self.version_floor,
+                                  max_bytes=self.max_global_bytes, max_decoded_bytes=self.max_global_decoded)
         result = validate_envelope(data, policy)
         if isinstance(result, Rejection):
             self._count_rejection(result)
@@ -381,6 +393,13 @@ class FLClient:
             return False
         version = int(result.header.version)
         self.version = version
+        if self.version_file is not None and (self.version_floor is None or version > self.version_floor):
+            try:
+                versionfile.write_version(self.version_file, version)
+                self.version_floor = version
+            except OSError as exc:  # FL goes on; a restart then trusts the older floor
+                log.error("gateway %s: cannot record global version %d in %s: %s", self.settings.gateway_id,
+                          version, self.version_file, exc)
         self.base_weights = {k: np.array(v, copy=True) for k, v in result.tensors.items()}
         self.counters.globals_loaded += 1
         path = None
@@ -389,10 +408,12 @@ class FLClient:
                 path = self.on_global(version, self.base_weights, dict(result.header.metrics))
             except Exception:  # noqa: BLE001 - detection keeps the old session; logged
                 log.exception("gateway %s: on_global hook failed for version %d", self.settings.gateway_id, version)
+        # with a hook, detection uses the version only if the hook put it in (its
+        # deployment gate may keep the running model); without one the learner is the model
         with self.sessions.begin() as session:
             repo.register_model_version(session, f"global-{version}", parent=f"global-{result.header.base_version}",
                                         path=str(path) if path else None, metrics=dict(result.header.metrics),
-                                        activate=True)
+                                        activate=self.on_global is None or path is not None)
         self.lifecycle.fire(ClientEvent.GLOBAL_LOADED)
         log.info("gateway %s loaded global version %d", self.settings.gateway_id, version)
         self._after_new_global()
@@ -403,13 +424,18 @@ class FLClient:
         if not payload:
             return
         try:
-            control = parse_control(payload)
+            control = parse_control(payload, verify_keys=self.verify_key)
             if control.trigger:
                 self.trigger.reconfigure(control.trigger)
         except (ControlError, TriggerConfigError) as exc:
             self.counters.control_rejected += 1
             log.warning("gateway %s ignored a control message: %s", self.settings.gateway_id, exc)
             return
+        if (self.control is not None and control.refused > self.control.refused
+                and control.version == self.version):
+            # the aggregator refused a candidate and dropped its window's updates: a GSFS
+            # gateway's upload may have been among them, so it trains again on this version
+            self.retrain_due = True
         self.control = control
         self.strategy = control.strategy
         for key, value in vars(control.local).items():
@@ -423,7 +449,14 @@ class FLClient:
         # on its way, and nothing changes the weights in between.
         self._ensure_data()
         self.gsfs_due = True
+        self.retrain_due = False
         self._global_at = self.clock()
+
+    def validation_data(self) -> FlowDataset | None:
+        """The local labelled validation split (loaded or refreshed from the store):
+        what the trigger's P and the deployment gate score on."""
+        self._ensure_data()
+        return self.val_data
 
     def _ensure_data(self) -> None:
         """(Re)load the local labelled flows when the store changed; split them."""
@@ -465,6 +498,11 @@ class FLClient:
             if self.gsfs_due:
                 self.gsfs_due = False
                 self.train_gsfs(arrival=True)
+            elif self.retrain_due:
+                self.retrain_due = False
+                log.info("gateway %s: the aggregator refused a candidate; training again on version %s",
+                         self.settings.gateway_id, self.version)
+                self.train_gsfs(admitted=True)
             elif self.trigger.retry_due(self.clock()):  # quiet on this version, nothing newer came
                 self.train_gsfs(admitted=True)
             elif self._new_labels_due():

@@ -7,6 +7,8 @@ PURE: bytes in, a validated :class:`Control` out (or :class:`ControlError`). JSO
      "version": 3,              # the current global model version
      "round": 4,                # FedAvg/FedOpt: the open round (0: none open)
      "selected": ["gw-a", ...], # FedAvg/FedOpt: who should answer (null: everyone)
+     "refused": 2,              # candidates the aggregator refused so far (their window's
+                                # updates were dropped: a GSFS gateway trains again)
      "local": {"epochs": 1, "max_steps": 50, "lr": 0.003, "lr_decay": 1.0, "prox_mu": 0.0,
                "missing_class_scale": 1.0, "label_smoothing": 0.1, "batch_size": 64,
                "compression": "none", "topk_fraction": 0.01},
@@ -14,7 +16,14 @@ PURE: bytes in, a validated :class:`Control` out (or :class:`ControlError`). JSO
 
 Everything but ``strategy`` is optional; a gateway keeps its own settings for what the
 message leaves out. Unknown top-level keys are ignored (newer aggregators may add
-some); wrong types and out-of-range values are refused as a whole.
+some); wrong types and out-of-range values are refused as a whole: every number has a
+bound (:data:`CONTROL_BOUNDS`, :data:`TRIGGER_BOUND`).
+
+Signed: an aggregator with a signing key adds ``"key_id"`` and ``"signature"`` (Ed25519,
+base64) over the canonical JSON of everything else (sorted keys, no spaces), the key
+the global models are signed with; a gateway that holds keys accepts only a control
+message signed by one of them (the control topic decides which strategy it runs and
+how it trains: as much worth protecting as the model).
 """
 
 from __future__ import annotations
@@ -25,11 +34,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.fl.trigger import TriggerConfig, TriggerConfigError
+from gateway.protocol import signing
 from gateway.protocol.compression import Compression
 from gateway.protocol.topics import TopicError, check_gateway_id
+from gateway.protocol.validation import keys_by_id
 
 STRATEGIES = ("gsfs", "fedavg", "fedopt")
 MAX_CONTROL_BYTES = 64 * 1024
+MAX_SELECTED = 10_000  # gateway ids a round may select
+# upper bounds of the integers a control message may carry (inclusive)
+CONTROL_BOUNDS = {"version": 2**31 - 1, "round": 2**31 - 1, "refused": 2**31 - 1,
+                  "epochs": 1000, "max_steps": 1_000_000, "batch_size": 65_536}
+TRIGGER_BOUND = 1e6  # largest magnitude of a trigger setting (steps, seconds, thresholds)
 MAX_LABEL_SMOOTHING = 0.5  # beyond this the target no longer favours the true class much
 MAX_PROX_MU = 1000.0  # beyond this the proximal term freezes local training outright
 
@@ -83,6 +99,7 @@ class Control:
     selected: frozenset[str] | None = None
     local: LocalSettings = field(default_factory=LocalSettings)
     trigger: dict[str, Any] = field(default_factory=dict)
+    refused: int = 0
 
     def selects(self, gateway_id: str) -> bool:
         return self.selected is None or gateway_id in self.selected
@@ -96,9 +113,40 @@ def _int(d: dict, key: str, *, minimum: int = 0) -> int | None:
     v = d.get(key)
     if v is None:
         return None
-    if type(v) is not int or v < minimum or v >= 2**53:
-        raise ControlError(f"{key!r} must be an integer >= {minimum}")
+    top = CONTROL_BOUNDS[key]
+    if type(v) is not int or not minimum <= v <= top:
+        raise ControlError(f"{key!r} must be an integer in [{minimum}, {top}]")
     return v
+
+
+def signing_bytes(obj: dict) -> bytes:
+    """What the signature covers: the message without ``signature``, canonical JSON."""
+    return json.dumps({k: v for k, v in obj.items() if k != "signature"}, sort_keys=True, separators=(",", ":"),
+                      allow_nan=False).encode()
+
+
+def _check_signature(obj: dict, keys: dict) -> None:
+    signature, key_id = obj.get("signature"), obj.get("key_id")
+    if not isinstance(signature, str) or not isinstance(key_id, str):
+        raise ControlError("unsigned control message (this gateway verifies the aggregator's signature)")
+    if key_id not in keys:
+        raise ControlError(f"control message signed by key {key_id[:20]!r}, not one this gateway accepts")
+    try:
+        message = signing_bytes(obj)
+    except ValueError:
+        raise ControlError("control message holds NaN or Infinity") from None
+    if not signing.verify(keys[key_id], message, signature):
+        raise ControlError("control message signature does not verify")
+
+
+def _check_trigger(trigger: dict) -> None:
+    for k, v in trigger.items():
+        if isinstance(v, str):
+            if len(v) > 32:
+                raise ControlError(f"trigger setting {str(k)[:32]!r} is too long")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > TRIGGER_BOUND:
+            raise ControlError(f"trigger setting {str(k)[:32]!r} must be a finite number of magnitude at most "
+                               f"{TRIGGER_BOUND:g}")
 
 
 def _float(d: dict, key: str) -> float | None:
@@ -111,7 +159,9 @@ def _float(d: dict, key: str) -> float | None:
     return float(v)
 
 
-def parse_control(data: bytes) -> Control:
+def parse_control(data: bytes, *, verify_keys=None) -> Control:
+    """Bytes -> a validated :class:`Control`; with ``verify_keys`` (one public key,
+    several, or {key id: key}) only a message signed by one of them is accepted."""
     if len(data) > MAX_CONTROL_BYTES:
         raise ControlError(f"control message of {len(data)} bytes is too large")
     try:
@@ -120,6 +170,9 @@ def parse_control(data: bytes) -> Control:
         raise ControlError("control message is not UTF-8 JSON") from None
     if not isinstance(obj, dict):
         raise ControlError("control message is not a JSON object")
+    keys = keys_by_id(verify_keys)
+    if keys:
+        _check_signature(obj, keys)
     if obj.get("schema", 1) != 1:
         raise ControlError(f"unsupported control schema {obj.get('schema')!r}")
     strategy = obj.get("strategy")
@@ -127,7 +180,7 @@ def parse_control(data: bytes) -> Control:
         raise ControlError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     selected = obj.get("selected")
     if selected is not None:
-        if not isinstance(selected, list) or len(selected) > 100_000:
+        if not isinstance(selected, list) or len(selected) > MAX_SELECTED:
             raise ControlError("'selected' must be a list of gateway ids or null")
         try:
             selected = frozenset(check_gateway_id(s) if isinstance(s, str) else _bad_id(s) for s in selected)
@@ -146,6 +199,7 @@ def parse_control(data: bytes) -> Control:
     trigger = {} if trigger is None else trigger
     if not isinstance(trigger, dict):
         raise ControlError("'trigger' must be an object")
+    _check_trigger(trigger)
     try:
         TriggerConfig().with_overrides(trigger)  # validate now; applied by the client
     except (TriggerConfigError, TypeError) as exc:
@@ -155,6 +209,7 @@ def parse_control(data: bytes) -> Control:
         version=_int(obj, "version"),
         round=_int(obj, "round") or 0,
         selected=selected,
+        refused=_int(obj, "refused") or 0,
         local=LocalSettings(
             epochs=_int(local, "epochs", minimum=1),
             max_steps=_int(local, "max_steps", minimum=1),
@@ -175,8 +230,9 @@ def _bad_id(value: object) -> str:
     raise ControlError(f"gateway id {value!r} is not a string")
 
 
-def encode_control(control: Control) -> bytes:
-    """The JSON bytes of a control message (what an aggregator or a test publishes)."""
+def encode_control(control: Control, *, signing_key: signing.Ed25519PrivateKey | None = None) -> bytes:
+    """The JSON bytes of a control message (what an aggregator or a test publishes),
+    signed when ``signing_key`` is given."""
     local = {
         k: (v.value if isinstance(v, Compression) else v)
         for k, v in vars(control.local).items()
@@ -186,8 +242,13 @@ def encode_control(control: Control) -> bytes:
     if control.version is not None:
         obj["version"] = control.version
     obj["selected"] = None if control.selected is None else sorted(control.selected)
+    if control.refused:
+        obj["refused"] = control.refused
     if local:
         obj["local"] = local
     if control.trigger:
         obj["trigger"] = control.trigger
-    return json.dumps(obj, separators=(",", ":")).encode()
+    if signing_key is not None:
+        obj["key_id"] = signing.key_id(signing_key)
+        obj["signature"] = signing.sign(signing_key, signing_bytes(obj))
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()

@@ -34,8 +34,11 @@ log = logging.getLogger("gateway.fl.run")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=1883, show_default=True, type=int)
 @click.option("--prefix", default="fedgate/v1", show_default=True, help="Topic prefix.")
-@click.option("--verify-key", type=click.Path(exists=True, dir_okay=False),
-              help="Aggregator's Ed25519 public key (PEM); global models must be signed by it.")
+@click.option("--verify-key", type=click.Path(exists=True, dir_okay=False), multiple=True,
+              help="Aggregator's Ed25519 public key (PEM); global models and control messages must be signed "
+                   "by it (repeat for a key rotation).")
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="Keeps the newest global version accepted: after a restart nothing older is loaded.")
 @click.option("--allow-unsigned", is_flag=True,
               help="Run without --verify-key and load unsigned global models (lab use only).")
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False),
@@ -59,11 +62,12 @@ log = logging.getLogger("gateway.fl.run")
 @click.option("--warmup", default=TriggerConfig().warmup, show_default=True, type=int)
 @click.option("--eval-every", default=TriggerConfig().eval_every, show_default=True, type=int)
 @click.option("-v", "--verbose", count=True)
-def main(gateway_id, db_url, model_dir, host, port, prefix, verify_key, allow_unsigned, eval_data, strategy,
+def main(gateway_id, db_url, model_dir, host, port, prefix, verify_key, state_dir, allow_unsigned, eval_data, strategy,
          local_epochs, max_local_steps, batch_size, lr, compression, topk_fraction, seed, threads, device,
          status_interval, tau, ema, zk, warmup, eval_every, verbose) -> None:
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
                         format=f"%(asctime)s %(levelname)s {gateway_id} %(name)s: %(message)s", stream=sys.stderr)
+    from gateway.fl import versionfile
     from gateway.fl.client import ClientSettings, FLClient
     from gateway.fl.learner import TorchLearner
     from gateway.fl.link import GatewayLink
@@ -71,7 +75,7 @@ def main(gateway_id, db_url, model_dir, host, port, prefix, verify_key, allow_un
     from gateway.protocol import signing
     from gateway.store.db import open_store
 
-    if verify_key is None and not allow_unsigned:
+    if not verify_key and not allow_unsigned:
         raise click.UsageError("give --verify-key (the aggregator's public key), or --allow-unsigned for a lab")
     try:
         settings = ClientSettings(
@@ -89,14 +93,15 @@ def main(gateway_id, db_url, model_dir, host, port, prefix, verify_key, allow_un
         learner = TorchLearner(model_dir, threads=threads, device=device)
         engine, sessions = open_store(db_url)
         eval_ds = load_eval_data(learner, Path(eval_data)) if eval_data else None
-        key = signing.load_public_key(verify_key) if verify_key else None
+        key = [signing.load_public_key(p) for p in verify_key] or None
     except (ModelDirError, StoreError, OSError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     link = GatewayLink(MqttSettings(host=host, port=port, client_id=f"gw-{gateway_id}", keepalive_s=10,
                                     reconnect_min_s=1, reconnect_max_s=5),
                        gateway_id=gateway_id, prefix=prefix)
     client = FLClient(settings=settings, learner=learner, sessions=sessions, link=link, verify_key=key,
-                      allow_unsigned=allow_unsigned, eval_data=eval_ds)
+                      allow_unsigned=allow_unsigned, eval_data=eval_ds,
+                      version_file=None if state_dir is None else Path(state_dir) / versionfile.FILE_NAME)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

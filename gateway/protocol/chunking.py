@@ -119,7 +119,15 @@ class Reassembler:
     clock: callable returning seconds (monotonic in production, fake in tests).
     timeout_s: an incomplete message older than this is dropped by :meth:`expire`.
     max_messages: incomplete messages held at once (oldest dropped beyond it).
-    max_message_bytes: a message announcing more than this is refused (oversize).
+    max_per_source: incomplete messages one source may hold (its own oldest is dropped
+      beyond it, so one sender cannot push out the others' messages).
+    max_message_bytes: a message announcing more than this is refused (oversize); the
+      receiver sets it from the model it expects.  Memory held is at most
+      max_messages x max_message_bytes.
+
+    A chunk that disagrees with its message, or a message whose chunks overflow its
+    announced size or fail its digest, drops the whole message (the caller deletes
+    whatever it stored of it).
     """
 
     def __init__(
@@ -128,13 +136,17 @@ class Reassembler:
         clock: Callable[[], float],
         timeout_s: float = 120.0,
         max_messages: int = 64,
+        max_per_source: int | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
     ):
         if timeout_s <= 0 or max_messages < 1 or max_message_bytes < 1:
             raise ValueError("timeout_s, max_messages and max_message_bytes must be positive")
+        if max_per_source is not None and max_per_source < 1:
+            raise ValueError("max_per_source must be >= 1")
         self._clock = clock
         self.timeout_s = timeout_s
         self.max_messages = max_messages
+        self.max_per_source = max_per_source or max_messages
         self.max_message_bytes = max_message_bytes
         self._pending: dict[tuple[str, str], _Pending] = {}
         # recently completed messages: a late duplicate chunk must not open a new one
@@ -152,21 +164,21 @@ class Reassembler:
         Raises :class:`EnvelopeError` for a chunk inconsistent with earlier ones of the
         same message, an oversize announcement, or a whole message with a bad digest.
         """
-        if chunk.size > self.max_message_bytes:
-            raise EnvelopeError(RejectReason.OVERSIZE, f"chunked message of {chunk.size} bytes announced")
         key = (source, chunk.message_id)
+        if chunk.size > self.max_message_bytes:
+            self._pending.pop(key, None)
+            raise EnvelopeError(RejectReason.OVERSIZE, f"chunked message of {chunk.size} bytes announced "
+                                                       f"(at most {self.max_message_bytes})")
         evicted: list[Expired] = []
         if key in self._done:
             return None, evicted
         pend = self._pending.get(key)
         if pend is None:
-            while len(self._pending) >= self.max_messages:
-                old_key = min(self._pending, key=lambda k: self._pending[k].first_seen)
-                old = self._pending.pop(old_key)
-                evicted.append(Expired(old_key[0], old_key[1], len(old.parts), old.count))
+            evicted = self._make_room(source)
             pend = _Pending(chunk.count, chunk.size, chunk.digest, self._clock())
             self._pending[key] = pend
         elif (pend.count, pend.size, pend.digest) != (chunk.count, chunk.size, chunk.digest):
+            del self._pending[key]
             raise EnvelopeError(RejectReason.SCHEMA, f"chunk {chunk.index} disagrees with message {chunk.message_id}")
         if chunk.index in pend.parts:
             return None, evicted  # redelivery of a chunk we hold: at-least-once, idempotent
@@ -186,6 +198,22 @@ class Reassembler:
             raise EnvelopeError(RejectReason.DIGEST, f"reassembled {chunk.message_id} fails its digest")
         return whole, evicted
 
+    def _make_room(self, source: str) -> list[Expired]:
+        """Drop the source's own oldest messages beyond ``max_per_source``, then the
+        oldest of all beyond ``max_messages``: room for one more."""
+        evicted = []
+        while True:
+            mine = [k for k in self._pending if k[0] == source]
+            if len(mine) >= self.max_per_source:
+                pool = mine
+            elif len(self._pending) >= self.max_messages:
+                pool = list(self._pending)
+            else:
+                return evicted
+            old_key = min(pool, key=lambda k: self._pending[k].first_seen)
+            old = self._pending.pop(old_key)
+            evicted.append(Expired(old_key[0], old_key[1], len(old.parts), old.count))
+
     def expire(self) -> list[Expired]:
         """Drop incomplete messages older than ``timeout_s``; return what was dropped."""
         now = self._clock()
@@ -196,11 +224,31 @@ class Reassembler:
             out.append(Expired(k[0], k[1], len(p.parts), p.count))
         return out
 
-    def restore(self, chunks: Iterable[tuple[str, Chunk, float]]) -> None:
-        """Reload held chunks (source, chunk, first_seen) after a restart."""
+    def restore(self, chunks: Iterable[tuple[str, Chunk, float]]) -> set[tuple[str, str]]:
+        """Reload held chunks (source, chunk, first_seen), oldest first, after a restart,
+        within the same bounds as :meth:`add`: a message beyond the caps, announcing more
+        than ``max_message_bytes``, inconsistent or expired is not held.  Returns the
+        (source, message id) of what was not held (the caller deletes its rows)."""
+        dropped: set[tuple[str, str]] = set()
+        now = self._clock()
         for source, chunk, first_seen in chunks:
             key = (source, chunk.message_id)
-            pend = self._pending.setdefault(key, _Pending(chunk.count, chunk.size, chunk.digest, first_seen))
+            if key in dropped:
+                continue
+            pend = self._pending.get(key)
+            if pend is None:
+                mine = sum(1 for k in self._pending if k[0] == source)
+                if (chunk.size > self.max_message_bytes or now - first_seen > self.timeout_s
+                        or mine >= self.max_per_source or len(self._pending) >= self.max_messages):
+                    dropped.add(key)
+                    continue
+                pend = self._pending[key] = _Pending(chunk.count, chunk.size, chunk.digest, first_seen)
+            if (pend.count, pend.size, pend.digest) != (chunk.count, chunk.size, chunk.digest) or (
+                    chunk.index not in pend.parts and pend.received + len(chunk.data) > pend.size):
+                del self._pending[key]
+                dropped.add(key)
+                continue
             if chunk.index not in pend.parts:
                 pend.parts[chunk.index] = chunk.data
                 pend.received += len(chunk.data)
+        return dropped

@@ -38,13 +38,16 @@ from gateway.protocol.errors import EnvelopeError, RejectReason
 from gateway.protocol.topics import TopicError, check_gateway_id
 
 MAGIC = b"FGE1"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added key_id; schema 1 envelopes (no key_id) are still read
 _HEADER_LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 16 * 1024
 MAX_METRICS = 64
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # a wire envelope larger than this is refused
-DEFAULT_MAX_DECODED_BYTES = 256 * 1024 * 1024  # bound on decompressed safetensors
-_MAX_INT = 2**53  # JSON-safe integer bound
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # when no model is known: a wire envelope larger than this is refused
+DEFAULT_MAX_DECODED_BYTES = 256 * 1024 * 1024  # when no model is known: bound on decompressed safetensors
+# header integers (versions, rounds, sample counts, sizes) fit a signed 32-bit database
+# column: anything larger is refused here instead of failing the receiver's commit
+MAX_HEADER_INT = 2**31 - 1
+KEY_ID_CHARS = frozenset("0123456789abcdef")
 
 # safetensors dtype tag -> numpy dtype (what safetensors.numpy can produce); the format is
 # little-endian whatever the host
@@ -84,12 +87,15 @@ class Header:
     digest: str = ""
     created: float = 0.0
     signature: str | None = None
+    key_id: str | None = None  # which aggregator key signed it (gateway.protocol.signing.key_id)
     schema: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["kind"] = self.kind.value
         d["compression"] = self.compression.value
+        if self.schema < 2:
+            d.pop("key_id")
         return d
 
     def signing_bytes(self) -> bytes:
@@ -212,7 +218,8 @@ def encode_global(
         created=float(time.time() if created is None else created),
     )
     _check_header(header)
-    if signing_key is not None:
+    if signing_key is not None:  # the key id is signed too: it cannot be swapped for another
+        header = replace(header, key_id=signing.key_id(signing_key))
         header = replace(header, signature=signing.sign(signing_key, header.signing_bytes()))
     return _frame(header, body)
 
@@ -228,25 +235,28 @@ def _int_field(d: dict, name: str, *, optional: bool = False) -> int | None:
     v = d.get(name)
     if v is None and optional:
         return None
-    if type(v) is not int or not 0 <= v < _MAX_INT:
-        raise _schema(f"header field {name!r} must be a non-negative integer")
+    if type(v) is not int or not 0 <= v <= MAX_HEADER_INT:
+        raise _schema(f"header field {name!r} must be an integer in [0, {MAX_HEADER_INT}]")
     return v
 
 
-_HEADER_FIELDS = {
+_HEADER_FIELDS_V1 = frozenset({
     "schema", "kind", "sender", "message_id", "base_version", "version", "round",
     "num_samples", "metrics", "compression", "payload_bytes", "digest", "created", "signature",
-}
+})
+_HEADER_FIELDS = {1: _HEADER_FIELDS_V1, 2: _HEADER_FIELDS_V1 | {"key_id"}}
 
 
 def _parse_header(d: object) -> Header:
     if not isinstance(d, dict):
         raise _schema("header is not a JSON object")
-    if d.get("schema") != SCHEMA_VERSION:
-        raise _schema(f"unsupported schema {d.get('schema')!r} (this side speaks {SCHEMA_VERSION})")
-    if set(d) != _HEADER_FIELDS:
-        raise _schema(f"header fields differ: missing {sorted(_HEADER_FIELDS - set(d))}, "
-                      f"unexpected {sorted(set(d) - _HEADER_FIELDS)[:5]}")
+    schema = d.get("schema")
+    if type(schema) is not int or schema not in _HEADER_FIELDS:
+        raise _schema(f"unsupported schema {str(schema)[:20]!r} (this side reads {sorted(_HEADER_FIELDS)})")
+    fields = _HEADER_FIELDS[schema]
+    if set(d) != fields:
+        raise _schema(f"header fields differ: missing {sorted(fields - set(d))}, "
+                      f"unexpected {sorted(set(d) - fields)[:5]}")
     try:
         kind = Kind(d["kind"])
         compression = Compression(d["compression"])
@@ -275,8 +285,12 @@ def _parse_header(d: object) -> Header:
     signature = d["signature"]
     if signature is not None and (not isinstance(signature, str) or len(signature) > 200):
         raise _schema("signature must be a short base64 string or null")
+    key_id = d.get("key_id")
+    if key_id is not None and (not isinstance(key_id, str) or len(key_id) != 16 or not set(key_id) <= KEY_ID_CHARS):
+        raise _schema("key_id must be 16 lowercase hex characters or null")
     header = Header(
-        schema=SCHEMA_VERSION,
+        schema=schema,
+        key_id=key_id,
         kind=kind,
         sender=sender,
         message_id=message_id,
@@ -389,7 +403,37 @@ def decompress_body(body: bytes, *, max_decoded_bytes: int) -> bytes:
         raise _schema(f"payload is not valid zstd: {exc}") from None
     if len(raw) > max_decoded_bytes:
         raise EnvelopeError(RejectReason.OVERSIZE, f"payload decompresses beyond {max_decoded_bytes} bytes")
+    if zstd_frame_length(body) != len(body):  # libzstd reads one frame and ignores the rest
+        raise _schema("bytes after the zstd frame")
     return raw
+
+
+def zstd_frame_length(data: bytes) -> int:
+    """Length of the zstd frame at the start of ``data``, read from its block headers
+    (RFC 8878 section 3.1.1) without decompressing; :class:`EnvelopeError` when it is
+    not a whole zstd frame."""
+    try:
+        pos = zstandard.frame_header_size(data)
+    except zstandard.ZstdError:
+        raise _schema("payload is not a zstd frame") from None
+    if len(data) < 5 or data[:4] != b"\x28\xb5\x2f\xfd":
+        raise _schema("payload is not a zstd frame (skippable or unknown magic)")
+    checksum = bool(data[4] & 0x04)
+    while True:
+        if pos + 3 > len(data):
+            raise _schema("zstd frame truncated")
+        block = int.from_bytes(data[pos:pos + 3], "little")
+        pos += 3
+        kind, size = (block >> 1) & 3, block >> 3
+        if kind == 3:
+            raise _schema("zstd block of the reserved type")
+        pos += 1 if kind == 1 else size  # RLE blocks carry one byte
+        if block & 1:  # last block
+            break
+    pos += 4 if checksum else 0
+    if pos > len(data):
+        raise _schema("zstd frame truncated")
+    return pos
 
 
 def decode_payload(header: Header, body: bytes, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> Tensors:

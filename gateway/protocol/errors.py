@@ -26,6 +26,9 @@ class RejectReason(str, Enum):
     UNKNOWN_BASE = "unknown_base"  # base version newer than anything the receiver published
     REPLAY = "replay"  # (sender, message id) seen before
     INCOMPLETE_CHUNK = "incomplete_chunk"  # a chunked message that never completed
+    NORM = "norm"  # an update's L2 norm is beyond any sane bound for this model
+    QOS0 = "qos0"  # an update or status sent at QoS 0 (no flow control: refused unread)
+    CONTROL = "control"  # a control message that is unsigned, badly signed or out of range
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ digest, payload, then names/shapes/dtypes and finiteness.  Pure.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +37,50 @@ def spec_of(tensors: Mapping[str, np.ndarray], *, floating_only: bool = False) -
     }
 
 
+# Size bounds that follow the model (issue 16.6): an envelope carries at most the
+# model's tensors; compressed forms are smaller except top-k at fraction 1 (an int32
+# index and a float32 value per element: twice float32), and zstd adds at most a few
+# bytes per 128 KiB block.  The slack covers the JSON headers.
+DECODED_MULTIPLE = 2
+SIZE_SLACK = 64 * 1024
+
+
+def spec_bytes(spec: TensorSpec) -> int:
+    """Bytes of the tensors of ``spec`` in their own dtypes."""
+    total = 0
+    for shape, dtype in spec.values():
+        n = 1
+        for d in shape:
+            n *= int(d)
+        total += n * np.dtype(dtype).itemsize
+    return total
+
+
+def size_limits(spec: TensorSpec, *, kind: Kind) -> tuple[int, int]:
+    """(largest wire envelope, largest decompressed payload) for ``kind`` envelopes of
+    the model ``spec`` describes: an update (floating tensors as float32 deltas) may take
+    ``DECODED_MULTIPLE`` x the float32 size decompressed (top-k at fraction 1); a global
+    model, its own size.  Both plus ``SIZE_SLACK``; the wire adds zstd's worst case."""
+    if kind is Kind.UPDATE:
+        raw = DECODED_MULTIPLE * 4 * sum(int(np.prod(shape, dtype=np.int64)) for shape, _ in spec.values())
+    else:
+        raw = spec_bytes(spec)
+    decoded = raw + SIZE_SLACK
+    wire = decoded + decoded // 128 + SIZE_SLACK  # incompressible data grows by < 1/128 in zstd
+    return wire, decoded
+
+
+def keys_by_id(keys) -> dict[str, signing.Ed25519PublicKey]:
+    """One public key, several (a rotation), or a mapping, as {key id: key}."""
+    if keys is None:
+        return {}
+    if isinstance(keys, Mapping):
+        return dict(keys)
+    if isinstance(keys, signing.Ed25519PublicKey):
+        keys = [keys]
+    return {signing.key_id(k): k for k in keys}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ValidationPolicy:
     """What a receiver accepts.
@@ -51,7 +95,9 @@ class ValidationPolicy:
     max_staleness: updates whose base is more than this many versions old are
       ``stale_base`` (None: no limit).
     is_replay: callable (sender, message_id) -> bool for replay detection.
-    verify_key: Ed25519 public key; with it a global model must carry a valid signature.
+    verify_key: Ed25519 public key, or several (a key rotation); with any, a global model
+      must carry a valid signature by one of them (the header's key_id says which; an
+      envelope without key_id is tried against each).
     """
 
     kind: Kind = Kind.UPDATE
@@ -63,9 +109,10 @@ class ValidationPolicy:
     current_version: int | None = None
     max_staleness: int | None = None
     is_replay: Callable[[str, str], bool] | None = None
-    verify_key: signing.Ed25519PublicKey | None = None
+    verify_key: signing.Ed25519PublicKey | Sequence[signing.Ed25519PublicKey] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_keys", keys_by_id(self.verify_key))
         if self.max_bytes <= 0 or self.max_decoded_bytes <= 0:
             raise ValueError("size bounds must be positive")
         if self.max_staleness is not None and self.max_staleness < 0:
@@ -123,10 +170,15 @@ def validate_envelope(data: bytes, policy: ValidationPolicy) -> Envelope | Rejec
             return _reject(RejectReason.STALE_BASE, f"global version {header.version} < current {cur}")
         if policy.is_replay is not None and policy.is_replay(header.sender, header.message_id):
             return _reject(RejectReason.REPLAY, f"{header.sender}/{header.message_id} seen before")
-        if policy.verify_key is not None:
+        keys: dict = policy._keys  # type: ignore[attr-defined]
+        if keys:
             if header.signature is None:
                 return _reject(RejectReason.SIGNATURE, "unsigned global model")
-            if not signing.verify(policy.verify_key, header.signing_bytes(), header.signature):
+            if header.key_id is not None and header.key_id not in keys:
+                return _reject(RejectReason.SIGNATURE, f"signed by key {header.key_id}, not one this side accepts")
+            candidates = [keys[header.key_id]] if header.key_id is not None else list(keys.values())
+            message = header.signing_bytes()
+            if not any(signing.verify(k, message, header.signature) for k in candidates):
                 return _reject(RejectReason.SIGNATURE, "signature does not verify")
         tensors = decode_payload(header, body, max_decoded_bytes=policy.max_decoded_bytes)
         problem = _check_tensors(tensors, policy.expected)

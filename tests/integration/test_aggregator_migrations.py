@@ -55,16 +55,32 @@ def test_migrations_build_the_models_schema_from_empty(store_url):  # noqa: F811
         engine.dispose()
 
 
+def pre_migration_schema(engine) -> None:
+    """What the aggregator's create_all made before it had migrations: the tables of the
+    initial revision, and no version table (later revisions add to them)."""
+    from alembic import command
+
+    from gateway.store.db import _alembic_config
+
+    with engine.begin() as conn:
+        cfg = _alembic_config(conn, DIRECTORY)
+        if current_revision(engine, version_table=VERSION_TABLE) is None:
+            command.upgrade(cfg, INITIAL_REVISION)
+        else:
+            command.downgrade(cfg, INITIAL_REVISION)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))
+
+
 def test_a_create_all_database_is_adopted_with_its_rows(store_url):  # noqa: F811
     old = create_engine(store_url)  # what the aggregator did before it had migrations
-    store.Base.metadata.create_all(old)
+    pre_migration_schema(old)
     with old.begin() as conn:
         conn.execute(store.SeenUpdateRow.__table__.insert(), [
             {"sender": "gw1", "message_id": f"m{i}", "received_at": float(i), "base_version": 0, "wire_bytes": 10}
             for i in range(5)])
-        conn.execute(store.AggregatorStateRow.__table__.insert(), [
-            {"id": 1, "version": 7, "round": 2, "selected": [], "global_parts": 1, "strategy": "gsfs",
-             "updated_at": 1.0}])
+        conn.execute(text("INSERT INTO agg_state (id, version, round, selected, global_parts, strategy, updated_at) "
+                          "VALUES (1, 7, 2, '[]', 1, 'gsfs', 1.0)"))  # the initial revision's columns
     old.dispose()
 
     engine = store.make_engine(store_url)
@@ -87,8 +103,7 @@ def test_a_running_aggregator_database_without_revision_restarts_where_it_was(tm
     first.stop()
     first.sessions.kw["bind"].dispose()
     engine = create_engine(f"sqlite:///{url}")
-    with engine.begin() as conn:  # as if made by create_all: the same tables, no revision
-        conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))
+    pre_migration_schema(engine)  # as if made by create_all: the initial tables and rows, no revision
     engine.dispose()
 
     again = service(url)

@@ -120,6 +120,8 @@ def db_state(db: Path) -> tuple[int, list[int], int]:
 def test_kill_9_aggregator_restarts_same_version_no_update_lost(tmp_path):
     broker = Mosquitto(config_text=dev_config_text(), workdir=tmp_path / "broker").start()
     st_numpy.save_file(tiny_model(), str(tmp_path / "initial.safetensors"))
+    subprocess.run([sys.executable, "-m", "cloud_aggregator.cli", "keygen", str(tmp_path / "agg.key")], check=True,
+                   capture_output=True, timeout=120)
     db = tmp_path / "agg.db"
     config = tmp_path / "agg.toml"
     config.write_text(f"""

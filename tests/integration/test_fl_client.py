@@ -155,6 +155,11 @@ def make_client(store, model_dir, port, verify_key, on_global=None, clock=time.m
                     on_global=on_global, clock=clock)
 
 
+def signed_control(key, control):
+    """A control message as the aggregator sends it: signed with its model key."""
+    return encode_control(control, signing_key=key)
+
+
 def global_envelope(weights, key, version, base=None):
     return encode_global(weights, sender="aggregator", version=version,
                          base_version=version - 1 if base is None else base, signing_key=key)
@@ -239,7 +244,7 @@ def test_outbox_keeps_update_while_broker_down_and_the_aggregator_counts_it_once
     client = make_client(store, model_dir, broker.port, key.public_key(), strategy="gsfs", max_local_steps=3)
     # The real aggregator (GSFS, K = 1 of 1). Its control message tells the gateway a
     # trigger that cannot fire, so the only update is the one this test makes.
-    never = {"tau": 1e9, "k": 1e9, "warmup": 10**9, "eval_every": 10**9}
+    never = {"tau": 1e6, "k": 1e6, "warmup": 10**6, "eval_every": 10**6}
     service = AggregatorService(
         AggregatorConfig(database=f"sqlite:///{tmp_path / 'agg.db'}", strategy="gsfs",
                          strategy_params={"rho": 1.0, "deadline_s": 1.0, "trigger": never},
@@ -251,7 +256,7 @@ def test_outbox_keeps_update_while_broker_down_and_the_aggregator_counts_it_once
         service.start()
         client.start(thread=False)
         pump = lambda: client.pump_once(0.05)  # noqa: E731
-        wait_for(lambda: client.version == 0 and client.trigger.config.tau == 1e9, pump=pump,
+        wait_for(lambda: client.version == 0 and client.trigger.config.tau == 1e6, pump=pump,
                  what="global version 0 and control loaded")
 
         broker.stop()
@@ -284,12 +289,12 @@ def test_gsfs_gateway_quiet_on_a_version_trains_again_when_labelled_flows_arrive
     client = make_client(store, model_dir, broker.port, key.public_key(), strategy="gsfs", max_local_steps=3,
                          retrain_interval_s=60, clock=lambda: now[0])
     agg = Aggregatorish(broker.port)
-    never = {"tau": 1e9, "k": 1e9, "warmup": 10**9, "eval_every": 10**9}
+    never = {"tau": 1e6, "k": 1e6, "warmup": 10**6, "eval_every": 10**6}
     try:
         client.start(thread=False)
         pump = lambda: client.pump_once(0.05)  # noqa: E731
         wait_for(lambda: client.link.connected, pump=pump, what="connected")
-        agg.publish(topics.global_control(), encode_control(Control(strategy="gsfs", trigger=never)))
+        agg.publish(topics.global_control(), signed_control(key, Control(strategy="gsfs", trigger=never)))
         agg.publish(topics.global_model(), global_envelope(client.learner.weights(), key, 1))
         wait_for(lambda: client.counters.train_steps == 3, pump=pump, what="the session on version 1")
         trained_on = client.train_data.flows + client.val_data.flows
@@ -331,17 +336,17 @@ def test_fedavg_round_announcement_is_answered_once(broker, store, model_dir, ke
         pump = lambda: client.pump_once(0.05)  # noqa: E731
         wait_for(lambda: client.link.connected, pump=pump, what="connected")
         agg.publish(topics.global_control(),
-                    encode_control(Control(strategy="fedavg", version=1, round=1, selected=frozenset({GW}),
+                    signed_control(key, Control(strategy="fedavg", version=1, round=1, selected=frozenset({GW}),
                                            local=LocalSettings(epochs=1, max_steps=2))))
         agg.publish(topics.global_model(), global_envelope(client.learner.weights(), key, 1))
         wait_for(lambda: client.counters.uploads == 1, pump=pump, what="round answered")
         agg.publish(topics.global_control(),  # the same round again (e.g. retained redelivery)
-                    encode_control(Control(strategy="fedavg", version=1, round=1)))
+                    signed_control(key, Control(strategy="fedavg", version=1, round=1)))
         for _ in range(20):
             pump()
         assert client.counters.uploads == 1 and client.strategy == "fedavg"
         agg.publish(topics.global_control(),
-                    encode_control(Control(strategy="fedavg", version=1, round=2, selected=frozenset({"other"}))))
+                    signed_control(key, Control(strategy="fedavg", version=1, round=2, selected=frozenset({"other"}))))
         for _ in range(20):
             pump()
         assert client.counters.uploads == 1  # not selected
@@ -377,3 +382,61 @@ def test_a_gateway_without_a_verify_key_refuses_to_start_unless_allowed(tmp_path
                           f"sqlite:///{tmp_path / 'x.db'}", "--model", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--verify-key" in out.stderr and "--allow-unsigned" in out.stderr
+
+
+def test_deployment_gate_keeps_a_worse_global_out_and_the_canary_rolls_back(broker, store, model_dir, keys, flows,
+                                                                            tmp_path):
+    """Issue 16.3, the gateway side, with the real engine and the FL client's own
+    labelled validation flows: a verified global that scores better is swapped in; one
+    that scores worse than the deployed model by more than the margin is kept out of
+    detection (FL still moves to it); a jump of the alerted share after a swap rolls it
+    back to the model before."""
+    from gateway.config import DeploySection
+    from gateway.model.labels import record_label
+
+    key = keys[0]
+    engine = load_classifier(model_dir, provider="cpu")
+    client = make_client(store, model_dir, broker.port, key.public_key(), strategy="fedavg")
+    hot = EngineHotSwap(engine=engine, learner=client.learner, models_dir=tmp_path / "models",
+                        settings=DeploySection(margin=0.02, canary_flows=100, canary_max_jump=0.15),
+                        validation=client.validation_data, initial_dir=model_dir)
+    client.on_global = hot
+    w0 = client.learner.weights()  # the random initial student: calls nearly everything malicious
+    trainer = TorchLearner(model_dir, threads=1)
+    trainer.train(trainer.encode(flows, [record_label(r) for r in flows]), epochs=40, lr=3e-3, seed=0, batch_size=16)
+    good = trainer.weights()
+    agg = Aggregatorish(broker.port)
+    try:
+        client.start(thread=False)
+        pump = lambda: client.pump_once(0.05)  # noqa: E731
+        wait_for(lambda: client.link.connected, pump=pump, what="gateway connected")
+        agg.publish(topics.global_model(), global_envelope(good, key, 1))
+        wait_for(lambda: engine.model_version == "global-1", pump=pump, what="a better version 1 swapped in")
+        assert hot.status()["last"]["reason"] == "better"
+
+        agg.publish(topics.global_model(), global_envelope(w0, key, 2))
+        wait_for(lambda: client.version == 2, pump=pump, what="version 2 verified")
+        assert engine.model_version == "global-1"  # kept out of detection
+        st = hot.status()
+        assert st["refused"] == 1 and st["last"]["decision"] == "kept" and st["last"]["reason"] == "worse"
+        assert st["last"]["candidate"] < st["last"]["deployed"] - 0.02
+        assert all(np.array_equal(client.learner.weights()[k], w0[k]) for k in w0)  # FL goes on from v2
+        with store() as s:
+            assert repo.active_model_version(s).version == "global-1"
+
+        for _ in range(4):  # baseline: 2 alerts in 100 flows each batch
+            hot.observe(100, 2)
+        agg.publish(topics.global_model(), global_envelope(good, key, 3))
+        wait_for(lambda: engine.model_version == "global-3", pump=pump, what="version 3 swapped in")
+        assert hot.status()["swapped"] == 2 and hot.status()["canary"] == "watching"
+        hot.observe(60, 40)  # after the swap: 40 of 60 flows alerted...
+        assert engine.model_version == "global-3"
+        hot.observe(60, 40)  # ... 0.67 against 0.02: rolled back
+        assert engine.model_version == "global-1"
+        st = hot.status()
+        assert st["rolled_back"] == 1 and st["canary"] == "rolled_back" and st["deployed"] == "global-1"
+        assert st["last"]["before"] == pytest.approx(0.02) and st["last"]["after"] == pytest.approx(80 / 120)
+    finally:
+        client.stop()
+        agg.stop()
+        engine.close()

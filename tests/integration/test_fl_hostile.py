@@ -77,3 +77,70 @@ def test_truncated_models_are_rejected(client, cut):
     before = client.learner.weights()
     assert client.receive_global(data) is False
     check_unchanged(client, before)
+
+
+# ---------------------------------------------------------------- intake hardening (issue 16.6)
+
+
+def test_a_restarted_gateway_never_accepts_a_global_older_than_the_one_it_ran(client, tmp_path):
+    """The version is persisted (state_dir); a new client on the same file refuses older
+    signed globals -- a recorded old model cannot be replayed after a restart."""
+    from gateway.fl.versionfile import read_version
+
+    key, weights = client.test_key, client.learner.weights()
+    version_file = tmp_path / "state" / "fl-global-version.json"
+
+    def gateway():
+        link = GatewayLink(MqttSettings(port=1, client_id="gw-restart"), gateway_id="gw-restart")
+        c = FLClient(settings=ClientSettings(gateway_id="gw-restart"), learner=client.learner,
+                     sessions=client.sessions, link=link, verify_key=key.public_key(), version_file=version_file)
+        c.lifecycle.fire("start")
+        return c
+
+    def signed(v):
+        return encode_global(weights, sender="aggregator", version=v, base_version=v - 1, signing_key=key)
+
+    first = gateway()
+    assert first.receive_global(signed(7)) and read_version(version_file) == 7
+    again = gateway()  # a restart: a fresh client, the same state_dir
+    assert again.version is None and again.version_floor == 7
+    assert not again.receive_global(signed(6)) and again.counters.rejected["stale_base"] == 1
+    assert again.receive_global(signed(7)) and again.version == 7  # the retained current one loads again
+    assert again.receive_global(signed(8)) and read_version(version_file) == 8
+    version_file.write_text("not json")  # never guess a floor: the service disables FL and says why
+    with pytest.raises(ValueError, match="not a global-version file"):
+        gateway()
+
+
+def test_retained_junk_chunks_cannot_fill_the_gateways_memory(client):
+    """The reassembler is bounded by the expected model size: a set announcing more is
+    refused at its first chunk, and many sets keep at most two in memory."""
+    from gateway.protocol import chunking
+
+    assert client.reassembler.max_message_bytes == client.max_global_bytes
+    assert client.max_global_bytes < 4 * sum(v.nbytes for v in client.learner.weights().values()) + 200_000
+    huge = chunking.split_message(np.random.default_rng(0).bytes(client.max_global_bytes + 10_000),
+                                  max_chunk_bytes=64 * 1024)
+    before = client.counters.rejected["oversize"]
+    client._on_model_message(huge[0])
+    assert client.counters.rejected["oversize"] == before + 1 and len(client.reassembler) == 0
+    for i in range(50):
+        junk = chunking.split_message(np.random.default_rng(i).bytes(8192), max_chunk_bytes=1024,
+                                      message_id=f"junk{i}")[0]
+        client._on_model_message(junk)
+    assert len(client.reassembler) <= 2
+
+
+def test_unsigned_forged_or_out_of_range_control_is_ignored(client):
+    from gateway.fl.control import Control, LocalSettings, encode_control
+
+    before, rejected = client.control, client.counters.control_rejected
+    forger = signing.generate_private_key()
+    for bad in (encode_control(Control(strategy="fedavg", round=9)),
+                encode_control(Control(strategy="fedavg", round=9), signing_key=forger),
+                b'{"strategy": "fedavg", "round": 9, "local": {"epochs": 100000}}'):
+        client._on_control(bad)
+    assert client.counters.control_rejected == rejected + 3 and client.control is before
+    good = Control(strategy="gsfs", local=LocalSettings(max_steps=7))
+    client._on_control(encode_control(good, signing_key=client.test_key))
+    assert client.control == good and client.local["max_steps"] == 7

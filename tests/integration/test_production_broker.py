@@ -220,6 +220,9 @@ def test_aggregator_and_gateway_run_over_mutual_tls(broker, pki, tmp_path):
     from gateway.protocol.envelope import encode_update
 
     key_path = tmp_path / "signing" / "global-model.key"
+    made = signing.generate_private_key()  # what `fedgate certs signing-key` / `keygen` write
+    signing.save_private_key(made, key_path)
+    signing.save_public_key(made, str(key_path) + ".pub")
     config_path = tmp_path / "aggregator.toml"
     config_path.write_text(f"""
 [aggregator]
@@ -393,3 +396,35 @@ def test_gateway_service_runs_over_mutual_tls(broker, pki, tmp_path):
     finally:
         service.stop()
         watcher.close()
+
+
+def test_a_gateway_certificate_cannot_take_over_the_aggregators_client_id(broker, pki):
+    """Issue 16.6: with production.conf's use_username_as_clientid the broker keys
+    every session by certificate identity, so a gateway connecting with the aggregator's
+    configured client id (or its CN) neither disconnects the aggregator nor receives or
+    sends anything as it."""
+    agg = Client(broker.port, client_id="fedgate-aggregator", ca=pki.ca_file(), cert=pki.cert("aggregator"),
+                 key=pki.key("aggregator"))
+    assert agg.connect()
+    assert agg.subscribe(f"{PREFIX}/gw/+/status") == [1]
+    try:
+        for client_id in ("fedgate-aggregator", "@aggregator", "aggregator"):
+            intruder = Client(broker.port, client_id=client_id, ca=pki.ca_file(), cert=pki.cert("gateway-edge1"),
+                              key=pki.key("gateway-edge1"))
+            assert intruder.connect()  # it may connect -- as edge1
+            try:
+                time.sleep(1.0)
+                assert not agg.closed.is_set(), f"{client_id!r} took the aggregator's session over: " \
+                                                f"{agg.disconnect_reason}"
+                assert intruder.publish(f"{PREFIX}/global/model", b"junk", retain=True) == 0x87  # still edge1's ACL
+            finally:
+                intruder.close()
+        edge = Client(broker.port, client_id="anything", ca=pki.ca_file(), cert=pki.cert("gateway-edge1"),
+                      key=pki.key("gateway-edge1"))
+        assert edge.connect()
+        assert edge.publish(f"{PREFIX}/gw/edge1/status", b'{"state": "online"}') == 0
+        edge.close()
+        assert agg.wait_for(lambda m: m.topic == f"{PREFIX}/gw/edge1/status", 10) is not None  # still served
+        assert not agg.closed.is_set()
+    finally:
+        agg.close()

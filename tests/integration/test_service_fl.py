@@ -60,8 +60,12 @@ def test_global_model_is_validated_exported_and_hot_swapped_while_detecting(tmp_
     from gateway.mqtt import MqttSettings
 
     broker = Mosquitto(config_text=dev_config_text(), workdir=tmp_path / "broker").start()
+    from gateway.protocol import signing
+
     key = tmp_path / "keys" / "aggregator.key"
-    key.parent.mkdir()
+    made = signing.generate_private_key()
+    signing.save_private_key(made, key)
+    signing.save_public_key(made, str(key) + ".pub")
     aggregator = AggregatorService(AggregatorConfig(
         database=str(tmp_path / "agg.db"), signing_key=str(key), initial_model=str(model_dir / "model.safetensors"),
         mqtt=MqttSettings(port=broker.port, client_id="agg")))

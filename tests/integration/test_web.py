@@ -127,7 +127,8 @@ def test_aggregator_page_shows_gateways_rounds_and_detections(tmp_path, broker, 
         with sessions.begin() as s:
             store.add_round(s, version=version, strategy="gsfs", round=0, num_updates=2, live_clients=1,
                             senders=["gw1"], client_weights=[1.0], metrics={"accuracy": acc, "f1": f1},
-                            info={}, bytes_up=12_345, bytes_down=6_789, started_at=now - 1, finished_at=now)
+                            info={"gate": {"gate_accuracy": acc + 0.0123}}, bytes_up=12_345, bytes_down=6_789,
+                            started_at=now - 1, finished_at=now)
 
     try:
         write_at_rate(log, rate=5000, count=300, uid_offset=5000)
@@ -151,6 +152,13 @@ def test_aggregator_page_shows_gateways_rounds_and_detections(tmp_path, broker, 
         assert text_of(browser, "alive") == "1 / 1"
         add_round(4, 0.91, 0.88)  # live: a new aggregation appears without a reload
         assert wait_until(lambda: "0.9100" in text_of(browser, "rounds"), 10)
+        assert "0.9223" in text_of(browser, "rounds")  # the deployment gate's score of v4
+        with sessions.begin() as s:  # a candidate the gate kept back, as the service records one
+            store.add_refusal(s, at=time.time(), base_version=4, round=0, reason="gate", detail="accuracy 0.4000",
+                              senders=["gw1"], client_weights=[1.0],
+                              figures={"gate_accuracy": 0.4, "gate_current_accuracy": 0.9223})
+        assert wait_until(lambda: "0.4000" in text_of(browser, "refusals"), 10), text_of(browser, "refusals")
+        assert "v4 gate" in text_of(browser, "refusals") and text_of(browser, "refused") == "1"
         assert len(browser.find_elements("css selector", "#chart circle")) == 8
         screenshot(browser, "aggregator-page.png", tmp_path)
         assert console_errors(browser) == []

@@ -17,6 +17,7 @@ from gateway.fl.control import (
     local_setting_problem,
     parse_control,
 )
+from gateway.protocol import signing
 from gateway.protocol.compression import Compression
 
 
@@ -134,3 +135,34 @@ def test_hostile_input_only_raises_control_error(raw):
     except ControlError:
         return
     assert c.strategy in ("gsfs", "fedavg", "fedopt")
+
+
+# ---------------------------------------------------------------- signed and bounded (issue 16.6)
+
+KEY = signing.generate_private_key()
+OTHER = signing.generate_private_key()
+
+
+def test_control_messages_are_signed_and_verified():
+    c = Control(strategy="fedavg", version=3, round=2, refused=1, local=LocalSettings(epochs=2))
+    signed = encode_control(c, signing_key=KEY)
+    assert parse_control(signed, verify_keys=KEY.public_key()) == c
+    assert parse_control(signed, verify_keys=[OTHER.public_key(), KEY.public_key()]) == c  # a rotation
+    for bad, why in ((encode_control(c), "unsigned"), (encode_control(c, signing_key=OTHER), "not one this"),
+                     (signed.replace(b'"round":2', b'"round":1'), "does not verify"),
+                     (signed.replace(b'"epochs":2', b'"epochs":200'), "does not verify")):
+        with pytest.raises(ControlError, match=why):
+            parse_control(bad, verify_keys=KEY.public_key())
+    assert parse_control(encode_control(c)) == c  # a gateway without keys (lab) reads it unsigned
+
+
+@pytest.mark.parametrize("obj", [
+    {"strategy": "gsfs", "version": 2**31}, {"strategy": "gsfs", "round": 2**40}, {"strategy": "gsfs", "refused": -1},
+    {"strategy": "gsfs", "local": {"epochs": 10**6}}, {"strategy": "gsfs", "local": {"max_steps": 10**9}},
+    {"strategy": "gsfs", "local": {"batch_size": 10**6}}, {"strategy": "gsfs", "trigger": {"warmup": 10**9}},
+    {"strategy": "gsfs", "trigger": {"tau": 1e300}}, {"strategy": "gsfs", "trigger": {"k": "x" * 100}},
+    {"strategy": "fedavg", "selected": [f"gw{i}" for i in range(10_001)]},
+])
+def test_every_control_value_is_bounded(obj):
+    with pytest.raises(ControlError):
+        parse_control(json.dumps(obj).encode())

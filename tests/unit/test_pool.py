@@ -68,8 +68,13 @@ def test_parse_status_payloads():
     assert parse_status(json.dumps({"state": "online"}).encode())[0] is True
     assert parse_status(json.dumps({"state": "offline"}).encode())[0] is False
     assert parse_status(b"")[0] is False  # cleared retained status
-    assert parse_status(b"\xff\xfe")[0] is False
-    assert parse_status(b"[1,2]")[0] is False
+    for junk in (b"\xff\xfe", b"[1,2]", b'{"state": "online", "flows": NaN}', b'{"state": "online", "x": Infinity}',
+                 b'{"state": "online", "flows": 1e400}', b'{"flows": ' + b"9" * 400 + b"}", b"{" * 100000):
+        assert isinstance(parse_status(junk), Rejection), junk[:40]
+    deep = json.dumps({"state": "online", "a": [[[[[["deep"]]]]]], "s": "x" * 10000,
+                       "m": {str(i): i for i in range(500)}}).encode()
+    online, st = parse_status(deep)
+    assert online and st["a"] == [[[None]]] and len(st["s"]) == 256 and len(st["m"]) == 64
 
 
 def test_aggregated_clears_used_updates_and_resets_windows():

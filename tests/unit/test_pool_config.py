@@ -35,8 +35,13 @@ eta = 0.02
 beta1 = 0.8
 
 [strategy.robust]
-method = "trimmed_mean"
-trim_fraction = 0.2
+combiner = "median"
+trim = 0.2
+
+[gate]
+validation_log = "data/val.log"
+model_dir = "models/default"
+margin = 0.02
 
 [strategy.dp]
 clip_norm = 1.0
@@ -53,6 +58,9 @@ compression = "int8"
     assert cfg.mqtt.port == 8883 and cfg.mqtt.client_id == "aggregator"
     strategy = cfg.build_strategy()
     assert strategy.name == "fedopt" and strategy.inner.inner.beta1 == 0.8  # dp(robust(fedopt))
+    assert strategy.inner.settings.combiner == "median" and strategy.inner.settings.trim == 0.2
+    assert cfg.gate.validation_log == str(tmp_path / "data/val.log") and cfg.gate.margin == 0.02
+    assert cfg.gate.model_dir == str(tmp_path / "models/default")
     assert cfg.local == {"epochs": 2, "compression": "int8"}
 
 
@@ -69,6 +77,12 @@ compression = "int8"
     "[mqtt]\nport = 0\n",
     "[mqtt]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\n",
     "[extra]\nx = 1\n",
+    "[strategy.robust]\nmethod = \"median\"\n",
+    "[strategy.robust]\ncombiner = \"mode\"\n",
+    "[strategy.robust]\nnorm_multiple = 0.5\n",
+    "[gate]\nmargin = -0.1\n",
+    "[gate]\nvalidation_log = \"v.log\"\n",
+    "[gate]\nmetric = \"loss\"\n",
 ])
 def test_bad_settings_are_refused_with_an_error(tmp_path, text):
     with pytest.raises((ValueError, TypeError)):
@@ -78,6 +92,7 @@ def test_bad_settings_are_refused_with_an_error(tmp_path, text):
 def test_defaults_are_valid():
     cfg = AggregatorConfig()
     assert cfg.strategy == "gsfs" and cfg.intake_batch == 64 and cfg.mqtt.host == "127.0.0.1"
+    assert cfg.robust.enabled and cfg.robust.one_vote and cfg.gate.enabled  # defences on by default
 
 
 def test_evaluator_factory_is_loaded_with_its_arguments(tmp_path):

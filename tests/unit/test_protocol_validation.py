@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.protocol import chunking, signing
-from gateway.protocol.envelope import _HEADER_FIELDS as HEADER_FIELDS
+from gateway.protocol.envelope import SCHEMA_VERSION
+from gateway.protocol.envelope import _HEADER_FIELDS as FIELDS_BY_SCHEMA
 from gateway.protocol.envelope import MAGIC, Envelope, Kind, decode_header, encode_global, encode_update
 from gateway.protocol.errors import EnvelopeError, RejectReason, Rejection
 from gateway.protocol.validation import ValidationPolicy, spec_of, validate_envelope
@@ -189,7 +190,7 @@ json_values = st.recursive(
 
 
 @HOSTILE
-@given(st.sampled_from(sorted(HEADER_FIELDS)), json_values)
+@given(st.sampled_from(sorted(FIELDS_BY_SCHEMA[SCHEMA_VERSION])), json_values)
 def test_mutated_header_fields_never_raise(field, value):
     data = rebuild(update(), lambda h: h.__setitem__(field, value))
     result = validate_envelope(data, policy())
@@ -279,3 +280,116 @@ def test_payload_reader_matches_the_safetensors_loader(spec, seed):
     for name, arr in theirs.items():
         assert ours[name].dtype == arr.dtype and ours[name].shape == arr.shape
         np.testing.assert_array_equal(ours[name], arr)
+
+
+# ---------------------------------------------------------------- intake hardening (issue 16.6)
+
+
+def with_body(data: bytes, body: bytes) -> bytes:
+    """``data``'s header over another body, digest made to match."""
+    import hashlib
+
+    hlen = struct.unpack_from(">I", data, 4)[0]
+    return rebuild(data[:8 + hlen], lambda h: h.update(digest=hashlib.sha256(body).hexdigest())) + body
+
+
+def test_bytes_after_the_zstd_frame_are_rejected():
+    good = update()
+    hlen = struct.unpack_from(">I", good, 4)[0]
+    body = good[8 + hlen:]
+    assert isinstance(validate_envelope(with_body(good, body), policy()), Envelope)
+    for tail in (b"x", b"\x00" * 100, body):  # junk, padding, a second frame
+        result = validate_envelope(with_body(good, body + tail), policy())
+        assert reason(result) is RejectReason.SCHEMA and "after the zstd frame" in result.detail
+    for cut in (1, 3, len(body) // 2):  # a frame cut short never passes either
+        assert reason(validate_envelope(with_body(good, body[:-cut]), policy())) is RejectReason.SCHEMA
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=3000), st.sampled_from([{}, {"write_checksum": True}, {"write_content_size": False}]))
+def test_zstd_frame_length_is_exact(raw, kw):
+    from gateway.protocol.envelope import zstd_frame_length
+
+    frame = zstandard.ZstdCompressor(**kw).compress(raw)
+    assert zstd_frame_length(frame) == len(frame)
+    streamed = zstandard.ZstdCompressor(**kw).compressobj()
+    frame = streamed.compress(raw) + streamed.flush()
+    assert zstd_frame_length(frame) == len(frame)
+    for cut in range(1, min(len(frame), 8)):
+        with pytest.raises(EnvelopeError):
+            zstd_frame_length(frame[:-cut])
+
+
+@pytest.mark.parametrize("field, value", [("num_samples", 2**31), ("base_version", 2**40), ("round", 2**53),
+                                          ("payload_bytes", 2**31)])
+def test_header_integers_beyond_a_database_column_are_rejected(field, value):
+    result = validate_envelope(rebuild(update(), lambda h: h.update({field: value})), policy())
+    assert reason(result) is RejectReason.SCHEMA and field in result.detail
+
+
+def test_headers_carry_the_key_id_and_any_configured_key_verifies():
+    old, new = signing.generate_private_key(), signing.generate_private_key()
+    signed_new = encode_global(DELTA, sender="aggregator", version=6, base_version=5, signing_key=new)
+    header, _ = decode_header(signed_new)
+    assert header.key_id == signing.key_id(new) and header.schema == 2
+    rotation = dict(kind=Kind.GLOBAL, expected=SPEC, current_version=5)
+    assert isinstance(validate_envelope(signed_new, ValidationPolicy(**rotation, verify_key=[old.public_key(),
+                                                                                            new.public_key()])),
+                      Envelope)
+    result = validate_envelope(signed_new, ValidationPolicy(**rotation, verify_key=old.public_key()))
+    assert reason(result) is RejectReason.SIGNATURE and "not one this side accepts" in result.detail
+    swapped = rebuild(signed_new, lambda h: h.update(key_id=signing.key_id(old)))  # the key id is signed
+    assert reason(validate_envelope(swapped, ValidationPolicy(**rotation, verify_key=[old.public_key(),
+                                                                                    new.public_key()]))) \
+        is RejectReason.SIGNATURE
+    # a schema-1 global (no key_id, from an aggregator not yet upgraded) is tried against every key
+    v1 = rebuild(encode_global(DELTA, sender="aggregator", version=6, base_version=5),
+                 lambda h: (h.pop("key_id"), h.update(schema=1)))
+    h1, _ = decode_header(v1)
+    from dataclasses import replace
+
+    v1_signed = rebuild(v1, lambda h: h.update(signature=signing.sign(old, replace(h1).signing_bytes())))
+    assert isinstance(validate_envelope(v1_signed, ValidationPolicy(**rotation, verify_key=[new.public_key(),
+                                                                                           old.public_key()])),
+                      Envelope)
+
+
+def test_size_bounds_follow_the_model():
+    from gateway.protocol.validation import SIZE_SLACK, size_limits
+
+    spec = spec_of({"w": np.zeros((1000, 100), np.float32), "ids": np.zeros(10, np.int64)})
+    wire, decoded = size_limits(spec_of({"w": np.zeros((1000, 100), np.float32)}), kind=Kind.UPDATE)
+    assert decoded == 2 * 400_000 + SIZE_SLACK and decoded < wire < decoded * 1.01 + 2 * SIZE_SLACK
+    g_wire, g_decoded = size_limits(spec, kind=Kind.GLOBAL)
+    assert g_decoded == 400_000 + 80 + SIZE_SLACK
+    small = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+    wire, decoded = size_limits(spec_of(small), kind=Kind.UPDATE)
+    big = update(delta={"w": np.random.rand(4, 3).astype(np.float32), "b": np.zeros(3, np.float32),
+                        "x": np.random.rand(60_000).astype(np.float32)})  # 4x the model's float32 size
+    pol = policy(expected=None, max_bytes=wire, max_decoded_bytes=decoded)
+    assert reason(validate_envelope(big, pol)) is RejectReason.OVERSIZE
+    assert isinstance(validate_envelope(update(compression="topk", topk_fraction=1.0), policy(
+        max_bytes=wire, max_decoded_bytes=decoded)), Envelope)  # the largest honest form fits
+
+
+def test_a_failed_or_disagreeing_chunk_set_is_dropped_and_senders_are_capped():
+    r = chunking.Reassembler(clock=lambda: 0.0, max_messages=8, max_per_source=2, max_message_bytes=10_000)
+    data = np.random.default_rng(0).bytes(3000)
+    frames = chunking.split_message(data, max_chunk_bytes=1024, message_id="m1")
+    r.add(chunking.parse_chunk(frames[0]), source="a")
+    liar = chunking.split_message(data[:2500], max_chunk_bytes=1024, message_id="m1")  # same id, other size
+    with pytest.raises(EnvelopeError):
+        r.add(chunking.parse_chunk(liar[1]), source="a")
+    assert len(r) == 0  # the whole set went
+    r.add(chunking.parse_chunk(chunking.split_message(data, max_chunk_bytes=1024, message_id="b1")[0]), source="b")
+    evicted = []
+    for i in range(5):  # "a" opens many sets: only its own oldest go
+        _, gone = r.add(chunking.parse_chunk(chunking.split_message(data, max_chunk_bytes=1024,
+                                                                    message_id=f"a{i}")[0]), source="a")
+        evicted += gone
+    assert sorted(k for k in r.pending_keys()) == [("a", "a3"), ("a", "a4"), ("b", "b1")]
+    assert {e.source for e in evicted} == {"a"}
+    huge = chunking.split_message(np.random.default_rng(1).bytes(20_000), max_chunk_bytes=1024, message_id="h")
+    with pytest.raises(EnvelopeError) as err:
+        r.add(chunking.parse_chunk(huge[0]), source="b")
+    assert err.value.reason is RejectReason.OVERSIZE
