@@ -60,10 +60,10 @@ def pre_migration_schema(engine) -> None:
     initial revision, and no version table (later revisions add to them)."""
     from alembic import command
 
-    from gateway.store.db import _alembic_config
+    from gateway.store.db import alembic_config
 
     with engine.begin() as conn:
-        cfg = _alembic_config(conn, DIRECTORY)
+        cfg = alembic_config(conn, DIRECTORY)
         if current_revision(engine, version_table=VERSION_TABLE) is None:
             command.upgrade(cfg, INITIAL_REVISION)
         else:
