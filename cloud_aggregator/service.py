@@ -161,6 +161,8 @@ class AggregatorConfig:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "AggregatorConfig":
+        from gateway.config import resolve_database, resolve_path
+
         path = Path(path)
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -170,10 +172,10 @@ class AggregatorConfig:
         agg = dict(doc.get("aggregator", {}))
         strat = dict(doc.get("strategy", {}))
         mq = dict(doc.get("mqtt", {}))
-        base = path.parent
+        base = path.resolve().parent
 
-        def rel(p: str | None) -> str | None:
-            return None if p is None else str((base / p) if not os.path.isabs(p) else p)
+        def rel(p: str | None) -> str | None:  # relative to the file, as the gateway's config
+            return None if p is None else resolve_path(p, base)
 
         tls = None
         if mq.get("ca_file"):
@@ -188,9 +190,8 @@ class AggregatorConfig:
         if agg.get("evaluator_args"):
             agg["evaluator_args"] = {k: (rel(v) if isinstance(v, str) and k.endswith(("_dir", "_log", "_path", "_file"))
                                          else v) for k, v in agg["evaluator_args"].items()}
-        db = agg.get("database")
-        if db and "://" not in db:
-            agg["database"] = rel(db)
+        if agg.get("database"):
+            agg["database"] = resolve_database(agg["database"], base)
         if "known_senders" in agg:
             agg["known_senders"] = frozenset(agg["known_senders"]) if agg["known_senders"] else None
         name = strat.pop("name", "gsfs")

@@ -118,3 +118,20 @@ def test_config_check_prints_the_resolved_paths(tmp_path, monkeypatch):
                                                 "status": "created at start"}
     assert doc["paths"]["gateway.model"]["status"].startswith("bundled model ")
     assert doc["paths"]["source.zeek_log"]["status"] == "exists"
+
+
+@pytest.mark.parametrize("database, expect", [
+    ("agg.db", "{etc}/agg.db"),
+    ("sqlite:///state/agg.db", "sqlite:///{etc}/state/agg.db"),
+    ("postgresql+psycopg://fl@db/agg", "postgresql+psycopg://fl@db/agg"),
+])
+def test_aggregator_paths_resolve_against_its_config_file(tmp_path, database, expect):
+    from cloud_aggregator.service import AggregatorConfig
+    from gateway.model.modeldir import WEIGHTS
+
+    path = _write(tmp_path, f'[aggregator]\ndatabase = "{database}"\nsigning_key = "keys/agg.key"\n', "etc/agg.toml")
+    cfg = AggregatorConfig.from_toml(path)
+    etc = tmp_path / "etc"
+    assert cfg.database == expect.format(etc=etc)
+    assert cfg.signing_key == str(etc / "keys/agg.key")
+    assert cfg.initial_model == str(bundled_model_dir() / WEIGHTS)  # left out: the bundled weights
