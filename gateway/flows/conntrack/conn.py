@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import ipaddress
+import socket
 
 from gateway.flows.conntrack.timers import UDP_INACTIVITY
 from gateway.flows.record import ConnRecord
@@ -151,9 +152,15 @@ class AddressBook:
     def lookup(self, raw: bytes) -> tuple[str, bool | None]:
         hit = self._cache.get(raw)
         if hit is None:
-            # dotted quad by hand (str(IPv4Address) is the same text, slower); IPv6 keeps
-            # ipaddress's RFC 5952 form
-            text = "%d.%d.%d.%d" % tuple(raw) if len(raw) == 4 else str(ipaddress.ip_address(raw))
+            # dotted quad by hand, IPv6 by inet_ntop: ipaddress's text (RFC 5952), several
+            # times faster; ipaddress itself for ::/80, which inet_ntop writes as IPv4
+            # (::1.2.3.4, ::ffff:1.2.3.4) and ipaddress does not
+            if len(raw) == 4:
+                text = "%d.%d.%d.%d" % tuple(raw)
+            elif raw[:10] != _ZERO10:
+                text = socket.inet_ntop(socket.AF_INET6, raw)
+            else:
+                text = str(ipaddress.ip_address(raw))
             local = None
             if self.local_nets:
                 starts, ends = self._ranges[len(raw)]
@@ -186,6 +193,7 @@ def _address_ranges(nets) -> dict[int, tuple[list[int], list[int]]]:
 
 
 _tuple_new = tuple.__new__
+_ZERO10 = bytes(10)
 
 
 def build_record(book: AddressBook, conn, pname: str, conn_state: str, orig_bytes: int, resp_bytes: int,

@@ -80,11 +80,10 @@ cdef bint check_history(Conn conn, int ei, int64_t mask, str code):
     """Add ``code`` the first time ``mask`` is seen; True if it had been seen before."""
     if ei != conn.orig_i:
         mask <<= 16
-        code = code.lower()
     if conn.hist_mask & mask:
         return True
     conn.hist_mask |= mask
-    conn.history = conn.history + code
+    conn.history = conn.history + (code if ei == conn.orig_i else code.lower())
     return False
 
 
