@@ -10,9 +10,10 @@ MAC not the receiver's, so its kernel leaves them to the capture), then for each
 method and each rate: the gateway's capture (:func:`gateway.flows.pcap.live_records`, the
 function the service's capture thread runs, with that ``method``) runs in ``fgcap-rx``;
 Debian's ``tcpreplay`` replays ``--packets`` packets into the veth from ``fgcap-tx`` at
-the rate (``top`` = as fast as it can); then the capture is stopped and reports what its
-pipeline counted, the kernel's drop counter (libpcap's for tcpdump, PACKET_STATISTICS for
-the scapy socket) and the flows.  The veth's own rx drop counter is read too.  The
+the rate (``top`` = as fast as it can, the pcap preloaded in memory); then the capture is
+stopped and reports what its pipeline counted, the kernel's drop counter (libpcap's for
+tcpdump, PACKET_STATISTICS for the scapy socket), the flows and its CPU seconds per
+packet (capture process and tcpdump, so 1e6 / that is what one core could keep up with).  The veth's own rx drop counter is read too.  The
 namespaces are removed at the end.  Needs root, ``ip``, ``tcpreplay`` and ``tcpdump``
 (``apt-get install tcpreplay tcpdump``).
 
@@ -100,8 +101,8 @@ def measure(method: str, rate: str, pcap: Path, packets: int) -> dict:
         raise SystemExit(f"capture {method} did not start: {cap.stderr.read() if cap.stderr else ''}")
     time.sleep(1.0)  # tcpdump opens its ring after the child says ready
     speed = ["--topspeed"] if rate == "top" else [f"--pps={rate}"]
-    replay = subprocess.run(["ip", "netns", "exec", TX_NS, "tcpreplay", "-i", TX_IF, *speed, f"--limit={packets}",
-                             str(pcap)], capture_output=True, text=True)
+    replay = subprocess.run(["ip", "netns", "exec", TX_NS, "tcpreplay", "-i", TX_IF, "--preload-pcap", *speed,
+                             f"--limit={packets}", str(pcap)], capture_output=True, text=True)
     m_sent = re.search(r"Actual: (\d+) packets .* sent in ([\d.]+) seconds", replay.stdout)
     m_pps = re.search(r"Rated: .*?([\d.]+) pps", replay.stdout)
     time.sleep(1.5)  # let the capture drain what is in flight
@@ -114,7 +115,8 @@ def measure(method: str, rate: str, pcap: Path, packets: int) -> dict:
     sent = int(m_sent.group(1)) if m_sent else None
     return {"method": method, "rate": rate, "sent": sent, "sent_pps": float(m_pps.group(1)) if m_pps else None,
             "captured": got["packets"], "kernel_drops": got["dropped"], "flows": got["flows"],
-            "veth_rx": after[0] - before[0], "veth_drops": after[1] - before[1]}
+            "veth_rx": after[0] - before[0], "veth_drops": after[1] - before[1],
+            "capture_cpu_us_per_packet": got["cpu_seconds"] / max(got["packets"], 1) * 1e6}
 
 
 def child(method: str) -> None:
@@ -123,11 +125,23 @@ def child(method: str) -> None:
 
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    import resource
+
+    def cpu() -> float:
+        return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for f in ("ru_utime", "ru_stime"))
+
+    if method == "scapy":
+        import scapy.arch  # noqa: F401 - imported before the CPU count starts, as tcpdump's start-up is not in it
+
     stats = CaptureStats()
+    start = cpu()  # after start-up and imports
     print("ready", flush=True)
     flows = sum(1 for _ in live_records(RX_IF, method=method, stats=stats, stop=lambda: bool(stopping),
                                         poll_interval=0.2))
-    print(json.dumps({"packets": stats.packets, "dropped": stats.dropped, "flows": flows}), flush=True)
+    # this process and tcpdump (waited for): CPU of the whole capture, idle waits excluded
+    print(json.dumps({"packets": stats.packets, "dropped": stats.dropped, "flows": flows,
+                      "cpu_seconds": cpu() - start}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     table = Table(title=f"live capture on a veth, {args.packets:,} packets of TCP sessions per run")
-    for col in ("method", "target pps", "sent pps", "captured", "kernel drops", "veth drops", "lost"):
+    for col in ("method", "target pps", "sent pps", "captured", "kernel drops", "veth drops", "lost", "CPU us/pkt"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
         lost = (r["sent"] - r["captured"]) if r["sent"] is not None else None
         table.add_row(r["method"], r["rate"], f"{r['sent_pps']:,.0f}" if r["sent_pps"] else "-", f"{r['captured']:,}",
                       "-" if r["kernel_drops"] is None else f"{r['kernel_drops']:,}", f"{r['veth_drops']:,}",
-                      "-" if lost is None else f"{lost:,}")
+                      "-" if lost is None else f"{lost:,}", f"{r['capture_cpu_us_per_packet']:.2f}")
     Console().print(table)
     for method in args.methods.split(","):
         clean = [r["sent_pps"] for r in rows if r["method"] == method and r["sent_pps"] and not r["kernel_drops"]

@@ -4,7 +4,8 @@
 # PacketDecoder.decode would build the Packet; for anything else it returns 0 and the frame
 # goes to PacketDecoder, which decides (and counts what it skips).  Common shapes:
 # Ethernet (up to two 802.1Q/802.1ad tags, then a PPPoE session or an MPLS label stack),
-# Linux cooked SLL/SLL2 and raw IP link types; IPv4 without fragmentation, IPv6 without extension headers; TCP with
+# Linux cooked SLL/SLL2 and raw IP link types; IPv4 without fragmentation, IPv6 without
+# fragment or AH headers; TCP with
 # a usable header, UDP on no tunnel port, ICMP over IPv4, ICMPv6 over IPv6; not cut by the
 # snap length; IPv4 header checksum right (a bad transport checksum is a field, as in the
 # Packet).  Frames the decoder would only count (not IP; a bad IPv4 header checksum) are
@@ -60,7 +61,7 @@ cdef int decode_fast(const uint8_t* f, Py_ssize_t n, Py_ssize_t wire, int linkty
     decoder would only count, else FAST_NO."""
     cdef Py_ssize_t off, hlen, total, end, seg_at, seg_len, thl
     cdef uint32_t etype, ppp, ulen, csum
-    cdef int tags = 0, labels = 0, proto, alen
+    cdef int tags = 0, labels = 0, hops = 0, proto, alen
     if wire > n:  # cut by the snap length: the general path knows the rules
         return FAST_NO
     if linktype == 1:  # Ethernet
@@ -143,18 +144,28 @@ cdef int decode_fast(const uint8_t* f, Py_ssize_t n, Py_ssize_t wire, int linkty
     elif etype == 0x86DD:
         if n < off + 40 or f[off] >> 4 != 6:
             return FAST_NO
-        seg_len = be16(f + off + 4)
+        p.ip_len = be16(f + off + 4) + 40
         proto = f[off + 6]
-        end = off + 40 + seg_len
+        end = off + p.ip_len
         if end > n:
             return FAST_NO
+        seg_at = off + 40
+        # hop-by-hop, routing, destination options, HIP, shim6 (MLD reports carry a
+        # hop-by-hop router alert); fragments, AH and the rest: the general path
+        while proto == 0 or proto == 43 or proto == 60 or proto == 139 or proto == 140:
+            hops += 1
+            if hops > 8 or seg_at + 8 > end:
+                return FAST_NO
+            proto = f[seg_at]
+            seg_at += (f[seg_at + 1] + 1) * 8
+            if seg_at > end:
+                return FAST_NO
         if proto != 6 and proto != 17 and proto != 58:
-            return 0  # extension headers and everything else: the general path
+            return FAST_NO
+        seg_len = end - seg_at
         alen = 16
         p.src = f + off + 8
         p.dst = f + off + 24
-        seg_at = off + 40
-        p.ip_len = seg_len + 40
     else:
         return FAST_NO
     cdef const uint8_t* seg = f + seg_at

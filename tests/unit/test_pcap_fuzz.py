@@ -7,7 +7,7 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import ICMPv6MLReport2, IPv6, IPv6ExtHdrHopByHop, RouterAlert
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.layers.ppp import PPP, PPPoE
 from scapy.packet import raw
@@ -101,8 +101,12 @@ SEED_PPPOE6 = raw(
     Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / PPPoE(sessionid=3) / PPP(proto=0x57)
     / IPv6(src="2001:db8::5", dst="2001:db8::6") / UDP(sport=4000, dport=4001) / b"v6 over pppoe"
 )
+SEED_HBH6 = raw(  # an MLD-like ICMPv6 message behind a hop-by-hop header (a router alert)
+    Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IPv6(src="fe80::1", dst="ff02::16")
+    / IPv6ExtHdrHopByHop(options=[RouterAlert()]) / ICMPv6MLReport2()
+)
 # (seed frame, offset of its IP protocol / next-header byte)
-SEEDS = [(SEED_FRAME, 23), (SEED_FRAME6, 20), (SEED_VLAN, 27), (SEED_PPPOE4, 31), (SEED_PPPOE6, 28)]
+SEEDS = [(SEED_FRAME, 23), (SEED_FRAME6, 20), (SEED_VLAN, 27), (SEED_PPPOE4, 31), (SEED_PPPOE6, 28), (SEED_HBH6, 54)]
 
 
 def _frames_records(frames, compiled: bool, ignore: bool):
@@ -147,9 +151,10 @@ def test_seed_frames_take_the_compiled_path(compiled):
             return super().decode(*args)
 
     tracker = compiled.Tracker(decoder=Counting())
+    records = []
     for i, (frame, _) in enumerate(SEEDS):
-        tracker.feed_frame(1, frame, 1.0 + i, len(frame))
-    assert Counting.calls == 0 and len(tracker.flush()) == len(SEEDS)
+        records += tracker.feed_frame(1, frame, 1.0 + i * 0.1, len(frame))
+    assert Counting.calls == 0 and len(records + tracker.flush()) == len(SEEDS)
     tracker.feed_frame(1, SEED_FRAME[:30], 9.0, len(SEED_FRAME))  # snapped: the reference decides
     assert Counting.calls == 1
 

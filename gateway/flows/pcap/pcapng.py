@@ -101,10 +101,13 @@ def iter_pcapng(f, name: str, stats: CaptureStats) -> Iterator[Frame]:
                 raise UnsupportedLinkTypeError(linktype, name)
             units, offset = _if_options(body[8:], endian)
             interfaces.append((linktype, units, offset))
-        elif block_type == 6:  # enhanced packet
+        elif block_type == 6 or block_type == 2:  # enhanced packet, obsolete packet
             if len(body) < 20:
                 continue
-            if_id, ts_hi, ts_lo, cap_len, orig_len = struct.unpack_from(endian + "IIIII", body, 0)
+            if block_type == 6:
+                if_id, ts_hi, ts_lo, cap_len, orig_len = struct.unpack_from(endian + "IIIII", body, 0)
+            else:
+                if_id, _drops, ts_hi, ts_lo, cap_len, orig_len = struct.unpack_from(endian + "HHIIII", body, 0)
             if if_id >= len(interfaces) or 20 + cap_len > len(body) or cap_len > MAX_SNAPLEN:
                 _bad_packet(stats)
                 continue
@@ -120,16 +123,6 @@ def iter_pcapng(f, name: str, stats: CaptureStats) -> Iterator[Frame]:
                 continue
             linktype = interfaces[0][0]
             yield prev_ts, linktype, body[4:4 + orig_len], orig_len
-        elif block_type == 2:  # obsolete packet block
-            if len(body) < 20:
-                continue
-            if_id, _drops, ts_hi, ts_lo, cap_len, orig_len = struct.unpack_from(endian + "HHIIII", body, 0)
-            if if_id >= len(interfaces) or 20 + cap_len > len(body) or cap_len > MAX_SNAPLEN:
-                _bad_packet(stats)
-                continue
-            linktype, units, offset = interfaces[if_id]
-            prev_ts = _timestamp(ts_hi, ts_lo, units, offset)
-            yield prev_ts, linktype, body[20:20 + cap_len], orig_len
         # other blocks (name resolution, statistics, custom) carry nothing we need
 
 
