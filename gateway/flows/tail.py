@@ -13,7 +13,8 @@ What it survives:
   to its end first (a last line without newline included), then the new file from 0;
   after a restart, a saved position whose file was renamed in the same directory is
   found by its inode, or in the archive (``archive_globs``, gzip too) by the digest of
-  its first bytes, and finished first;
+  its first bytes, and finished first; files rotated after it (beside the log, or in
+  the archive) are read next, oldest first, then the live file;
 * truncation (``copytruncate``): a file shorter than the offset, or whose first bytes
   changed, is read again from 0 with its new header.
 
@@ -199,7 +200,9 @@ class ConnLogTail:
         :attr:`caught_up` False, so that one poll's batch stays bounded (default 16 MiB).
       archive_globs: where rotated logs are archived, as glob patterns (e.g.
         ``"/opt/zeek/logs/*/conn.*.log.gz"``); after a restart, a saved position whose
-        file left the log's directory is looked for there (default none).
+        file left the log's directory is looked for there (default none).  Files
+        rotated beside the log (``conn.log.1``, ``conn.<time>.log``) are always found,
+        so a gateway down across several rotations reads each of them, in order.
     """
 
     def __init__(
@@ -262,7 +265,7 @@ class ConnLogTail:
             # followed by others rotated while we were down and matched by archive_globs:
             # read those, oldest first, before the live one
             resumed = f.archived or os.path.abspath(f.name) != os.path.abspath(self.path)
-            nxt = self._next_archived(f.name) if resumed and self.archive_globs else None
+            nxt = self._next_archived(f.name) if resumed else None
             if nxt is not None:
                 log.info("%s: reading %s, archived while the gateway was down", self.path, nxt.name)
                 self._file = nxt
@@ -378,20 +381,34 @@ class ConnLogTail:
             stream.close()
         return None
 
+    def _rotation_globs(self) -> tuple[str, ...]:
+        """Where files rotated after a restart's resumed one are looked for: the
+        ``archive_globs``, and always the log's own siblings (``conn.log.1``,
+        ``conn.2026-11-24-10-00-00.log``), where a rotation renames the file first."""
+        directory, base = os.path.split(os.path.abspath(self.path))
+        stem = base.split(".", 1)[0]
+        return (*self.archive_globs, os.path.join(glob.escape(directory), glob.escape(stem) + ".*"))
+
     def _next_archived(self, finished: str) -> _ArchivedFile | None:
-        """The archive rotated next after ``finished`` (the oldest one modified later),
-        opened at byte 0; None when the live file comes next."""
+        """The file rotated next after ``finished`` (the oldest one among the rotation
+        globs modified later), opened at byte 0; None when the live file comes next."""
         try:
             after = os.stat(finished).st_mtime_ns
         except OSError:
             return None
-        names = {n for pattern in self.archive_globs for n in glob.glob(pattern)} - {finished}
+        live = self._stat_path()
+        skip = {os.path.abspath(finished), os.path.abspath(self.path)}
+        names = {n for pattern in self._rotation_globs() for n in glob.glob(pattern)}
         later = []
         for name in names:
+            if os.path.abspath(name) in skip:
+                continue
             try:
                 st = os.stat(name)
             except OSError:
                 continue
+            if live is not None and (st.st_dev, st.st_ino) == (live.st_dev, live.st_ino):
+                continue  # the live log under another name (a link): read as the live file
             if st.st_mtime_ns > after:
                 later.append((st.st_mtime_ns, name, st))
         for _, name, st in sorted(later):

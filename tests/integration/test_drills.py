@@ -48,6 +48,19 @@ def run_gateway(conf: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def wait_running(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the gateway says it runs (its sources are open): a first start on a loaded
+    box takes over 10 s, and a log rotated before a gateway's first start is not its."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if b"running" in line:
+            return
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"gateway did not start (exit {proc.poll()})")
+
+
 def kill9(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
@@ -63,10 +76,9 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-# A rotation every 2,500 lines at 500 lines/s (5 s) is more than the ~3 s a restart takes
-# here, so each outage spans at most one rotation: the tail finds the renamed file by its
-# inode.  (A gateway down across two rotations misses the file in between: the tail only
-# knows the file it was in and the current one.)
+# A rotation every 2,500 lines at 500 lines/s (5 s): a restart takes ~3 s on an idle box
+# and over 10 s on a loaded one, so an outage spans one rotation or two; the tail finds
+# the renamed file by its inode and reads the ones renamed beside it after, in order.
 @pytest.mark.parametrize("rate, total, rotate_every", [(1000, 4000, 0), (500, 6000, 2500)],
                          ids=["append", "rotating"])
 def test_kill9_under_load_loses_and_doubles_nothing(tmp_path, rate, total, rotate_every):
@@ -77,8 +89,9 @@ def test_kill9_under_load_loses_and_doubles_nothing(tmp_path, rate, total, rotat
     doc = gateway_doc(tmp_path, poll=0.05, model=model, fl={"enabled": False})
     conf = write_toml(tmp_path / "gw.toml", doc)
     url = doc["gateway"]["database"]
-    writer = start_writer(log, rate=rate, count=total, rotate_every=rotate_every)
     gw = run_gateway(conf)
+    wait_running(gw)
+    writer = start_writer(log, rate=rate, count=total, rotate_every=rotate_every)
     try:
         kills = 0
         for threshold in (600, 1800):  # kill -9 twice while lines keep coming

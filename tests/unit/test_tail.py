@@ -396,21 +396,25 @@ def test_two_rotations_while_down_read_every_archived_file_in_order(tmp_path):
     assert tail.counters.lost_files == 0
 
 
-def test_two_rotations_while_down_renamed_beside_the_log(conn_log):
+@pytest.mark.parametrize("rename", ["conn.{n}", "conn.log.{n}"], ids=["zeek", "logrotate"])
+def test_two_rotations_while_down_renamed_beside_the_log(conn_log, rename):
     """Rotated files still in the spool directory (renamed, not yet archived) are read in
-    order too when archive_globs names them."""
+    order, without archive_globs, and the live file once."""
     append(conn_log, log_text(OPEN_1, 0, 3))
     first = ConnLogTail(conn_log)
     got, pos = first.poll()
     first.close()
     spool = conn_log.parent
     append(conn_log, "".join(line(i) for i in range(3, 10)) + "#close\tx\n")
-    os.rename(conn_log, spool / "conn.2026-11-24-10-00-00.log")
+    names = ["2026-11-24-10-00-00.log", "2026-11-24-11-00-00.log"] if rename == "conn.{n}" else ["1", "2"]
+    os.rename(conn_log, spool / rename.format(n=names[0]))
     append(conn_log, log_text(OPEN_2, 10, 10, close=True))
     time.sleep(0.01)
-    os.rename(conn_log, spool / "conn.2026-11-24-11-00-00.log")
+    os.rename(conn_log, spool / rename.format(n=names[1]))
     append(conn_log, log_text(OPEN_1.replace("10-00-00", "12-00-00"), 20, 4))
 
-    tail = ConnLogTail(conn_log, position=pos, archive_globs=[str(spool / "conn.*.log")])
+    tail = ConnLogTail(conn_log, position=pos)
+    got += tail.poll()[0]
     got += tail.poll()[0]
     assert uids(got) == expected(0, 24)
+    assert tail.counters.lost_files == 0 and tail.counters.rotations == 2
